@@ -1,0 +1,73 @@
+// The backup job: read every disk in parallel, find changed blocks, upload only what the
+// vault is missing, publish a recovery point, report (docs/ARCHITECTURE.md, "Backup").
+//
+// Pipeline: W worker threads take segments of all disks interleaved (so every disk advances
+// at once); per block they skip holes without reading, drop all-zero blocks, compare an XXH3
+// hash with the local state (or the SHA-256 with the vault's block map when the state is not
+// usable), and only for changed blocks compute SHA-256 and zstd. Encoded blocks go through a
+// queue bounded in bytes to U uploader threads, each with its own keep-alive connection, which
+// ask the vault which ids are missing and send only those, in batches. The recovery point is
+// committed only after every block is stored; then the local state is updated.
+//
+// Failure: any error stops all threads, nothing is committed (the vault never lists the
+// session), the local state is left as it was, and the Status names the phase, cause and fix.
+// Running the same backup again uploads only what the vault is still missing.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "common/block_codec.hpp"
+#include "common/https_client.hpp"
+#include "common/status.hpp"
+
+namespace vmsnap::agent {
+
+struct BackupOptions {
+  ClientOptions client;
+  std::string item;                // the protected machine's name in the vault
+  std::vector<std::string> disks;  // block devices or image files
+  uint32_t block_size = kDefaultBlockSize;
+  std::string state_dir = "/var/lib/vmsnap";
+  int workers = 0;                 // 0: one per core
+  int uploaders = 2;
+  uint64_t max_rate_bytes_per_s = 0;  // 0: unlimited
+  uint64_t batch_bytes = 8ull << 20;  // upload batch size
+  uint64_t queue_bytes = 64ull << 20; // encoded data in flight, bounds memory
+  bool progress = true;               // progress lines on stderr for long jobs
+};
+
+struct DiskReport {
+  int index = 0;
+  std::string path;
+  uint64_t size_bytes = 0;
+  uint32_t block_size = 0;
+  std::string mode;    // "full", "incremental" (local state) or "incremental-vault-map"
+  std::string parent;  // recovery point compared against, empty for full
+  uint64_t blocks_total = 0;
+  uint64_t blocks_zero = 0;
+  uint64_t blocks_read = 0;  // blocks that held data and were read (holes are not read)
+  uint64_t blocks_changed = 0;
+  uint64_t blocks_uploaded = 0;
+  uint64_t bytes_uploaded = 0;  // payload bytes (after compression)
+  uint64_t bytes_changed = 0;   // plaintext bytes of changed blocks
+  nlohmann::json ToJson() const;
+};
+
+struct BackupReport {
+  std::string recovery_point;
+  std::string item;
+  std::string consistency;  // "application", "file-system", "crash" or "none"
+  nlohmann::json evidence;  // why that level
+  int64_t duration_ms = 0;
+  uint64_t bytes_sent = 0;  // on the wire, all connections, TLS payload
+  std::vector<DiskReport> disks;
+  nlohmann::json ToJson() const;
+};
+
+Result<BackupReport> RunBackup(const BackupOptions& options);
+
+}  // namespace vmsnap::agent

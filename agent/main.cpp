@@ -1,0 +1,228 @@
+// vmsnap-agent: backs up this machine's disks to a vmsnap vault and restores them.
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <ctime>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "agent/backup.hpp"
+#include "agent/progress.hpp"
+#include "agent/restore.hpp"
+#include "agent/vault_client.hpp"
+#include "common/log.hpp"
+#include "platform/env.hpp"
+
+using namespace vmsnap;
+using namespace vmsnap::agent;
+using nlohmann::json;
+
+namespace {
+
+struct Connection {
+  std::string vault, ca, token, token_file;
+  int retries = 6;
+  int timeout_s = 120;
+
+  void AddTo(CLI::App* app) {
+    app->add_option("--vault", vault, "Vault URL, https://HOST:PORT")->required();
+    app->add_option("--ca", ca, "CA certificate of the vault (PEM)")->required();
+    auto* t = app->add_option("--token", token, "Access token");
+    auto* tf = app->add_option("--token-file", token_file, "File holding the access token");
+    t->excludes(tf);
+    app->add_option("--retries", retries, "Attempts per request on transient errors")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 100));
+    app->add_option("--timeout", timeout_s, "Seconds to wait for each network step")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 3600));
+  }
+
+  Result<ClientOptions> Options() const {
+    ClientOptions o;
+    o.url = vault;
+    o.ca_file = ca;
+    o.token = token;
+    if (!token_file.empty()) {
+      auto t = platform::Env::Default()->ReadFile(token_file);
+      if (!t.ok()) return std::move(t.take_status()).InPhase("read token file");
+      o.token = *t;
+      while (!o.token.empty() && (o.token.back() == '\n' || o.token.back() == '\r'))
+        o.token.pop_back();
+    }
+    o.max_attempts = retries;
+    o.io_timeout = std::chrono::seconds(timeout_s);
+    return o;
+  }
+};
+
+int Fail(const Status& st, bool as_json) {
+  if (as_json)
+    std::cout << json{{"error", st.cause()},
+                      {"code", CodeName(st.code())},
+                      {"phase", st.phase()},
+                      {"fix", st.fix()},
+                      {"retryable", st.retryable()}}
+                     .dump()
+              << std::endl;
+  std::cerr << "vmsnap-agent: error: " << st.ToString() << std::endl;
+  return st.ExitCode();
+}
+
+std::string FormatTime(int64_t unix_ms) {
+  std::time_t t = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%SZ", &tm);
+  return buf;
+}
+
+double Rate(uint64_t bytes, int64_t ms) { return ms > 0 ? bytes / (ms / 1000.0) : 0; }
+
+void PrintBackup(const BackupReport& r) {
+  std::cout << "recovery point " << r.recovery_point << " (item " << r.item
+            << ", consistency: " << r.consistency << ")\n";
+  uint64_t total = 0, sent = 0;
+  for (const auto& d : r.disks) {
+    total += d.size_bytes;
+    sent += d.bytes_uploaded;
+    std::cout << "  disk " << d.index << " " << d.path << ": " << HumanBytes(d.size_bytes) << ", "
+              << d.mode << ", blocks: " << d.blocks_total << " total, " << d.blocks_read
+              << " read, " << d.blocks_zero << " zero, " << d.blocks_changed << " changed, "
+              << d.blocks_uploaded << " uploaded (" << HumanBytes(d.bytes_uploaded) << ")\n";
+  }
+  std::cout << "  " << HumanBytes(r.bytes_sent) << " on the wire in " << r.duration_ms / 1000.0
+            << " s (" << HumanBytes(static_cast<uint64_t>(Rate(total, r.duration_ms)))
+            << "/s of disk scanned)\n";
+}
+
+void PrintRestore(const RestoreReport& r) {
+  std::cout << "restored recovery point " << r.recovery_point << " (consistency: "
+            << r.consistency << ")\n";
+  uint64_t total = 0;
+  for (const auto& d : r.disks) {
+    total += d.size_bytes;
+    std::cout << "  disk " << d.index << " (" << d.source << ") -> " << d.target << ": "
+              << HumanBytes(d.size_bytes) << ", " << d.blocks_data << " blocks verified and "
+              << "written, " << d.blocks_zero << " zero\n";
+  }
+  std::cout << "  " << HumanBytes(r.bytes_received) << " received in " << r.duration_ms / 1000.0
+            << " s (" << HumanBytes(static_cast<uint64_t>(Rate(total, r.duration_ms)))
+            << "/s of disk written)\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vmsnap-agent: block-level backup of this machine's disks to a vmsnap vault"};
+  app.require_subcommand(1);
+  std::string log_level = "info";
+  bool as_json = false;
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off");
+
+  // backup
+  auto* backup = app.add_subcommand("backup", "Back up disks (full first, then incremental)");
+  Connection bconn;
+  bconn.AddTo(backup);
+  BackupOptions bopt;
+  std::string block_size = "64K";
+  bopt.state_dir = "/var/lib/vmsnap";
+  backup->add_option("--disk", bopt.disks, "Block device or image file (repeatable)")->required();
+  backup->add_option("--block-size", block_size, "Block size, power of two 16K..4M")
+      ->capture_default_str();
+  backup->add_option("--item", bopt.item, "Name of this machine in the vault (default: host name)");
+  backup->add_option("--state-dir", bopt.state_dir, "Where change-tracking state is kept")
+      ->capture_default_str();
+  backup->add_option("--workers", bopt.workers, "Reader/hasher threads (default: one per core)");
+  backup->add_option("--uploaders", bopt.uploaders, "Parallel upload connections")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 32));
+  backup->add_option("--max-rate", bopt.max_rate_bytes_per_s, "Upload limit in bytes/s (0: none)");
+  backup->add_flag("--json", as_json, "Print one JSON object with the report on stdout");
+
+  // restore
+  auto* restore = app.add_subcommand("restore", "Restore disks of a recovery point");
+  Connection rconn;
+  rconn.AddTo(restore);
+  RestoreOptions ropt;
+  restore->add_option("--rp", ropt.recovery_point, "Recovery point id")->required();
+  restore->add_option("--disk", ropt.disk, "Restore only this disk (index from 0)");
+  restore->add_option("--to", ropt.targets, "Target device or file (one per disk)")->required();
+  restore->add_option("--fetchers", ropt.fetchers, "Parallel download connections")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 32));
+  restore->add_flag("--json", as_json, "Print one JSON object with the report on stdout");
+
+  // list
+  auto* list = app.add_subcommand("list", "List recovery points");
+  Connection lconn;
+  lconn.AddTo(list);
+  std::string list_item;
+  list->add_option("--item", list_item, "Only this item (default: all the token can see)");
+  list->add_flag("--json", as_json, "Print JSON on stdout");
+
+  CLI11_PARSE(app, argc, argv);
+  InitLogging("vmsnap-agent", log_level);
+
+  if (*backup) {
+    auto size = ParseBlockSize(block_size);
+    if (!size.ok()) return Fail(std::move(size.take_status()).InPhase("prepare"), as_json);
+    bopt.block_size = *size;
+    auto client = bconn.Options();
+    if (!client.ok()) return Fail(client.status(), as_json);
+    bopt.client = *client;
+    auto report = RunBackup(bopt);
+    if (!report.ok()) return Fail(report.status(), as_json);
+    if (as_json)
+      std::cout << report->ToJson().dump() << std::endl;
+    else
+      PrintBackup(*report);
+    return 0;
+  }
+  if (*restore) {
+    auto client = rconn.Options();
+    if (!client.ok()) return Fail(client.status(), as_json);
+    ropt.client = *client;
+    auto report = RunRestore(ropt);
+    if (!report.ok()) return Fail(report.status(), as_json);
+    if (as_json)
+      std::cout << report->ToJson().dump() << std::endl;
+    else
+      PrintRestore(*report);
+    return 0;
+  }
+  if (*list) {
+    auto client = lconn.Options();
+    if (!client.ok()) return Fail(client.status(), as_json);
+    auto vc = VaultClient::Create(*client);
+    if (!vc.ok()) return Fail(vc.status(), as_json);
+    auto rps = (*vc)->ListRecoveryPoints(list_item);
+    if (!rps.ok()) return Fail(std::move(rps.take_status()).InPhase("list"), as_json);
+    if (as_json) {
+      json out = json::array();
+      for (auto rp : *rps) {
+        rp.erase("report");
+        out.push_back(rp);
+      }
+      std::cout << json{{"recovery_points", out}}.dump() << std::endl;
+      return 0;
+    }
+    std::printf("%-26s %-16s %-20s %-12s %5s %10s %10s\n", "RECOVERY POINT", "ITEM", "CREATED",
+                "CONSISTENCY", "DISKS", "SIZE", "UPLOADED");
+    for (const auto& rp : *rps) {
+      uint64_t size = 0, up = 0;
+      for (const auto& d : rp["disks"]) {
+        size += d.value("size_bytes", 0ull);
+        up += d["stats"].value("bytes_uploaded", 0ull);
+      }
+      std::printf("%-26s %-16s %-20s %-12s %5zu %10s %10s\n", rp.value("id", "").c_str(),
+                  rp.value("item", "").c_str(),
+                  FormatTime(rp.value("created_unix_ms", int64_t{0})).c_str(),
+                  rp.value("consistency", "").c_str(), rp["disks"].size(),
+                  HumanBytes(size).c_str(), HumanBytes(up).c_str());
+    }
+    return 0;
+  }
+  return 2;
+}

@@ -1,0 +1,299 @@
+#include "agent/restore.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "agent/progress.hpp"
+#include "agent/vault_client.hpp"
+#include "common/manifest.hpp"
+#include "platform/env.hpp"
+
+namespace vmsnap::agent {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+json RestoreDiskReport::ToJson() const {
+  return {{"index", index},           {"source", source},           {"target", target},
+          {"size_bytes", size_bytes}, {"blocks_total", blocks_total}, {"blocks_data", blocks_data},
+          {"blocks_zero", blocks_zero}, {"bytes_fetched", bytes_fetched}};
+}
+
+json RestoreReport::ToJson() const {
+  json d = json::array();
+  for (const auto& disk : disks) d.push_back(disk.ToJson());
+  return {{"recovery_point", recovery_point},
+          {"consistency", consistency},
+          {"duration_ms", duration_ms},
+          {"bytes_received", bytes_received},
+          {"disks", d}};
+}
+
+namespace {
+
+struct DiskTarget {
+  RestoreDiskReport report;
+  Manifest map;
+  std::string write_path;  // target, or target.vmsnap-partial for a new file
+  std::unique_ptr<platform::DiskWriter> writer;
+  std::atomic<uint64_t> data_done{0}, fetched{0};
+};
+
+struct Batch {
+  DiskTarget* disk;
+  size_t begin, end;  // range of map.entries
+};
+
+Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) {
+  DiskTarget& d = *b.disk;
+  const uint32_t bs = d.map.block_size;
+  std::vector<BlockId> ids;
+  for (size_t i = b.begin; i < b.end; ++i)
+    if (std::find(ids.begin(), ids.end(), *d.map.entries[i].id) == ids.end())
+      ids.push_back(*d.map.entries[i].id);
+  auto blocks = client.Fetch(ids);
+  auto where = [&](const BlockId& id) {
+    for (size_t i = b.begin; i < b.end; ++i)
+      if (*d.map.entries[i].id == id) return d.map.entries[i].index;
+    return uint64_t{0};
+  };
+  if (!blocks.ok()) {
+    Status st = blocks.take_status();
+    if (st.code() == Code::kCorruption || st.code() == Code::kNotFound)
+      return Status::Error(st.code(),
+                           "disk " + std::to_string(d.report.index) + " of recovery point " + rp +
+                               ": " + st.cause(),
+                           "the vault's copy of this block is damaged or missing; restore an "
+                           "older recovery point or run vmsnap verify");
+    return st;
+  }
+  if (blocks->size() != ids.size()) return Status::Unavailable("the vault sent a short batch");
+  std::unordered_map<BlockId, std::vector<std::byte>, BlockIdHash> plain;
+  for (auto& enc : *blocks) {
+    std::vector<std::byte> out;
+    Status st = DecodeBlock(enc, out);
+    if (!st.ok())
+      return Status::Corruption(
+          "block " + std::to_string(where(enc.id)) + " (id " + enc.id.Hex() + ") of disk " +
+              std::to_string(d.report.index) + " in recovery point " + rp +
+              " is corrupt on the vault: " + st.cause(),
+          "the vault's copy of this block is damaged; restore an older recovery point or run "
+          "vmsnap verify");
+    d.fetched += enc.payload.size();
+    plain.emplace(enc.id, std::move(out));
+  }
+  for (size_t i = b.begin; i < b.end; ++i) {
+    const auto& e = d.map.entries[i];
+    auto it = plain.find(*e.id);
+    if (it == plain.end()) return Status::Unavailable("the vault left out block " + e.id->Hex());
+    uint64_t off = e.index * bs;
+    uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - off);
+    if (it->second.size() != len)
+      return Status::Corruption("block " + std::to_string(e.index) + " of disk " +
+                                std::to_string(d.report.index) + " has " +
+                                std::to_string(it->second.size()) + " bytes, expected " +
+                                std::to_string(len));
+    VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, it->second));
+    d.data_done++;
+  }
+  return Status::Ok();
+}
+
+// Writes zeros over every block the map does not list (only for targets not created empty).
+Status ZeroGaps(DiskTarget& d) {
+  if (d.writer->starts_zeroed()) return Status::Ok();
+  const uint64_t bs = d.map.block_size;
+  std::vector<std::byte> zeros(4u << 20);
+  uint64_t next = 0;  // first block not yet covered
+  auto fill = [&](uint64_t from_block, uint64_t to_block) -> Status {
+    uint64_t off = from_block * bs, end = std::min(d.map.disk_size, to_block * bs);
+    while (off < end) {
+      uint64_t n = std::min<uint64_t>(zeros.size(), end - off);
+      VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(zeros.data(), n)));
+      off += n;
+    }
+    return Status::Ok();
+  };
+  for (const auto& e : d.map.entries) {
+    if (e.index > next) VMSNAP_RETURN_IF_ERROR(fill(next, e.index));
+    next = e.index + 1;
+  }
+  return fill(next, d.map.block_count());
+}
+
+}  // namespace
+
+Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
+  const auto t0 = Clock::now();
+  auto* env = platform::Env::Default();
+  auto control = VaultClient::Create(opt.client);
+  if (!control.ok()) return std::move(control.take_status()).InPhase("connect to vault");
+  auto rp = (*control)->GetRecoveryPoint(opt.recovery_point);
+  if (!rp.ok()) return std::move(rp.take_status()).InPhase("find recovery point");
+  const json& rp_disks = (*rp)["disks"];
+  std::vector<int> selected;
+  if (opt.disk >= 0) {
+    bool found = false;
+    for (const auto& d : rp_disks) found |= d.value("index", -1) == opt.disk;
+    if (!found)
+      return Status::NotFound("recovery point " + opt.recovery_point + " has no disk " +
+                                  std::to_string(opt.disk),
+                              "it has " + std::to_string(rp_disks.size()) +
+                                  " disk(s), numbered from 0")
+          .InPhase("prepare restore");
+    selected.push_back(opt.disk);
+  } else {
+    for (const auto& d : rp_disks) selected.push_back(d.value("index", 0));
+  }
+  if (opt.targets.size() != selected.size())
+    return Status::InvalidArgument(
+               "recovery point " + opt.recovery_point + " selection has " +
+                   std::to_string(selected.size()) + " disk(s) but " +
+                   std::to_string(opt.targets.size()) + " --to target(s) were given",
+               "pass --disk N with one --to, or one --to per disk in disk order")
+        .InPhase("prepare restore");
+
+  std::vector<std::unique_ptr<DiskTarget>> disks;
+  auto cleanup_partials = [&] {
+    for (auto& d : disks)
+      if (d->write_path != d->report.target) {
+        d->writer.reset();
+        std::error_code ec;
+        fs::remove(d->write_path, ec);
+      }
+  };
+  for (size_t i = 0; i < selected.size(); ++i) {
+    auto d = std::make_unique<DiskTarget>();
+    d->report.index = selected[i];
+    d->report.target = opt.targets[i];
+    for (const auto& rd : rp_disks)
+      if (rd.value("index", -1) == selected[i]) d->report.source = rd.value("key", "");
+    auto map = (*control)->ResolvedManifest(opt.recovery_point, selected[i]);
+    if (!map.ok()) {
+      cleanup_partials();
+      return std::move(map.take_status()).InPhase("read block map");
+    }
+    d->map = std::move(*map);
+    d->report.size_bytes = d->map.disk_size;
+    d->report.blocks_total = d->map.block_count();
+    d->report.blocks_data = d->map.entries.size();
+    d->report.blocks_zero = d->report.blocks_total - d->report.blocks_data;
+    std::error_code ec;
+    bool exists = fs::exists(d->report.target, ec);
+    d->write_path = exists ? d->report.target : d->report.target + ".vmsnap-partial";
+    if (!exists) fs::remove(d->write_path, ec);
+    auto writer = env->OpenDiskForWrite(d->write_path, d->map.disk_size);
+    if (!writer.ok()) {
+      cleanup_partials();
+      Status st = writer.take_status();
+      if (d->write_path != d->report.target) fs::remove(d->write_path, ec);
+      return std::move(st).InPhase("open restore target");
+    }
+    d->writer = std::move(*writer);
+    disks.push_back(std::move(d));
+  }
+
+  // Batches of about 8 MiB, interleaved across disks.
+  std::vector<Batch> batches;
+  {
+    std::vector<std::vector<Batch>> per;
+    for (auto& d : disks) {
+      per.emplace_back();
+      size_t step = std::max<size_t>(1, (8u << 20) / d->map.block_size);
+      for (size_t i = 0; i < d->map.entries.size(); i += step)
+        per.back().push_back({d.get(), i, std::min(d->map.entries.size(), i + step)});
+    }
+    for (size_t k = 0;; ++k) {
+      bool any = false;
+      for (auto& v : per)
+        if (k < v.size()) {
+          batches.push_back(v[k]);
+          any = true;
+        }
+      if (!any) break;
+    }
+  }
+  std::vector<std::unique_ptr<VaultClient>> clients;
+  for (int i = 0; i < std::max(1, opt.fetchers); ++i) {
+    auto c = VaultClient::Create(opt.client);
+    if (!c.ok()) {
+      cleanup_partials();
+      return std::move(c.take_status()).InPhase("connect to vault");
+    }
+    clients.push_back(std::move(*c));
+  }
+  std::atomic<size_t> next{0};
+  std::mutex err_mu;
+  Status first_error;
+  std::atomic<bool> failed{false};
+  std::atomic<int> running{static_cast<int>(clients.size())};
+  std::vector<std::thread> threads;
+  for (auto& c : clients)
+    threads.emplace_back([&, client = c.get()] {
+      for (size_t i; !failed && (i = next++) < batches.size();) {
+        Status st = RestoreBatch(batches[i], *client, opt.recovery_point);
+        if (!st.ok()) {
+          std::lock_guard lock(err_mu);
+          if (first_error.ok()) first_error = std::move(st);
+          failed = true;
+        }
+      }
+      running--;
+    });
+  uint64_t total = 0;
+  for (auto& d : disks) total += d->map.entries.size() * d->map.block_size;
+  ProgressReporter progress("restore", total, opt.progress);
+  while (running.load() > 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    uint64_t done = 0;
+    for (auto& d : disks) done += d->data_done * d->map.block_size;
+    progress.Update(done);
+  }
+  for (auto& t : threads) t.join();
+  Status st = first_error;
+  for (auto& d : disks) {
+    if (st.ok()) st = ZeroGaps(*d);
+    if (st.ok()) st = d->writer->Sync();
+  }
+  if (!st.ok()) {
+    cleanup_partials();
+    bool in_place = false;
+    for (auto& d : disks) in_place |= d->write_path == d->report.target;
+    if (in_place)
+      st.WithFix("the existing target was partly overwritten and is incomplete; rerun the "
+                 "restore after fixing the cause");
+    return std::move(st).InPhase("restore");
+  }
+  for (auto& d : disks) {
+    d->writer.reset();
+    if (d->write_path != d->report.target) {
+      std::error_code ec;
+      fs::rename(d->write_path, d->report.target, ec);
+      if (ec) return Status::IoError("rename " + d->write_path + ": " + ec.message()).InPhase("restore");
+      std::string parent = fs::path(d->report.target).parent_path().string();
+      VMSNAP_RETURN_IF_ERROR(env->SyncDir(parent.empty() ? "." : parent));
+    }
+  }
+  RestoreReport report;
+  report.recovery_point = opt.recovery_point;
+  report.consistency = rp->value("consistency", "");
+  for (auto& d : disks) {
+    d->report.bytes_fetched = d->fetched;
+    report.disks.push_back(d->report);
+  }
+  report.bytes_received = (*control)->bytes_received();
+  for (auto& c : clients) report.bytes_received += c->bytes_received();
+  report.duration_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
+  progress.Done();
+  return report;
+}
+
+}  // namespace vmsnap::agent

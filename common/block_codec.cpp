@@ -1,0 +1,212 @@
+#include "common/block_codec.hpp"
+
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cctype>
+
+#include "common/bytes.hpp"
+
+namespace vmsnap {
+
+Status ValidateBlockSize(uint64_t block_size) {
+  bool pow2 = block_size != 0 && (block_size & (block_size - 1)) == 0;
+  if (!pow2 || block_size < kMinBlockSize || block_size > kMaxBlockSize)
+    return Status::InvalidArgument(
+        "block size " + std::to_string(block_size) +
+            " is not a power of two between 16 KiB and 4 MiB",
+        "use one of 16K, 32K, 64K, 128K, 256K, 512K, 1M, 2M, 4M");
+  return Status::Ok();
+}
+
+Result<uint32_t> ParseBlockSize(std::string_view text) {
+  uint64_t value = 0;
+  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || ptr == text.data())
+    return Status::InvalidArgument("block size '" + std::string(text) + "' is not a number",
+                                   "use e.g. 64K or 1M");
+  std::string suffix(ptr, text.data() + text.size());
+  std::transform(suffix.begin(), suffix.end(), suffix.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  uint64_t mult = 1;
+  if (suffix == "" || suffix == "B") {
+  } else if (suffix == "K" || suffix == "KB" || suffix == "KIB") {
+    mult = 1024;
+  } else if (suffix == "M" || suffix == "MB" || suffix == "MIB") {
+    mult = 1024 * 1024;
+  } else {
+    return Status::InvalidArgument("block size '" + std::string(text) + "' has unknown unit",
+                                   "use a K or M suffix, e.g. 64K");
+  }
+  if (value > (uint64_t{1} << 40)) value = uint64_t{1} << 40;  // avoid overflow; rejected below
+  uint64_t bytes = value * mult;
+  VMSNAP_RETURN_IF_ERROR(ValidateBlockSize(bytes));
+  return static_cast<uint32_t>(bytes);
+}
+
+std::string BlockId::Hex() const {
+  static const char* kDigits = "0123456789abcdef";
+  std::string s(64, '0');
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    s[2 * i] = kDigits[bytes[i] >> 4];
+    s[2 * i + 1] = kDigits[bytes[i] & 15];
+  }
+  return s;
+}
+
+Result<BlockId> BlockId::FromHex(std::string_view hex) {
+  auto nibble = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  BlockId id;
+  if (hex.size() != 64) return Status::InvalidArgument("block id must be 64 hex digits");
+  for (size_t i = 0; i < 32; ++i) {
+    int hi = nibble(hex[2 * i]), lo = nibble(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return Status::InvalidArgument("block id is not hexadecimal");
+    id.bytes[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  return id;
+}
+
+BlockId Sha256Block(std::span<const std::byte> data) {
+  BlockId id;
+  SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), id.bytes.data());
+  return id;
+}
+
+std::string Sha256Hex(std::string_view data) {
+  return Sha256Block(std::as_bytes(std::span(data.data(), data.size()))).Hex();
+}
+
+FastHash FastHashBlock(std::span<const std::byte> data) {
+  XXH128_hash_t h = XXH3_128bits(data.data(), data.size());
+  return FastHash{h.low64, h.high64};
+}
+
+bool IsAllZero(std::span<const std::byte> data) {
+  // Word-at-a-time scan; the compiler vectorises the loop.
+  const std::byte* p = data.data();
+  size_t n = data.size();
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    uint64_t acc = 0;
+    for (size_t j = 0; j < 64; j += 8) {
+      uint64_t w;
+      std::memcpy(&w, p + i + j, 8);
+      acc |= w;
+    }
+    if (acc != 0) return false;
+  }
+  for (; i < n; ++i)
+    if (p[i] != std::byte{0}) return false;
+  return true;
+}
+
+EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
+  EncodedBlock out;
+  out.id = id;
+  out.plain_size = static_cast<uint32_t>(plain.size());
+  thread_local ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  size_t bound = ZSTD_compressBound(plain.size());
+  out.payload.resize(bound);
+  size_t n = ZSTD_compressCCtx(cctx, out.payload.data(), bound, plain.data(), plain.size(), 1);
+  if (!ZSTD_isError(n) && n < plain.size()) {
+    out.payload.resize(n);
+    out.codec = BlockCodec::kZstd;
+  } else {
+    out.payload.assign(reinterpret_cast<const char*>(plain.data()), plain.size());
+    out.codec = BlockCodec::kRaw;
+  }
+  return out;
+}
+
+Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out) {
+  out.resize(block.plain_size);
+  if (block.codec == BlockCodec::kRaw) {
+    if (block.payload.size() != block.plain_size)
+      return Status::Corruption("block " + block.id.Hex() + " has a raw payload of wrong size");
+    std::memcpy(out.data(), block.payload.data(), block.plain_size);
+  } else if (block.codec == BlockCodec::kZstd) {
+    thread_local ZSTD_DCtx* dctx = ZSTD_createDCtx();
+    size_t n = ZSTD_decompressDCtx(dctx, out.data(), out.size(), block.payload.data(),
+                                   block.payload.size());
+    if (ZSTD_isError(n) || n != block.plain_size)
+      return Status::Corruption("block " + block.id.Hex() + " does not decompress");
+  } else {
+    return Status::Corruption("block " + block.id.Hex() + " has unknown codec " +
+                              std::to_string(static_cast<int>(block.codec)));
+  }
+  if (Sha256Block(out) != block.id)
+    return Status::Corruption("block " + block.id.Hex() + " does not match its SHA-256");
+  return Status::Ok();
+}
+
+std::string EncodeBatch(std::span<const EncodedBlock> blocks) {
+  ByteWriter w;
+  size_t total = 8;
+  for (const auto& b : blocks) total += 41 + b.payload.size();
+  w.str().reserve(total);
+  w.bytes("VMB1");
+  w.u32(static_cast<uint32_t>(blocks.size()));
+  for (const auto& b : blocks) {
+    w.bytes(b.id.bytes.data(), 32);
+    w.u8(static_cast<uint8_t>(b.codec));
+    w.u32(b.plain_size);
+    w.u32(static_cast<uint32_t>(b.payload.size()));
+    w.bytes(b.payload);
+  }
+  return w.take();
+}
+
+Result<std::vector<EncodedBlock>> DecodeBatch(std::string_view data) {
+  ByteReader r(data);
+  std::string_view magic;
+  uint32_t count = 0;
+  if (!r.view(4, magic) || magic != "VMB1" || !r.u32(count))
+    return Status::InvalidArgument("block batch has a bad header");
+  if (count > r.remaining() / 41) return Status::InvalidArgument("block batch count too large");
+  std::vector<EncodedBlock> out(count);
+  for (auto& b : out) {
+    uint8_t codec = 0;
+    uint32_t len = 0;
+    std::string_view payload;
+    if (!r.bytes(b.id.bytes.data(), 32) || !r.u8(codec) || !r.u32(b.plain_size) ||
+        !r.u32(len) || !r.view(len, payload))
+      return Status::InvalidArgument("block batch is truncated");
+    if (b.plain_size > kMaxBlockSize)
+      return Status::InvalidArgument("block in batch is larger than 4 MiB");
+    b.codec = static_cast<BlockCodec>(codec);
+    b.payload.assign(payload);
+  }
+  if (r.remaining() != 0) return Status::InvalidArgument("block batch has trailing bytes");
+  return out;
+}
+
+std::string EncodeIdList(std::span<const BlockId> ids) {
+  ByteWriter w;
+  w.bytes("VMI1");
+  w.u32(static_cast<uint32_t>(ids.size()));
+  for (const auto& id : ids) w.bytes(id.bytes.data(), 32);
+  return w.take();
+}
+
+Result<std::vector<BlockId>> DecodeIdList(std::string_view data) {
+  ByteReader r(data);
+  std::string_view magic;
+  uint32_t count = 0;
+  if (!r.view(4, magic) || magic != "VMI1" || !r.u32(count) ||
+      r.remaining() != static_cast<size_t>(count) * 32)
+    return Status::InvalidArgument("id list is malformed");
+  std::vector<BlockId> ids(count);
+  for (auto& id : ids) r.bytes(id.bytes.data(), 32);
+  return ids;
+}
+
+}  // namespace vmsnap

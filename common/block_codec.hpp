@@ -1,0 +1,86 @@
+// Block identity, compression and the batch wire format (docs/FORMAT.md).
+//
+// A block is a fixed-size slice of a disk. Its id is the SHA-256 of its plaintext. All-zero
+// blocks have no id: they are never stored or sent. A payload is zstd level-1 compressed, or
+// raw when compression does not make it smaller. All functions are pure and thread-safe.
+#pragma once
+
+#include <array>
+#include <compare>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.hpp"
+
+namespace vmsnap {
+
+inline constexpr uint32_t kMinBlockSize = 16 * 1024;
+inline constexpr uint32_t kMaxBlockSize = 4 * 1024 * 1024;
+inline constexpr uint32_t kDefaultBlockSize = 64 * 1024;
+
+// Block size must be a power of two in [16 KiB, 4 MiB].
+Status ValidateBlockSize(uint64_t block_size);
+
+// Parses "64K", "65536", "1M", "1MiB"... into bytes (then validated by ValidateBlockSize).
+Result<uint32_t> ParseBlockSize(std::string_view text);
+
+struct BlockId {
+  std::array<uint8_t, 32> bytes{};
+  std::string Hex() const;
+  static Result<BlockId> FromHex(std::string_view hex);
+  auto operator<=>(const BlockId&) const = default;
+};
+
+struct BlockIdHash {
+  size_t operator()(const BlockId& id) const {
+    size_t h;
+    static_assert(sizeof h <= sizeof id.bytes);
+    std::memcpy(&h, id.bytes.data(), sizeof h);
+    return h;
+  }
+};
+
+// 128-bit fast content hash (XXH3-128) used for local change detection only.
+struct FastHash {
+  uint64_t low = 0;
+  uint64_t high = 0;
+  bool operator==(const FastHash&) const = default;
+};
+
+BlockId Sha256Block(std::span<const std::byte> data);
+FastHash FastHashBlock(std::span<const std::byte> data);
+bool IsAllZero(std::span<const std::byte> data);
+std::string Sha256Hex(std::string_view data);
+
+enum class BlockCodec : uint8_t { kRaw = 0, kZstd = 1 };
+
+struct EncodedBlock {
+  BlockId id;
+  BlockCodec codec = BlockCodec::kRaw;
+  uint32_t plain_size = 0;
+  std::string payload;
+};
+
+// Compresses `plain` whose SHA-256 is `id` (the caller computed it). zstd level 1; stored raw
+// when that is not smaller.
+EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain);
+
+// Decompresses and verifies: kCorruption unless SHA-256(plaintext) == block.id and the size
+// matches. `out` is resized to plain_size.
+Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out);
+
+// Batch wire format: "VMB1", u32 count, then per block: id[32], u8 codec, u32 plain_size,
+// u32 payload_size, payload. Used for uploads, fetches and the vault's block files.
+std::string EncodeBatch(std::span<const EncodedBlock> blocks);
+Result<std::vector<EncodedBlock>> DecodeBatch(std::string_view data);
+
+// A list of ids: "VMI1", u32 count, count * 32 bytes.
+std::string EncodeIdList(std::span<const BlockId> ids);
+Result<std::vector<BlockId>> DecodeIdList(std::string_view data);
+
+}  // namespace vmsnap

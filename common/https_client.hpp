@@ -1,0 +1,62 @@
+// A keep-alive HTTPS client for the vault's API.
+//
+// Security: always verifies the server certificate against the CA file it was given
+// (verify_peer), sends SNI for host names, and checks the certificate's host name or IP
+// address. There is no option to skip verification.
+//
+// Reliability: a failed connection is rebuilt; transient failures (connection refused or
+// reset, timeouts, HTTP 5xx) are retried with exponential backoff up to `max_attempts`.
+// Non-transient errors (401, 404, 4xx, certificate verification) return at once.
+//
+// Threads: one HttpsClient is one connection; use one per thread. Not thread-safe.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "common/http_types.hpp"
+#include "common/status.hpp"
+
+namespace vmsnap {
+
+struct VaultUrl {
+  std::string host;
+  std::string port;
+  static Result<VaultUrl> Parse(const std::string& url);  // "https://host[:port]"
+};
+
+struct ClientOptions {
+  std::string url;      // https://host:port
+  std::string ca_file;  // PEM file of the CA that signed the vault's certificate
+  std::string token;    // bearer token
+  int max_attempts = 6;
+  std::chrono::milliseconds initial_backoff{250};
+  std::chrono::milliseconds max_backoff{8000};
+  std::chrono::seconds io_timeout{120};
+  uint64_t response_body_limit = 256ull << 20;
+};
+
+class HttpsClient {
+ public:
+  // Validates the URL and loads the CA file; no network traffic yet.
+  static Result<std::unique_ptr<HttpsClient>> Create(const ClientOptions& options);
+  ~HttpsClient();
+
+  // Sends one request (with retries) and returns the response if its status is 2xx;
+  // otherwise the Status the vault sent back (see StatusFromResponse).
+  Result<HttpResponse> Call(const std::string& method, const std::string& target,
+                            std::string body = {},
+                            const std::string& content_type = "application/json");
+
+  uint64_t bytes_sent() const;
+  uint64_t bytes_received() const;
+
+ private:
+  class Impl;
+  explicit HttpsClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace vmsnap

@@ -1,0 +1,106 @@
+// The platform interface: everything OS-specific that the agent and the vault need for disks
+// and durable files, in the spirit of leveldb's Env. Exactly one implementation is compiled:
+// platform/linux/env.cpp or platform/windows/env.cpp (chosen once in cmake/Settings.cmake).
+//
+// No OS header is included here. Paths are UTF-8 strings. Every function returns a Status or
+// Result; none throws. All functions are thread-safe unless a comment says otherwise.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "common/status.hpp"
+
+namespace vmsnap::platform {
+
+// What the OS says about a file or device at one moment. Two equal identities taken before
+// and after a read prove (as far as the OS can tell) that nothing wrote the file in between:
+// every write updates the change time with nanosecond resolution.
+struct FileIdentity {
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  uint64_t size = 0;
+  int64_t mtime_ns = 0;
+  int64_t ctime_ns = 0;
+  bool operator==(const FileIdentity&) const = default;
+};
+
+// A half-open byte range [begin, end).
+struct ByteRange {
+  uint64_t begin = 0;
+  uint64_t end = 0;
+};
+
+// A disk opened for reading: a block device or a (possibly sparse) disk image file.
+// Owns its descriptor; closes it on destruction. ReadAt and NextData may be called from
+// several threads at once (positional reads, no shared offset).
+class DiskReader {
+ public:
+  virtual ~DiskReader() = default;
+  virtual const std::string& path() const = 0;
+  virtual uint64_t size() const = 0;
+  virtual bool is_block_device() const = 0;
+  // Reads buf.size() bytes at offset. Bytes past the end of the disk read as zero.
+  virtual Status ReadAt(uint64_t offset, std::span<std::byte> buf) = 0;
+  // The first range holding data at or after offset, or nullopt when only holes follow.
+  // Devices and filesystems without hole reporting return [offset, size).
+  virtual Result<std::optional<ByteRange>> NextData(uint64_t offset) = 0;
+  // The current identity of the underlying file or device.
+  virtual Result<FileIdentity> Identity() = 0;
+};
+
+// A restore target opened for writing. WriteAt may be called from several threads at once
+// for disjoint ranges. Sync makes everything written durable.
+class DiskWriter {
+ public:
+  virtual ~DiskWriter() = default;
+  virtual uint64_t size() const = 0;
+  // True when the target was created empty by OpenDiskForWrite: unwritten ranges read as
+  // zero, so zero blocks need not be written.
+  virtual bool starts_zeroed() const = 0;
+  virtual Status WriteAt(uint64_t offset, std::span<const std::byte> data) = 0;
+  virtual Status Sync() = 0;
+};
+
+class Env {
+ public:
+  virtual ~Env() = default;
+
+  // The process-wide Env of this platform. Never null; lives until exit.
+  static Env* Default();
+
+  virtual Result<std::unique_ptr<DiskReader>> OpenDiskForRead(const std::string& path) = 0;
+
+  // Opens `path` for restore. An existing block device or non-empty file must be at least
+  // `size` bytes (else kInvalidArgument naming both sizes). A missing or empty regular file
+  // is created/extended sparse to exactly `size` bytes and reports starts_zeroed().
+  virtual Result<std::unique_ptr<DiskWriter>> OpenDiskForWrite(const std::string& path,
+                                                               uint64_t size) = 0;
+
+  // Writes data to `path` durably: a temporary name in the same directory, fsync, rename
+  // over `path`, fsync of the directory. A crash leaves either the old or the new content.
+  virtual Status WriteFileAtomic(const std::string& path, std::string_view data,
+                                 int mode = 0644) = 0;
+
+  // Writes data to `path` without syncing (the caller batches durability with
+  // SyncFilesystem). Creates or truncates.
+  virtual Status WriteFileUnsynced(const std::string& path, std::string_view data,
+                                   int mode = 0644) = 0;
+
+  // Flushes every dirty page and directory entry of the filesystem holding `path`.
+  virtual Status SyncFilesystem(const std::string& path) = 0;
+
+  // fsync of a directory, making renames/creations inside it durable.
+  virtual Status SyncDir(const std::string& path) = 0;
+
+  virtual Result<std::string> ReadFile(const std::string& path) = 0;
+
+  virtual std::string HostName() = 0;
+};
+
+}  // namespace vmsnap::platform

@@ -1,0 +1,280 @@
+// Linux implementation of platform/env.hpp.
+#include "platform/env.hpp"
+
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+namespace vmsnap::platform {
+namespace {
+
+// RAII owner of a file descriptor.
+class Fd {
+ public:
+  explicit Fd(int fd = -1) : fd_(fd) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+
+ private:
+  int fd_;
+};
+
+int64_t ToNs(const struct timespec& ts) {
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+Result<FileIdentity> IdentityOf(int fd, const std::string& path) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return Status::FromErrno(errno, "stat " + path);
+  FileIdentity id;
+  id.device = st.st_dev;
+  id.inode = st.st_ino;
+  id.size = static_cast<uint64_t>(st.st_size);
+  id.mtime_ns = ToNs(st.st_mtim);
+  id.ctime_ns = ToNs(st.st_ctim);
+  if (S_ISBLK(st.st_mode)) {
+    uint64_t bytes = 0;
+    if (::ioctl(fd, BLKGETSIZE64, &bytes) == 0) id.size = bytes;
+  }
+  return id;
+}
+
+Status WriteAll(int fd, const char* p, size_t n, uint64_t offset, const std::string& path) {
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, "write " + path);
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+    offset += static_cast<uint64_t>(w);
+  }
+  return Status::Ok();
+}
+
+class LinuxDiskReader final : public DiskReader {
+ public:
+  LinuxDiskReader(std::string path, Fd fd, uint64_t size, bool block_device)
+      : path_(std::move(path)), fd_(std::move(fd)), size_(size), block_device_(block_device) {}
+
+  const std::string& path() const override { return path_; }
+  uint64_t size() const override { return size_; }
+  bool is_block_device() const override { return block_device_; }
+
+  Status ReadAt(uint64_t offset, std::span<std::byte> buf) override {
+    size_t done = 0;
+    while (done < buf.size()) {
+      ssize_t r = ::pread(fd_.get(), buf.data() + done, buf.size() - done,
+                          static_cast<off_t>(offset + done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(errno, "read " + path_ + " at offset " +
+                                            std::to_string(offset + done));
+      }
+      if (r == 0) break;  // end of disk
+      done += static_cast<size_t>(r);
+    }
+    if (done < buf.size()) std::memset(buf.data() + done, 0, buf.size() - done);
+    return Status::Ok();
+  }
+
+  Result<std::optional<ByteRange>> NextData(uint64_t offset) override {
+    if (offset >= size_) return std::optional<ByteRange>();
+    if (block_device_) return std::optional<ByteRange>(ByteRange{offset, size_});
+    off_t data = ::lseek(fd_.get(), static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) return std::optional<ByteRange>();  // only a hole follows
+      if (errno == EINVAL || errno == EOPNOTSUPP)
+        return std::optional<ByteRange>(ByteRange{offset, size_});
+      return Status::FromErrno(errno, "seek data in " + path_);
+    }
+    off_t hole = ::lseek(fd_.get(), data, SEEK_HOLE);
+    if (hole < 0) return Status::FromErrno(errno, "seek hole in " + path_);
+    uint64_t end = std::min<uint64_t>(static_cast<uint64_t>(hole), size_);
+    if (static_cast<uint64_t>(data) >= end) return std::optional<ByteRange>();
+    return std::optional<ByteRange>(ByteRange{static_cast<uint64_t>(data), end});
+  }
+
+  Result<FileIdentity> Identity() override { return IdentityOf(fd_.get(), path_); }
+
+ private:
+  std::string path_;
+  Fd fd_;
+  uint64_t size_;
+  bool block_device_;
+};
+
+class LinuxDiskWriter final : public DiskWriter {
+ public:
+  LinuxDiskWriter(std::string path, Fd fd, uint64_t size, bool zeroed)
+      : path_(std::move(path)), fd_(std::move(fd)), size_(size), zeroed_(zeroed) {}
+  uint64_t size() const override { return size_; }
+  bool starts_zeroed() const override { return zeroed_; }
+  Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
+    return WriteAll(fd_.get(), reinterpret_cast<const char*>(data.data()), data.size(), offset,
+                    path_);
+  }
+  Status Sync() override {
+    if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
+    return Status::Ok();
+  }
+
+ private:
+  std::string path_;
+  Fd fd_;
+  uint64_t size_;
+  bool zeroed_;
+};
+
+std::string ParentDir(const std::string& path) {
+  std::filesystem::path p(path);
+  auto parent = p.parent_path();
+  return parent.empty() ? "." : parent.string();
+}
+
+class LinuxEnv final : public Env {
+ public:
+  Result<std::unique_ptr<DiskReader>> OpenDiskForRead(const std::string& path) override {
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) {
+      int err = errno;
+      if (err == ENOENT)
+        return Status::NotFound("disk " + path + " does not exist",
+                                "pass the path of an existing block device or image file");
+      return Status::FromErrno(err, "open disk " + path,
+                               "check the path and that the agent runs as root");
+    }
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path);
+    bool blk = S_ISBLK(st.st_mode);
+    if (!blk && !S_ISREG(st.st_mode))
+      return Status::InvalidArgument(path + " is neither a block device nor a regular file",
+                                     "pass a disk device (e.g. /dev/vdb) or a disk image file");
+    auto id = IdentityOf(fd.get(), path);
+    if (!id.ok()) return id.take_status();
+    return std::unique_ptr<DiskReader>(
+        std::make_unique<LinuxDiskReader>(path, std::move(fd), id->size, blk));
+  }
+
+  Result<std::unique_ptr<DiskWriter>> OpenDiskForWrite(const std::string& path,
+                                                       uint64_t size) override {
+    Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!fd.valid()) return Status::FromErrno(errno, "open restore target " + path);
+    auto id = IdentityOf(fd.get(), path);
+    if (!id.ok()) return id.take_status();
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path);
+    bool blk = S_ISBLK(st.st_mode);
+    if (!blk && !S_ISREG(st.st_mode))
+      return Status::InvalidArgument("restore target " + path +
+                                     " is neither a block device nor a regular file");
+    if (!blk && id->size == 0) {
+      if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
+        return Status::FromErrno(errno, "size restore target " + path,
+                                 "free space on the target filesystem");
+      return std::unique_ptr<DiskWriter>(
+          std::make_unique<LinuxDiskWriter>(path, std::move(fd), size, true));
+    }
+    if (id->size < size)
+      return Status::InvalidArgument(
+          "restore target " + path + " is too small: " + std::to_string(id->size) +
+              " bytes, the disk needs " + std::to_string(size) + " bytes",
+          "restore to a device or file of at least " + std::to_string(size) +
+              " bytes, or to a new file path");
+    return std::unique_ptr<DiskWriter>(
+        std::make_unique<LinuxDiskWriter>(path, std::move(fd), id->size, false));
+  }
+
+  Status WriteFileUnsynced(const std::string& path, std::string_view data, int mode) override {
+    Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode));
+    if (!fd.valid()) return Status::FromErrno(errno, "create " + path);
+    return WriteAll(fd.get(), data.data(), data.size(), 0, path);
+  }
+
+  Status WriteFileAtomic(const std::string& path, std::string_view data, int mode) override {
+    thread_local std::mt19937_64 rng(std::random_device{}());
+    std::string tmp = path + ".tmp." + std::to_string(rng());
+    {
+      Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode));
+      if (!fd.valid()) return Status::FromErrno(errno, "create " + tmp);
+      Status st = WriteAll(fd.get(), data.data(), data.size(), 0, tmp);
+      if (st.ok() && ::fchmod(fd.get(), static_cast<mode_t>(mode)) != 0)
+        st = Status::FromErrno(errno, "chmod " + tmp);
+      if (st.ok() && ::fsync(fd.get()) != 0) st = Status::FromErrno(errno, "fsync " + tmp);
+      if (!st.ok()) {
+        ::unlink(tmp.c_str());
+        return st;
+      }
+    }
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      int err = errno;
+      ::unlink(tmp.c_str());
+      return Status::FromErrno(err, "rename " + tmp + " to " + path);
+    }
+    return SyncDir(ParentDir(path));
+  }
+
+  Status SyncFilesystem(const std::string& path) override {
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) return Status::FromErrno(errno, "open " + path);
+    if (::syncfs(fd.get()) != 0) return Status::FromErrno(errno, "syncfs " + path);
+    return Status::Ok();
+  }
+
+  Status SyncDir(const std::string& path) override {
+    Fd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!fd.valid()) return Status::FromErrno(errno, "open directory " + path);
+    if (::fsync(fd.get()) != 0) return Status::FromErrno(errno, "fsync directory " + path);
+    return Status::Ok();
+  }
+
+  Result<std::string> ReadFile(const std::string& path) override {
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) {
+      int err = errno;
+      if (err == ENOENT) return Status::NotFound(path + " does not exist");
+      return Status::FromErrno(err, "open " + path);
+    }
+    std::string out;
+    char buf[65536];
+    for (;;) {
+      ssize_t r = ::read(fd.get(), buf, sizeof buf);
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(errno, "read " + path);
+      }
+      if (r == 0) break;
+      out.append(buf, static_cast<size_t>(r));
+    }
+    return out;
+  }
+
+  std::string HostName() override {
+    char buf[256] = {};
+    if (::gethostname(buf, sizeof buf - 1) != 0) return "localhost";
+    return buf;
+  }
+};
+
+}  // namespace
+
+Env* Env::Default() {
+  static LinuxEnv env;
+  return &env;
+}
+
+}  // namespace vmsnap::platform

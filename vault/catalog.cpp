@@ -1,0 +1,321 @@
+#include "vault/catalog.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <filesystem>
+#include <random>
+
+#include "platform/env.hpp"
+
+namespace vmsnap::vault {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::string RandomHex(int bytes) {
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  static const char* kDigits = "0123456789abcdef";
+  std::string s;
+  for (int i = 0; i < bytes; ++i) {
+    auto v = static_cast<unsigned>(rng() & 0xff);
+    s.push_back(kDigits[v >> 4]);
+    s.push_back(kDigits[v & 15]);
+  }
+  return s;
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// "20261122T015200123Z-ab12": sorts by creation time.
+std::string NewRpId(int64_t ms) {
+  std::time_t secs = static_cast<std::time_t>(ms / 1000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y%m%dT%H%M%S", &tm);
+  char millis[8];
+  std::snprintf(millis, sizeof millis, "%03d", static_cast<int>(ms % 1000));
+  return std::string(buf) + millis + "Z-" + RandomHex(2);
+}
+
+bool ValidSessionId(const std::string& s) {
+  return s.size() == 32 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+bool ValidRpId(const std::string& s) {
+  return !s.empty() && s.size() <= 64 && s[0] != '.' &&
+         s.find_first_not_of("0123456789TZabcdef-") == std::string::npos;
+}
+
+}  // namespace
+
+Status ValidateItemName(const std::string& item) {
+  if (item.empty() || item.size() > 128 || item[0] == '.' ||
+      item.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") !=
+          std::string::npos)
+    return Status::InvalidArgument("item name '" + item + "' is not valid",
+                                   "use 1-128 letters, digits, '.', '_' or '-'");
+  return Status::Ok();
+}
+
+json RecoveryPoint::ToJson() const {
+  json disks_json = json::array();
+  for (const auto& d : disks)
+    disks_json.push_back({{"index", d.index},
+                          {"key", d.key},
+                          {"size_bytes", d.size_bytes},
+                          {"block_size", d.block_size},
+                          {"parent", d.parent},
+                          {"full", d.parent.empty()},
+                          {"manifest_entries", d.manifest_entries},
+                          {"stats", d.stats}});
+  return {{"id", id},           {"item", item},
+          {"session", session}, {"consistency", consistency},
+          {"created_unix_ms", created_unix_ms}, {"disks", disks_json},
+          {"report", report}};
+}
+
+Result<RecoveryPoint> RecoveryPoint::FromJson(const json& j) {
+  try {
+    RecoveryPoint rp;
+    rp.id = j.at("id");
+    rp.item = j.at("item");
+    rp.session = j.value("session", "");
+    rp.consistency = j.at("consistency");
+    rp.created_unix_ms = j.at("created_unix_ms");
+    for (const auto& d : j.at("disks")) {
+      DiskRecord r;
+      r.index = d.at("index");
+      r.key = d.at("key");
+      r.size_bytes = d.at("size_bytes");
+      r.block_size = d.at("block_size");
+      r.parent = d.value("parent", "");
+      r.manifest_entries = d.value("manifest_entries", 0);
+      r.stats = d.value("stats", json::object());
+      rp.disks.push_back(std::move(r));
+    }
+    rp.report = j.value("report", json::object());
+    return rp;
+  } catch (const std::exception& e) {
+    return Status::Corruption(std::string("recovery point metadata is invalid: ") + e.what());
+  }
+}
+
+Catalog::Catalog(std::string data_dir, BlockStore* store)
+    : rps_(data_dir + "/rps"), staging_(data_dir + "/staging"), store_(store) {}
+
+Status Catalog::Open() {
+  std::error_code ec;
+  for (const auto& d : {rps_, staging_}) {
+    fs::create_directories(d, ec);
+    if (ec) return Status::IoError("create " + d + ": " + ec.message());
+  }
+  for (auto it = fs::directory_iterator(rps_, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    if (it->path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(it->path(), ec);
+  }
+  return Status::Ok();
+}
+
+Result<std::string> Catalog::CreateSession(const std::string& item) {
+  VMSNAP_RETURN_IF_ERROR(ValidateItemName(item));
+  std::string id = RandomHex(16);
+  std::error_code ec;
+  fs::create_directories(SessionDir(id), ec);
+  if (ec) return Status::IoError("create session directory: " + ec.message());
+  json meta = {{"item", item}, {"created_unix_ms", NowMs()}};
+  VMSNAP_RETURN_IF_ERROR(
+      platform::Env::Default()->WriteFileAtomic(SessionDir(id) + "/session.json", meta.dump()));
+  return id;
+}
+
+Status Catalog::PutManifest(const std::string& session, int disk_index, std::string_view data) {
+  if (!ValidSessionId(session) || !fs::exists(SessionDir(session)))
+    return Status::NotFound("backup session " + session + " does not exist",
+                            "start the backup again");
+  if (disk_index < 0 || disk_index > 255) return Status::InvalidArgument("bad disk index");
+  auto m = DecodeManifest(data);
+  if (!m.ok()) return m.take_status();
+  return platform::Env::Default()->WriteFileAtomic(
+      SessionDir(session) + "/disk-" + std::to_string(disk_index) + ".manifest", data);
+}
+
+Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& body) {
+  auto* env = platform::Env::Default();
+  std::lock_guard lock(mu_);
+  if (!ValidSessionId(session) || !fs::exists(SessionDir(session)))
+    return Status::NotFound("backup session " + session + " does not exist",
+                            "start the backup again");
+  const std::string dir = SessionDir(session);
+  if (auto done = env->ReadFile(dir + "/committed"); done.ok()) return Get(*done);
+  auto meta_text = env->ReadFile(dir + "/session.json");
+  if (!meta_text.ok()) return meta_text.take_status();
+  json meta = json::parse(*meta_text, nullptr, false);
+  RecoveryPoint rp;
+  rp.item = meta.value("item", "");
+  rp.session = session;
+  rp.created_unix_ms = NowMs();
+  rp.id = NewRpId(rp.created_unix_ms);
+  if (!body.is_object() || !body.contains("disks") || !body["disks"].is_array() ||
+      body["disks"].empty() || !body.value("consistency", json()).is_string())
+    return Status::InvalidArgument("commit needs 'consistency' and a non-empty 'disks' list");
+  rp.consistency = body["consistency"];
+  rp.report = body.value("report", json::object());
+  std::vector<std::pair<std::string, std::string>> files;  // name, content
+  for (const auto& d : body["disks"]) {
+    DiskRecord rec;
+    if (!d.is_object() || !d.value("index", json()).is_number_integer() ||
+        !d.value("key", json()).is_string())
+      return Status::InvalidArgument("each disk needs 'index' and 'key'");
+    rec.index = d["index"];
+    rec.key = d["key"];
+    rec.stats = d.value("stats", json::object());
+    std::string name = "disk-" + std::to_string(rec.index) + ".manifest";
+    auto data = env->ReadFile(dir + "/" + name);
+    if (!data.ok())
+      return Status::InvalidArgument("no manifest was uploaded for disk " +
+                                     std::to_string(rec.index));
+    auto m = DecodeManifest(*data);
+    if (!m.ok()) return m.take_status();
+    rec.size_bytes = m->disk_size;
+    rec.block_size = m->block_size;
+    rec.parent = m->parent;
+    rec.manifest_entries = m->entries.size();
+    if (!m->is_full()) {
+      auto parent = Get(m->parent);
+      if (!parent.ok())
+        return Status::Error(Code::kConflict,
+                             "parent recovery point " + m->parent + " of disk " + rec.key +
+                                 " does not exist",
+                             "rerun the backup; the agent will send a full manifest");
+      auto pd = std::find_if(parent->disks.begin(), parent->disks.end(),
+                             [&](const DiskRecord& p) { return p.key == rec.key; });
+      if (parent->item != rp.item || pd == parent->disks.end() ||
+          pd->size_bytes != rec.size_bytes || pd->block_size != rec.block_size)
+        return Status::Error(Code::kConflict,
+                             "parent recovery point " + m->parent +
+                                 " has no disk matching " + rec.key + " with the same geometry",
+                             "rerun the backup; the agent will send a full manifest");
+    }
+    uint64_t missing = 0;
+    std::string first_missing;
+    for (const auto& e : m->entries) {
+      if (e.id && !store_->Has(*e.id)) {
+        if (!missing++) first_missing = e.id->Hex();
+      }
+    }
+    if (missing)
+      return Status::Error(Code::kConflict,
+                           std::to_string(missing) + " blocks referenced by disk " + rec.key +
+                               " are not in the vault (first: " + first_missing + ")",
+                           "rerun the backup; it uploads only what the vault is missing");
+    files.emplace_back(name, std::move(*data));
+    rp.disks.push_back(std::move(rec));
+  }
+  files.emplace_back("rp.json", rp.ToJson().dump(2));
+  const std::string tmp = rps_ + "/.tmp-" + rp.id;
+  std::error_code ec;
+  fs::create_directories(tmp, ec);
+  if (ec) return Status::IoError("create " + tmp + ": " + ec.message());
+  for (const auto& [name, content] : files) {
+    Status st = env->WriteFileAtomic(tmp + "/" + name, content);
+    if (!st.ok()) {
+      fs::remove_all(tmp, ec);
+      return std::move(st).InPhase("commit");
+    }
+  }
+  fs::rename(tmp, RpDir(rp.id), ec);
+  if (ec) {
+    fs::remove_all(tmp, ec);
+    return Status::IoError("publish recovery point: " + ec.message()).InPhase("commit");
+  }
+  VMSNAP_RETURN_IF_ERROR(env->SyncDir(rps_));
+  // Remember the outcome so that a retried commit returns the same recovery point.
+  VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(dir + "/committed", rp.id));
+  return rp;
+}
+
+std::vector<RecoveryPoint> Catalog::List(const std::string& item) const {
+  std::vector<RecoveryPoint> out;
+  std::error_code ec;
+  std::vector<std::string> ids;
+  for (auto it = fs::directory_iterator(rps_, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (!name.empty() && name[0] != '.') ids.push_back(name);
+  }
+  std::sort(ids.begin(), ids.end());
+  for (const auto& id : ids) {
+    auto rp = Get(id);
+    if (rp.ok() && (item.empty() || rp->item == item)) out.push_back(std::move(*rp));
+  }
+  return out;
+}
+
+Result<RecoveryPoint> Catalog::Get(const std::string& id) const {
+  if (!ValidRpId(id))
+    return Status::NotFound("recovery point '" + id + "' does not exist",
+                            "list recovery points with 'vmsnap-agent list'");
+  auto text = platform::Env::Default()->ReadFile(RpDir(id) + "/rp.json");
+  if (!text.ok())
+    return Status::NotFound("recovery point '" + id + "' does not exist",
+                            "list recovery points with 'vmsnap-agent list'");
+  json j = json::parse(*text, nullptr, false);
+  if (j.is_discarded()) return Status::Corruption("rp.json of " + id + " is not JSON");
+  return RecoveryPoint::FromJson(j);
+}
+
+Result<RecoveryPoint> Catalog::Latest(const std::string& item) const {
+  auto all = List(item);
+  if (all.empty()) return Status::NotFound("item '" + item + "' has no recovery point");
+  return std::move(all.back());
+}
+
+Result<Manifest> Catalog::LoadManifest(const std::string& rp_id, int disk_index) const {
+  auto data = platform::Env::Default()->ReadFile(RpDir(rp_id) + "/disk-" +
+                                                 std::to_string(disk_index) + ".manifest");
+  if (!data.ok()) return data.take_status();
+  return DecodeManifest(*data);
+}
+
+Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_index) const {
+  // Walk the parents back to a full manifest, then apply the deltas forward.
+  std::vector<Manifest> chain;
+  std::string id = rp_id;
+  std::string key;
+  for (int depth = 0;; ++depth) {
+    if (depth > 100000) return Status::Corruption("recovery point chain has a cycle");
+    auto rp = Get(id);
+    if (!rp.ok()) return rp.take_status();
+    const DiskRecord* disk = nullptr;
+    for (const auto& d : rp->disks)
+      if ((key.empty() && d.index == disk_index) || (!key.empty() && d.key == key)) disk = &d;
+    if (!disk)
+      return Status::NotFound("recovery point " + id + " has no disk " +
+                              (key.empty() ? std::to_string(disk_index) : key));
+    key = disk->key;
+    auto m = LoadManifest(id, disk->index);
+    if (!m.ok()) return m.take_status();
+    bool full = m->is_full();
+    id = m->parent;
+    chain.push_back(std::move(*m));
+    if (full) break;
+  }
+  Manifest resolved = std::move(chain.back());
+  for (auto it = chain.rbegin() + 1; it != chain.rend(); ++it) {
+    auto next = ApplyDelta(resolved, *it);
+    if (!next.ok()) return next.take_status();
+    resolved = std::move(*next);
+  }
+  resolved.parent.clear();
+  return resolved;
+}
+
+}  // namespace vmsnap::vault

@@ -1,0 +1,157 @@
+// vmsnap-vault: the vault server (block store, recovery points) over HTTPS.
+#include <openssl/rand.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "common/https_server.hpp"
+#include "common/log.hpp"
+#include "platform/env.hpp"
+#include "vault/api.hpp"
+#include "vault/tls_setup.hpp"
+
+namespace fs = std::filesystem;
+using namespace vmsnap;
+
+namespace {
+
+Result<std::string> EnsureToken(const std::string& data_dir) {
+  auto* env = platform::Env::Default();
+  const std::string path = data_dir + "/token";
+  auto existing = env->ReadFile(path);
+  if (existing.ok()) {
+    std::string t = *existing;
+    while (!t.empty() && (t.back() == '\n' || t.back() == '\r')) t.pop_back();
+    if (!t.empty()) return t;
+  }
+  unsigned char raw[24];
+  if (RAND_bytes(raw, sizeof raw) != 1) return Status::Internal("no randomness for the token");
+  static const char* kDigits = "0123456789abcdef";
+  std::string token = "vst_";
+  for (unsigned char c : raw) {
+    token.push_back(kDigits[c >> 4]);
+    token.push_back(kDigits[c & 15]);
+  }
+  VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(path, token + "\n", 0600));
+  return token;
+}
+
+Status SplitListen(const std::string& listen, std::string& host, uint16_t& port) {
+  auto colon = listen.rfind(':');
+  if (colon == std::string::npos)
+    return Status::InvalidArgument("--listen '" + listen + "' has no port",
+                                   "use HOST:PORT, e.g. 127.0.0.1:8443");
+  host = listen.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  try {
+    int p = std::stoi(listen.substr(colon + 1));
+    if (p < 0 || p > 65535) throw std::out_of_range("port");
+    port = static_cast<uint16_t>(p);
+  } catch (const std::exception&) {
+    return Status::InvalidArgument("--listen '" + listen + "' has a bad port",
+                                   "use HOST:PORT with a port from 0 to 65535");
+  }
+  return Status::Ok();
+}
+
+int Serve(const std::string& data_dir, const std::string& listen, int threads) {
+  auto fail = [](Status st, const char* phase) {
+    st.InPhase(phase);
+    spdlog::error("{}", st.ToString());
+    std::cerr << "vmsnap-vault: " << st.ToString() << "\n";
+    return st.ExitCode();
+  };
+  std::string host;
+  uint16_t port = 0;
+  if (Status st = SplitListen(listen, host, port); !st.ok()) return fail(st, "start");
+  std::error_code ec;
+  fs::create_directories(data_dir, ec);
+  if (ec)
+    return fail(Status::IoError("create data directory " + data_dir + ": " + ec.message(),
+                                "pass a writable --data directory"),
+                "start");
+  ::chmod(data_dir.c_str(), 0700);
+  auto tls = vault::EnsureTls(data_dir, {host, platform::Env::Default()->HostName()});
+  if (!tls.ok()) return fail(tls.take_status(), "create TLS certificates");
+  auto token = EnsureToken(data_dir);
+  if (!token.ok()) return fail(token.take_status(), "create access token");
+
+  vault::BlockStore store(data_dir + "/blocks");
+  if (Status st = store.Open(); !st.ok()) return fail(st, "open block store");
+  vault::Catalog catalog(data_dir, &store);
+  if (Status st = catalog.Open(); !st.ok()) return fail(st, "open catalog");
+  vault::VaultApi api(&store, &catalog, *token);
+
+  // Signals are taken synchronously by this thread; block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  ServerOptions opts;
+  opts.host = host;
+  opts.port = port;
+  opts.cert_file = tls->server_cert_file;
+  opts.key_file = tls->server_key_file;
+  opts.body_limit = vault::kMaxRequestBody;
+  opts.threads = threads;
+  auto server = HttpsServer::Start(opts, [&api](const HttpRequest& r) { return api.Handle(r); });
+  if (!server.ok()) return fail(server.take_status(), "listen");
+
+  std::string url_host = host.find(':') != std::string::npos ? "[" + host + "]" : host;
+  if (host == "0.0.0.0") url_host = "127.0.0.1";
+  if (host == "::") url_host = "[::1]";
+  std::string url = "https://" + url_host + ":" + std::to_string((*server)->port());
+  nlohmann::json info = {{"url", url},
+                         {"ca_file", fs::absolute(tls->ca_cert_file).string()},
+                         {"ca_fingerprint_sha256", tls->ca_fingerprint_sha256},
+                         {"token_file", fs::absolute(data_dir + "/token").string()},
+                         {"pid", ::getpid()}};
+  // Written once listening: tests and the admin CLI read the connection settings from it.
+  if (Status st = platform::Env::Default()->WriteFileAtomic(data_dir + "/vault.json",
+                                                            info.dump(2) + "\n", 0600);
+      !st.ok())
+    return fail(st, "write vault.json");
+  std::cout << "vmsnap-vault listening on " << url << "\n"
+            << "CA certificate: " << info["ca_file"].get<std::string>()
+            << (tls->created ? " (created)" : "") << "\n"
+            << "CA SHA-256 fingerprint: " << tls->ca_fingerprint_sha256 << "\n"
+            << "access token: " << *token << " (stored in " << info["token_file"].get<std::string>()
+            << ", mode 0600)\n"
+            << std::flush;
+  spdlog::info("serving {} with data in {}", url, data_dir);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("received {}, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  (*server)->Stop(std::chrono::milliseconds(10000));
+  spdlog::info("stopped cleanly");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vmsnap-vault: stores recovery points of vmsnap agents"};
+  app.require_subcommand(1);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error");
+  auto* serve = app.add_subcommand("serve", "Run the vault until SIGTERM");
+  std::string data_dir, listen = "127.0.0.1:8443";
+  int threads = 4;
+  serve->add_option("--data", data_dir, "Data directory (created if missing)")->required();
+  serve->add_option("--listen", listen, "Address and port to listen on")->capture_default_str();
+  serve->add_option("--threads", threads, "Server threads")->capture_default_str()->check(
+      CLI::Range(1, 64));
+  CLI11_PARSE(app, argc, argv);
+  InitLogging("vmsnap-vault", log_level);
+  if (*serve) return Serve(data_dir, listen, threads);
+  return 2;
+}

@@ -170,9 +170,10 @@ Status PlanDisk(DiskJob& d, const BackupOptions& opt, const std::optional<json>&
     d.old_hashes = std::move(state->hashes);
     return Status::Ok();
   }
-  spdlog::info("disk {}: local change-tracking state {} the latest recovery point; comparing "
-               "with the vault's block map instead",
-               d.path, state.ok() ? "does not match" : "is missing for");
+  spdlog::info(
+      "disk {}: local change-tracking state {} the latest recovery point; comparing "
+      "with the vault's block map instead",
+      d.path, state.ok() ? "does not match" : "is missing for");
   auto map = control.ResolvedManifest(d.parent, parent_index);
   if (!map.ok()) return std::move(map.take_status()).InPhase("read parent block map");
   d.mode = Mode::kVaultMap;
@@ -307,7 +308,9 @@ void UploadLoop(const BackupOptions& opt, VaultClient& client, BoundedQueue<Uplo
   }
 }
 
-std::string DefaultItem() { return platform::Env::Default()->HostName(); }
+std::string DefaultItem() {
+  return platform::Env::Default()->HostName();
+}
 
 }  // namespace
 
@@ -319,7 +322,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     return Status::InvalidArgument("no disk to back up", "pass --disk PATH (repeatable)")
         .InPhase("prepare");
   VMSNAP_RETURN_IF_ERROR(ValidateBlockSize(opt.block_size).InPhase("prepare"));
-  if (opt.workers <= 0) opt.workers = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
+  if (opt.workers <= 0)
+    opt.workers = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
   opt.uploaders = std::max(1, opt.uploaders);
   auto* env = platform::Env::Default();
 
@@ -399,7 +403,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   std::atomic<size_t> next_segment{0};
   std::vector<std::thread> uploaders, workers;
   for (auto& c : upload_clients)
-    uploaders.emplace_back([&, client = c.get()] { UploadLoop(opt, *client, queue, limiter, failure); });
+    uploaders.emplace_back(
+        [&, client = c.get()] { UploadLoop(opt, *client, queue, limiter, failure); });
   std::atomic<int> workers_running{opt.workers};
   for (int w = 0; w < opt.workers; ++w) {
     workers.emplace_back([&] {
@@ -441,8 +446,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
                           : (unchanged ? "image file unchanged (size, mtime, ctime) during the read"
                                        : "image file was modified during the read");
     if (!unchanged) all_unchanged_files = false;
-    evidence["disks"].push_back({{"path", d->path}, {"unchanged_during_read", unchanged},
-                                 {"reason", why}});
+    evidence["disks"].push_back(
+        {{"path", d->path}, {"unchanged_during_read", unchanged}, {"reason", why}});
     if (!unchanged) spdlog::warn("disk {}: {}: recovery point is not consistent", d->path, why);
   }
   const std::string consistency = all_unchanged_files ? "crash" : "none";
@@ -467,7 +472,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     r.path = d->path;
     r.size_bytes = d->size;
     r.block_size = bs;
-    r.mode = d->mode == Mode::kFull ? "full"
+    r.mode = d->mode == Mode::kFull         ? "full"
              : d->mode == Mode::kLocalState ? "incremental"
                                             : "incremental-vault-map";
     r.parent = m.parent;
@@ -482,7 +487,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   }
   json commit = {{"consistency", consistency}, {"disks", json::array()}};
   for (const auto& r : report.disks)
-    commit["disks"].push_back({{"index", r.index}, {"key", DiskKey(r.path)}, {"stats", r.ToJson()}});
+    commit["disks"].push_back(
+        {{"index", r.index}, {"key", DiskKey(r.path)}, {"stats", r.ToJson()}});
   report.duration_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
   commit["report"] = report.ToJson();
@@ -492,13 +498,14 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
 
   // 7. Remember what was backed up, for the next incremental.
   for (auto& d : disks) {
-    DiskState s{opt.client.url, opt.item, DiskKey(d->path), report.recovery_point, d->size, bs,
-                std::move(d->new_hashes)};
+    DiskState s{opt.client.url, opt.item, DiskKey(d->path),        report.recovery_point,
+                d->size,        bs,       std::move(d->new_hashes)};
     Status st = SaveDiskState(d->state_path, s);
     if (!st.ok())
-      spdlog::warn("could not save change-tracking state ({}); the next backup compares with the "
-                   "vault instead",
-                   st.ToString());
+      spdlog::warn(
+          "could not save change-tracking state ({}); the next backup compares with the "
+          "vault instead",
+          st.ToString());
   }
   report.bytes_sent = (*control)->bytes_sent();
   for (auto& c : upload_clients) report.bytes_sent += c->bytes_sent();

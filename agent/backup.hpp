@@ -32,12 +32,12 @@ struct BackupOptions {
   std::vector<std::string> disks;  // block devices or image files
   uint32_t block_size = kDefaultBlockSize;
   std::string state_dir = "/var/lib/vmsnap";
-  int workers = 0;                 // 0: one per core
+  int workers = 0;  // 0: one per core
   int uploaders = 2;
-  uint64_t max_rate_bytes_per_s = 0;  // 0: unlimited
-  uint64_t batch_bytes = 8ull << 20;  // upload batch size
-  uint64_t queue_bytes = 64ull << 20; // encoded data in flight, bounds memory
-  bool progress = true;               // progress lines on stderr for long jobs
+  uint64_t max_rate_bytes_per_s = 0;   // 0: unlimited
+  uint64_t batch_bytes = 8ull << 20;   // upload batch size
+  uint64_t queue_bytes = 64ull << 20;  // encoded data in flight, bounds memory
+  bool progress = true;                // progress lines on stderr for long jobs
 };
 
 struct DiskReport {

@@ -21,7 +21,8 @@ class BoundedQueue {
   // Blocks while full. Returns false if the queue was cancelled or closed.
   bool Push(T item, uint64_t cost) {
     std::unique_lock lock(mu_);
-    not_full_.wait(lock, [&] { return cancelled_ || closed_ || used_ == 0 || used_ + cost <= capacity_; });
+    not_full_.wait(
+        lock, [&] { return cancelled_ || closed_ || used_ == 0 || used_ + cost <= capacity_; });
     if (cancelled_ || closed_) return false;
     used_ += cost;
     items_.push_back({std::move(item), cost});

@@ -23,9 +23,9 @@ Status SaveDiskState(const std::string& path, const DiskState& s) {
   if (ec)
     return Status::IoError("create state directory for " + path + ": " + ec.message(),
                            "pass a writable --state-dir");
-  json header = {{"vault", s.vault_url},         {"item", s.item},
-                 {"disk", s.disk_key},           {"recovery_point", s.recovery_point},
-                 {"disk_size", s.disk_size},     {"block_size", s.block_size},
+  json header = {{"vault", s.vault_url},     {"item", s.item},
+                 {"disk", s.disk_key},       {"recovery_point", s.recovery_point},
+                 {"disk_size", s.disk_size}, {"block_size", s.block_size},
                  {"blocks", s.hashes.size()}};
   std::string h = header.dump();
   ByteWriter w;

@@ -78,7 +78,9 @@ std::string FormatTime(int64_t unix_ms) {
   return buf;
 }
 
-double Rate(uint64_t bytes, int64_t ms) { return ms > 0 ? bytes / (ms / 1000.0) : 0; }
+double Rate(uint64_t bytes, int64_t ms) {
+  return ms > 0 ? bytes / (ms / 1000.0) : 0;
+}
 
 void PrintBackup(const BackupReport& r) {
   std::cout << "recovery point " << r.recovery_point << " (item " << r.item
@@ -98,8 +100,8 @@ void PrintBackup(const BackupReport& r) {
 }
 
 void PrintRestore(const RestoreReport& r) {
-  std::cout << "restored recovery point " << r.recovery_point << " (consistency: "
-            << r.consistency << ")\n";
+  std::cout << "restored recovery point " << r.recovery_point << " (consistency: " << r.consistency
+            << ")\n";
   uint64_t total = 0;
   for (const auto& d : r.disks) {
     total += d.size_bytes;
@@ -219,8 +221,8 @@ int main(int argc, char** argv) {
       std::printf("%-26s %-16s %-20s %-12s %5zu %10s %10s\n", rp.value("id", "").c_str(),
                   rp.value("item", "").c_str(),
                   FormatTime(rp.value("created_unix_ms", int64_t{0})).c_str(),
-                  rp.value("consistency", "").c_str(), rp["disks"].size(),
-                  HumanBytes(size).c_str(), HumanBytes(up).c_str());
+                  rp.value("consistency", "").c_str(), rp["disks"].size(), HumanBytes(size).c_str(),
+                  HumanBytes(up).c_str());
     }
     return 0;
   }

@@ -42,8 +42,7 @@ void ProgressReporter::Update(uint64_t done, const std::string& extra) {
 
 void ProgressReporter::Done() {
   if (!enabled_ || !printed_) return;
-  double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   spdlog::info("{}: done in {:.1f} s", what_, secs);
 }
 

@@ -21,9 +21,14 @@ using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
 json RestoreDiskReport::ToJson() const {
-  return {{"index", index},           {"source", source},           {"target", target},
-          {"size_bytes", size_bytes}, {"blocks_total", blocks_total}, {"blocks_data", blocks_data},
-          {"blocks_zero", blocks_zero}, {"bytes_fetched", bytes_fetched}};
+  return {{"index", index},
+          {"source", source},
+          {"target", target},
+          {"size_bytes", size_bytes},
+          {"blocks_total", blocks_total},
+          {"blocks_data", blocks_data},
+          {"blocks_zero", blocks_zero},
+          {"bytes_fetched", bytes_fetched}};
 }
 
 json RestoreReport::ToJson() const {
@@ -67,11 +72,11 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
   if (!blocks.ok()) {
     Status st = blocks.take_status();
     if (st.code() == Code::kCorruption || st.code() == Code::kNotFound)
-      return Status::Error(st.code(),
-                           "disk " + std::to_string(d.report.index) + " of recovery point " + rp +
-                               ": " + st.cause(),
-                           "the vault's copy of this block is damaged or missing; restore an "
-                           "older recovery point or run vmsnap verify");
+      return Status::Error(
+          st.code(),
+          "disk " + std::to_string(d.report.index) + " of recovery point " + rp + ": " + st.cause(),
+          "the vault's copy of this block is damaged or missing; restore "
+          "another recovery point");
     return st;
   }
   if (blocks->size() != ids.size()) return Status::Unavailable("the vault sent a short batch");
@@ -84,8 +89,7 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
           "block " + std::to_string(where(enc.id)) + " (id " + enc.id.Hex() + ") of disk " +
               std::to_string(d.report.index) + " in recovery point " + rp +
               " is corrupt on the vault: " + st.cause(),
-          "the vault's copy of this block is damaged; restore an older recovery point or run "
-          "vmsnap verify");
+          "the vault's copy of this block is damaged; restore another recovery point");
     d.fetched += enc.payload.size();
     plain.emplace(enc.id, std::move(out));
   }
@@ -96,10 +100,9 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     uint64_t off = e.index * bs;
     uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - off);
     if (it->second.size() != len)
-      return Status::Corruption("block " + std::to_string(e.index) + " of disk " +
-                                std::to_string(d.report.index) + " has " +
-                                std::to_string(it->second.size()) + " bytes, expected " +
-                                std::to_string(len));
+      return Status::Corruption(
+          "block " + std::to_string(e.index) + " of disk " + std::to_string(d.report.index) +
+          " has " + std::to_string(it->second.size()) + " bytes, expected " + std::to_string(len));
     VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, it->second));
     d.data_done++;
   }
@@ -143,10 +146,10 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     bool found = false;
     for (const auto& d : rp_disks) found |= d.value("index", -1) == opt.disk;
     if (!found)
-      return Status::NotFound("recovery point " + opt.recovery_point + " has no disk " +
-                                  std::to_string(opt.disk),
-                              "it has " + std::to_string(rp_disks.size()) +
-                                  " disk(s), numbered from 0")
+      return Status::NotFound(
+                 "recovery point " + opt.recovery_point + " has no disk " +
+                     std::to_string(opt.disk),
+                 "it has " + std::to_string(rp_disks.size()) + " disk(s), numbered from 0")
           .InPhase("prepare restore");
     selected.push_back(opt.disk);
   } else {
@@ -267,8 +270,9 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     bool in_place = false;
     for (auto& d : disks) in_place |= d->write_path == d->report.target;
     if (in_place)
-      st.WithFix("the existing target was partly overwritten and is incomplete; rerun the "
-                 "restore after fixing the cause");
+      st.WithFix(
+          "the existing target was partly overwritten and is incomplete; rerun the "
+          "restore after fixing the cause");
     return std::move(st).InPhase("restore");
   }
   for (auto& d : disks) {
@@ -276,7 +280,8 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     if (d->write_path != d->report.target) {
       std::error_code ec;
       fs::rename(d->write_path, d->report.target, ec);
-      if (ec) return Status::IoError("rename " + d->write_path + ": " + ec.message()).InPhase("restore");
+      if (ec)
+        return Status::IoError("rename " + d->write_path + ": " + ec.message()).InPhase("restore");
       std::string parent = fs::path(d->report.target).parent_path().string();
       VMSNAP_RETURN_IF_ERROR(env->SyncDir(parent.empty() ? "." : parent));
     }

@@ -62,8 +62,8 @@ Result<json> VaultClient::ListRecoveryPoints(const std::string& item) {
 }
 
 Result<Manifest> VaultClient::ResolvedManifest(const std::string& rp_id, int disk_index) {
-  auto r = http_->Call("GET", "/v1/rps/" + UrlEncode(rp_id) + "/disks/" +
-                                  std::to_string(disk_index) + "/map");
+  auto r = http_->Call(
+      "GET", "/v1/rps/" + UrlEncode(rp_id) + "/disks/" + std::to_string(disk_index) + "/map");
   if (!r.ok()) return r.take_status();
   return DecodeManifest(r->body);
 }

@@ -6,8 +6,8 @@
 #include <zstd.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cctype>
+#include <charconv>
 
 #include "common/bytes.hpp"
 
@@ -16,10 +16,9 @@ namespace vmsnap {
 Status ValidateBlockSize(uint64_t block_size) {
   bool pow2 = block_size != 0 && (block_size & (block_size - 1)) == 0;
   if (!pow2 || block_size < kMinBlockSize || block_size > kMaxBlockSize)
-    return Status::InvalidArgument(
-        "block size " + std::to_string(block_size) +
-            " is not a power of two between 16 KiB and 4 MiB",
-        "use one of 16K, 32K, 64K, 128K, 256K, 512K, 1M, 2M, 4M");
+    return Status::InvalidArgument("block size " + std::to_string(block_size) +
+                                       " is not a power of two between 16 KiB and 4 MiB",
+                                   "use one of 16K, 32K, 64K, 128K, 256K, 512K, 1M, 2M, 4M");
   return Status::Ok();
 }
 
@@ -177,8 +176,8 @@ Result<std::vector<EncodedBlock>> DecodeBatch(std::string_view data) {
     uint8_t codec = 0;
     uint32_t len = 0;
     std::string_view payload;
-    if (!r.bytes(b.id.bytes.data(), 32) || !r.u8(codec) || !r.u32(b.plain_size) ||
-        !r.u32(len) || !r.view(len, payload))
+    if (!r.bytes(b.id.bytes.data(), 32) || !r.u8(codec) || !r.u32(b.plain_size) || !r.u32(len) ||
+        !r.view(len, payload))
       return Status::InvalidArgument("block batch is truncated");
     if (b.plain_size > kMaxBlockSize)
       return Status::InvalidArgument("block in batch is larger than 4 MiB");

@@ -7,17 +7,27 @@ namespace {
 
 int HttpStatusFor(Code code) {
   switch (code) {
-    case Code::kInvalidArgument: return 400;
-    case Code::kUnauthenticated: return 401;
-    case Code::kPermissionDenied: return 403;
-    case Code::kNotFound: return 404;
+    case Code::kInvalidArgument:
+      return 400;
+    case Code::kUnauthenticated:
+      return 401;
+    case Code::kPermissionDenied:
+      return 403;
+    case Code::kNotFound:
+      return 404;
     case Code::kAlreadyExists:
-    case Code::kConflict: return 409;
-    case Code::kCorruption: return 422;
-    case Code::kUnavailable: return 503;
-    case Code::kTimeout: return 504;
-    case Code::kCancelled: return 499;
-    default: return 500;
+    case Code::kConflict:
+      return 409;
+    case Code::kCorruption:
+      return 422;
+    case Code::kUnavailable:
+      return 503;
+    case Code::kTimeout:
+      return 504;
+    case Code::kCancelled:
+      return 499;
+    default:
+      return 500;
   }
 }
 

@@ -88,8 +88,9 @@ class HttpsClient::Impl {
     }
     if (last.code() == Code::kUnavailable || last.code() == Code::kTimeout)
       return Status::Error(last.code(),
-                           "vault at https://" + url_.host + ":" + url_.port + " unreachable after " +
-                               std::to_string(opts_.max_attempts) + " attempts: " + last.cause(),
+                           "vault at https://" + url_.host + ":" + url_.port +
+                               " unreachable after " + std::to_string(opts_.max_attempts) +
+                               " attempts: " + last.cause(),
                            "check that vmsnap-vault is running, the URL and port, and that this "
                            "machine has a route and DNS to the vault");
     return last;
@@ -129,7 +130,8 @@ class HttpsClient::Impl {
     tcp_stream.expires_after(opts_.io_timeout);
     tcp_stream.async_connect(endpoints, [&](auto e, auto) { ec = e; });
     RunPending();
-    if (ec) return Status::Unavailable("connect to " + url_.host + ":" + url_.port + ": " + ec.message());
+    if (ec)
+      return Status::Unavailable("connect to " + url_.host + ":" + url_.port + ": " + ec.message());
     tcp_stream.socket().set_option(tcp::no_delay(true), ec);
     tcp_stream.expires_after(opts_.io_timeout);
     stream_->async_handshake(ssl::stream_base::client, [&](auto e) { ec = e; });
@@ -153,7 +155,9 @@ class HttpsClient::Impl {
                             const std::string& body, const std::string& content_type) {
     if (!connected_) VMSNAP_RETURN_IF_ERROR(Connect());
     http::request<http::string_body> req{http::string_to_verb(method), target, 11};
-    req.set(http::field::host, url_.host);
+    req.set(http::field::host, url_.host.find(':') != std::string::npos
+                                   ? "[" + url_.host + "]:" + url_.port
+                                   : url_.host + ":" + url_.port);
     req.set(http::field::user_agent, "vmsnap/0.1");
     req.set(http::field::authorization, "Bearer " + opts_.token);
     req.set(http::field::content_type, content_type);
@@ -221,7 +225,11 @@ Result<HttpResponse> HttpsClient::Call(const std::string& method, const std::str
   return impl_->Call(method, target, body, content_type);
 }
 
-uint64_t HttpsClient::bytes_sent() const { return impl_->sent; }
-uint64_t HttpsClient::bytes_received() const { return impl_->received; }
+uint64_t HttpsClient::bytes_sent() const {
+  return impl_->sent;
+}
+uint64_t HttpsClient::bytes_received() const {
+  return impl_->received;
+}
 
 }  // namespace vmsnap

@@ -1,12 +1,12 @@
 #include "common/https_server.hpp"
 
+#include <atomic>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
-#include <atomic>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -31,7 +31,8 @@ class HttpsServer::Impl {
     ctx_.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
                      ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
     ctx_.use_certificate_chain_file(opts_.cert_file, ec);
-    if (ec) return Status::InvalidArgument("load certificate " + opts_.cert_file + ": " + ec.message());
+    if (ec)
+      return Status::InvalidArgument("load certificate " + opts_.cert_file + ": " + ec.message());
     ctx_.use_private_key_file(opts_.key_file, ssl::context::pem, ec);
     if (ec) return Status::InvalidArgument("load key " + opts_.key_file + ": " + ec.message());
     auto address = asio::ip::make_address(opts_.host, ec);
@@ -44,16 +45,17 @@ class HttpsServer::Impl {
     if (!ec) acceptor_.bind(ep, ec);
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     if (ec)
-      return Status::Unavailable("listen on " + opts_.host + ":" + std::to_string(opts_.port) +
-                                     ": " + ec.message(),
-                                 "pick a free port with --listen or stop the other process");
+      return Status::Unavailable(
+          "listen on " + opts_.host + ":" + std::to_string(opts_.port) + ": " + ec.message(),
+          "pick a free port with --listen or stop the other process");
     port_ = acceptor_.local_endpoint().port();
     return Status::Ok();
   }
 
   void Run() {
     Accept();
-    for (int i = 0; i < std::max(1, opts_.threads); ++i) threads_.emplace_back([this] { ioc_.run(); });
+    for (int i = 0; i < std::max(1, opts_.threads); ++i)
+      threads_.emplace_back([this] { ioc_.run(); });
   }
 
   void Stop(std::chrono::milliseconds grace) {
@@ -92,18 +94,18 @@ class HttpsServer::Impl {
       parser_.emplace();
       parser_->body_limit(server_->opts_.body_limit);
       beast::get_lowest_layer(stream_).expires_after(server_->opts_.timeout);
-      http::async_read(stream_, buffer_, *parser_,
-                       [self = shared_from_this()](beast::error_code ec, size_t) {
-                         self->OnRead(ec);
-                       });
+      http::async_read(
+          stream_, buffer_, *parser_,
+          [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
     }
 
     void OnRead(beast::error_code ec) {
       if (ec == http::error::body_limit) {
-        Respond(ErrorResponse(Status::InvalidArgument(
-                    "request body larger than the vault's limit of " +
-                    std::to_string(server_->opts_.body_limit) + " bytes")),
-                false);
+        HttpResponse too_large = ErrorResponse(
+            Status::InvalidArgument("request body larger than the vault's limit of " +
+                                    std::to_string(server_->opts_.body_limit) + " bytes"));
+        too_large.status = 413;
+        Respond(std::move(too_large), false);
         return;
       }
       if (ec) return Close();
@@ -160,16 +162,14 @@ class HttpsServer::Impl {
 
  private:
   void Accept() {
-    acceptor_.async_accept(asio::make_strand(ioc_),
-                           [this](beast::error_code ec, tcp::socket s) {
-                             if (ec) {
-                               if (ec == asio::error::operation_aborted || !acceptor_.is_open())
-                                 return;
-                             } else {
-                               std::make_shared<Session>(std::move(s), this)->Start();
-                             }
-                             Accept();
-                           });
+    acceptor_.async_accept(asio::make_strand(ioc_), [this](beast::error_code ec, tcp::socket s) {
+      if (ec) {
+        if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
+      } else {
+        std::make_shared<Session>(std::move(s), this)->Start();
+      }
+      Accept();
+    });
   }
 
   ServerOptions opts_;
@@ -192,8 +192,14 @@ Result<std::unique_ptr<HttpsServer>> HttpsServer::Start(const ServerOptions& opt
 }
 
 HttpsServer::HttpsServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-HttpsServer::~HttpsServer() { Stop(); }
-uint16_t HttpsServer::port() const { return impl_->port(); }
-void HttpsServer::Stop(std::chrono::milliseconds grace) { impl_->Stop(grace); }
+HttpsServer::~HttpsServer() {
+  Stop();
+}
+uint16_t HttpsServer::port() const {
+  return impl_->port();
+}
+void HttpsServer::Stop(std::chrono::milliseconds grace) {
+  impl_->Stop(grace);
+}
 
 }  // namespace vmsnap

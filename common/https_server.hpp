@@ -22,7 +22,7 @@ using HttpHandler = std::function<HttpResponse(const HttpRequest&)>;
 
 struct ServerOptions {
   std::string host = "127.0.0.1";
-  uint16_t port = 8443;  // 0: pick a free port (see HttpsServer::port())
+  uint16_t port = 8443;   // 0: pick a free port (see HttpsServer::port())
   std::string cert_file;  // PEM certificate chain
   std::string key_file;   // PEM private key
   uint64_t body_limit = 64ull << 20;

@@ -35,7 +35,8 @@ std::string EncodeManifest(const Manifest& m) {
 Result<Manifest> DecodeManifest(std::string_view data) {
   auto bad = [](const std::string& why) {
     return Status::Corruption("manifest is invalid: " + why,
-                              "the vault's copy is damaged; run vmsnap verify");
+                              "if the vault sent it, its copy is damaged: restore another "
+                              "recovery point; if the agent sent it, rerun the backup");
   };
   if (data.size() < kMagic.size() + 32) return bad("too short");
   std::string_view body = data.substr(0, data.size() - 32);

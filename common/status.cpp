@@ -6,19 +6,32 @@ namespace vmsnap {
 
 const char* CodeName(Code code) {
   switch (code) {
-    case Code::kOk: return "OK";
-    case Code::kInvalidArgument: return "INVALID_ARGUMENT";
-    case Code::kNotFound: return "NOT_FOUND";
-    case Code::kAlreadyExists: return "ALREADY_EXISTS";
-    case Code::kIoError: return "IO_ERROR";
-    case Code::kCorruption: return "CORRUPTION";
-    case Code::kUnavailable: return "UNAVAILABLE";
-    case Code::kTimeout: return "TIMEOUT";
-    case Code::kUnauthenticated: return "UNAUTHENTICATED";
-    case Code::kPermissionDenied: return "PERMISSION_DENIED";
-    case Code::kConflict: return "CONFLICT";
-    case Code::kCancelled: return "CANCELLED";
-    case Code::kInternal: return "INTERNAL";
+    case Code::kOk:
+      return "OK";
+    case Code::kInvalidArgument:
+      return "INVALID_ARGUMENT";
+    case Code::kNotFound:
+      return "NOT_FOUND";
+    case Code::kAlreadyExists:
+      return "ALREADY_EXISTS";
+    case Code::kIoError:
+      return "IO_ERROR";
+    case Code::kCorruption:
+      return "CORRUPTION";
+    case Code::kUnavailable:
+      return "UNAVAILABLE";
+    case Code::kTimeout:
+      return "TIMEOUT";
+    case Code::kUnauthenticated:
+      return "UNAUTHENTICATED";
+    case Code::kPermissionDenied:
+      return "PERMISSION_DENIED";
+    case Code::kConflict:
+      return "CONFLICT";
+    case Code::kCancelled:
+      return "CANCELLED";
+    case Code::kInternal:
+      return "INTERNAL";
   }
   return "UNKNOWN";
 }
@@ -41,16 +54,24 @@ std::string Status::ToString() const {
 
 int Status::ExitCode() const {
   switch (code_) {
-    case Code::kOk: return 0;
-    case Code::kInvalidArgument: return 2;
+    case Code::kOk:
+      return 0;
+    case Code::kInvalidArgument:
+      return 2;
     case Code::kUnavailable:
-    case Code::kTimeout: return 3;
+    case Code::kTimeout:
+      return 3;
     case Code::kUnauthenticated:
-    case Code::kPermissionDenied: return 4;
-    case Code::kCorruption: return 5;
-    case Code::kNotFound: return 6;
-    case Code::kCancelled: return 7;
-    default: return 1;
+    case Code::kPermissionDenied:
+      return 4;
+    case Code::kCorruption:
+      return 5;
+    case Code::kNotFound:
+      return 6;
+    case Code::kCancelled:
+      return 7;
+    default:
+      return 1;
   }
 }
 

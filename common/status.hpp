@@ -101,8 +101,8 @@ class Status {
 template <class T>
 class Result {
  public:
-  Result(T value) : v_(std::move(value)) {}           // NOLINT: implicit by design
-  Result(Status status) : v_(std::move(status)) {}    // NOLINT: must not be ok
+  Result(T value) : v_(std::move(value)) {}         // NOLINT: implicit by design
+  Result(Status status) : v_(std::move(status)) {}  // NOLINT: must not be ok
   bool ok() const { return std::holds_alternative<T>(v_); }
   const Status& status() const {
     static const Status kOk;
@@ -120,10 +120,10 @@ class Result {
   std::variant<T, Status> v_;
 };
 
-#define VMSNAP_RETURN_IF_ERROR(expr)        \
-  do {                                      \
-    ::vmsnap::Status _st = (expr);          \
-    if (!_st.ok()) return _st;              \
+#define VMSNAP_RETURN_IF_ERROR(expr) \
+  do {                               \
+    ::vmsnap::Status _st = (expr);   \
+    if (!_st.ok()) return _st;       \
   } while (0)
 
 }  // namespace vmsnap

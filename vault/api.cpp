@@ -36,9 +36,9 @@ HttpResponse VaultApi::Handle(const HttpRequest& req) {
   if (!TokenMatches(req.authorization, token_)) {
     counters_.unauthorized++;
     spdlog::warn("rejected {} {}: missing or wrong access token", req.method, req.path);
-    return ErrorResponse(Status::Error(
-        Code::kUnauthenticated, "the access token is missing or wrong (HTTP 401)",
-        "pass the token the vault printed at first start (stored in DATA/token)"));
+    return ErrorResponse(
+        Status::Error(Code::kUnauthenticated, "the access token is missing or wrong (HTTP 401)",
+                      "pass the token the vault printed at first start (stored in DATA/token)"));
   }
   auto res = Route(req);
   if (!res.ok()) {

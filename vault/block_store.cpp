@@ -17,8 +17,9 @@ Status BlockStore::Open() {
   for (int i = 0; i < 256; ++i) {
     std::string shard = root_ + "/" + kHex[i >> 4] + kHex[i & 15];
     fs::create_directories(shard, ec);
-    if (ec) return Status::IoError("create " + shard + ": " + ec.message(),
-                                   "check that the vault's data directory is writable");
+    if (ec)
+      return Status::IoError("create " + shard + ": " + ec.message(),
+                             "check that the vault's data directory is writable");
     for (auto it = fs::directory_iterator(shard, ec); !ec && it != fs::directory_iterator();
          it.increment(ec)) {
       if (it->path().filename().string().find(".tmp") != std::string::npos)
@@ -51,8 +52,9 @@ Result<PutStats> BlockStore::Put(const std::vector<EncodedBlock>& blocks) {
     }
     Status st = DecodeBlock(b, plain);
     if (!st.ok())
-      return std::move(st).InPhase("store block").WithFix(
-          "the agent sent data that does not match its id; rerun the backup (it resends)");
+      return std::move(st)
+          .InPhase("store block")
+          .WithFix("the agent sent data that does not match its id; rerun the backup (it resends)");
     fresh.push_back(&b);
   }
   if (fresh.empty()) return stats;
@@ -96,8 +98,10 @@ Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
   }
   auto batch = DecodeBatch(*data);
   if (!batch.ok() || batch->size() != 1 || (*batch)[0].id != id)
-    return Status::Corruption("stored block file " + PathOf(id) + " is damaged",
-                              "run vmsnap verify; the block must be uploaded again");
+    return Status::Corruption(
+        "stored block file " + PathOf(id) + " is damaged",
+        "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
+        "because the vault still lists the block as present");
   return std::move((*batch)[0]);
 }
 

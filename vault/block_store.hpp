@@ -20,10 +20,10 @@
 namespace vmsnap::vault {
 
 struct PutStats {
-  uint64_t received = 0;        // blocks in the request
-  uint64_t stored = 0;          // newly stored
+  uint64_t received = 0;  // blocks in the request
+  uint64_t stored = 0;    // newly stored
   uint64_t already_present = 0;
-  uint64_t bytes_stored = 0;    // payload bytes newly written
+  uint64_t bytes_stored = 0;  // payload bytes newly written
 };
 
 class BlockStore {

@@ -76,9 +76,12 @@ json RecoveryPoint::ToJson() const {
                           {"full", d.parent.empty()},
                           {"manifest_entries", d.manifest_entries},
                           {"stats", d.stats}});
-  return {{"id", id},           {"item", item},
-          {"session", session}, {"consistency", consistency},
-          {"created_unix_ms", created_unix_ms}, {"disks", disks_json},
+  return {{"id", id},
+          {"item", item},
+          {"session", session},
+          {"consistency", consistency},
+          {"created_unix_ms", created_unix_ms},
+          {"disks", disks_json},
           {"report", report}};
 }
 
@@ -155,6 +158,9 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
                             "start the backup again");
   const std::string dir = SessionDir(session);
   if (auto done = env->ReadFile(dir + "/committed"); done.ok()) return Get(*done);
+  // A crash between publishing and writing "committed" must not publish the session twice.
+  for (auto& existing : List(""))
+    if (existing.session == session) return existing;
   auto meta_text = env->ReadFile(dir + "/session.json");
   if (!meta_text.ok()) return meta_text.take_status();
   json meta = json::parse(*meta_text, nullptr, false);
@@ -191,17 +197,17 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
     if (!m->is_full()) {
       auto parent = Get(m->parent);
       if (!parent.ok())
-        return Status::Error(Code::kConflict,
-                             "parent recovery point " + m->parent + " of disk " + rec.key +
-                                 " does not exist",
-                             "rerun the backup; the agent will send a full manifest");
+        return Status::Error(
+            Code::kConflict,
+            "parent recovery point " + m->parent + " of disk " + rec.key + " does not exist",
+            "rerun the backup; the agent will send a full manifest");
       auto pd = std::find_if(parent->disks.begin(), parent->disks.end(),
                              [&](const DiskRecord& p) { return p.key == rec.key; });
       if (parent->item != rp.item || pd == parent->disks.end() ||
           pd->size_bytes != rec.size_bytes || pd->block_size != rec.block_size)
         return Status::Error(Code::kConflict,
-                             "parent recovery point " + m->parent +
-                                 " has no disk matching " + rec.key + " with the same geometry",
+                             "parent recovery point " + m->parent + " has no disk matching " +
+                                 rec.key + " with the same geometry",
                              "rerun the backup; the agent will send a full manifest");
     }
     uint64_t missing = 0;

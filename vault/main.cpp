@@ -148,8 +148,9 @@ int main(int argc, char** argv) {
   int threads = 4;
   serve->add_option("--data", data_dir, "Data directory (created if missing)")->required();
   serve->add_option("--listen", listen, "Address and port to listen on")->capture_default_str();
-  serve->add_option("--threads", threads, "Server threads")->capture_default_str()->check(
-      CLI::Range(1, 64));
+  serve->add_option("--threads", threads, "Server threads")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
   CLI11_PARSE(app, argc, argv);
   InitLogging("vmsnap-vault", log_level);
   if (*serve) return Serve(data_dir, listen, threads);

@@ -49,8 +49,8 @@ Status AddExt(X509* cert, X509* issuer, int nid, const std::string& value) {
   return Status::Ok();
 }
 
-Result<Ptr<X509>> MakeCert(EVP_PKEY* key, const std::string& cn, X509* issuer,
-                           EVP_PKEY* issuer_key, bool is_ca, const std::string& san, int days) {
+Result<Ptr<X509>> MakeCert(EVP_PKEY* key, const std::string& cn, X509* issuer, EVP_PKEY* issuer_key,
+                           bool is_ca, const std::string& san, int days) {
   Ptr<X509> cert(X509_new());
   X509_set_version(cert.get(), 2);
   unsigned char serial[16];
@@ -70,7 +70,8 @@ Result<Ptr<X509>> MakeCert(EVP_PKEY* key, const std::string& cn, X509* issuer,
   X509* iss = issuer ? issuer : cert.get();
   X509_set_issuer_name(cert.get(), X509_get_subject_name(iss));
   if (is_ca) {
-    VMSNAP_RETURN_IF_ERROR(AddExt(cert.get(), iss, NID_basic_constraints, "critical,CA:TRUE,pathlen:0"));
+    VMSNAP_RETURN_IF_ERROR(
+        AddExt(cert.get(), iss, NID_basic_constraints, "critical,CA:TRUE,pathlen:0"));
     VMSNAP_RETURN_IF_ERROR(AddExt(cert.get(), iss, NID_key_usage, "critical,keyCertSign,cRLSign"));
   } else {
     VMSNAP_RETURN_IF_ERROR(AddExt(cert.get(), iss, NID_basic_constraints, "critical,CA:FALSE"));
@@ -133,7 +134,8 @@ Result<TlsMaterial> EnsureTls(const std::string& data_dir, const std::vector<std
     }
     auto ca = MakeCert(ca_key.get(), "vmsnap vault CA", nullptr, nullptr, true, "", 3650);
     if (!ca.ok()) return ca.take_status();
-    auto server = MakeCert(server_key.get(), "vmsnap vault", ca->get(), ca_key.get(), false, san, 825);
+    auto server =
+        MakeCert(server_key.get(), "vmsnap vault", ca->get(), ca_key.get(), false, san, 825);
     if (!server.ok()) return server.take_status();
     auto ca_key_pem = ToPem(ca_key.get(), nullptr);
     auto ca_pem = ToPem(nullptr, ca->get());

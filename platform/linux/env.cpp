@@ -82,8 +82,8 @@ class LinuxDiskReader final : public DiskReader {
                           static_cast<off_t>(offset + done));
       if (r < 0) {
         if (errno == EINTR) continue;
-        return Status::FromErrno(errno, "read " + path_ + " at offset " +
-                                            std::to_string(offset + done));
+        return Status::FromErrno(errno,
+                                 "read " + path_ + " at offset " + std::to_string(offset + done));
       }
       if (r == 0) break;  // end of disk
       done += static_cast<size_t>(r);

@@ -1,0 +1,207 @@
+#include "tests/support/test_support.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "common/block_codec.hpp"
+
+extern char** environ;
+
+namespace vmsnap::test {
+
+namespace fs = std::filesystem;
+
+TempDir::TempDir() {
+  std::string tmpl = "/tmp/vmsnap-test-XXXXXX";
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  fs::remove_all(path_, ec);
+}
+
+nlohmann::json RunResult::json() const {
+  return nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+}
+
+std::string ReadWhole(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+namespace {
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err) {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, args[0], &fa, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) throw std::runtime_error("posix_spawn " + argv[0] + " failed");
+  return pid;
+}
+
+int WaitPid(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+}  // namespace
+
+RunResult Run(const std::vector<std::string>& argv) {
+  TempDir t;
+  pid_t pid = Spawn(argv, t / "out", t / "err");
+  RunResult r;
+  r.exit_code = WaitPid(pid);
+  r.out = ReadWhole(t / "out");
+  r.err = ReadWhole(t / "err");
+  return r;
+}
+
+Child::Child(const std::vector<std::string>& argv, const std::string& out_file,
+             const std::string& err_file)
+    : pid_(Spawn(argv, out_file, err_file)) {}
+
+Child::~Child() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    WaitPid(pid_);
+  }
+}
+
+void Child::Signal(int sig) {
+  if (pid_ > 0) ::kill(pid_, sig);
+}
+
+int Child::Wait() {
+  if (pid_ <= 0) return -1;
+  int rc = WaitPid(pid_);
+  pid_ = -1;
+  return rc;
+}
+
+std::string AgentBinary() {
+  return VMSNAP_AGENT_BINARY;
+}
+std::string VaultBinary() {
+  return VMSNAP_VAULT_BINARY;
+}
+
+RunResult Agent(const std::vector<std::string>& args) {
+  std::vector<std::string> argv{AgentBinary()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return Run(argv);
+}
+
+Vault::Vault(std::string data_dir) : data_(std::move(data_dir)) {}
+Vault::~Vault() {
+  if (child_ && child_->running()) Stop();
+}
+
+void Vault::Start() {
+  std::error_code ec;
+  fs::create_directories(data_, ec);
+  fs::remove(data_ + "/vault.json", ec);
+  child_ = std::make_unique<Child>(
+      std::vector<std::string>{VaultBinary(), "serve", "--data", data_, "--listen", "127.0.0.1:0"},
+      data_ + "/../vault.out", data_ + "/../vault.err");
+  for (int i = 0; i < 300; ++i) {
+    auto info = nlohmann::json::parse(ReadWhole(data_ + "/vault.json"), nullptr, false);
+    if (info.is_object() && info.value("pid", 0) == child_->pid()) {
+      url_ = info["url"];
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  throw std::runtime_error("vault did not start: " + ReadWhole(data_ + "/../vault.err"));
+}
+
+void Vault::Kill(int sig) {
+  child_->Signal(sig);
+  child_->Wait();
+}
+
+int Vault::Stop() {
+  child_->Signal(SIGTERM);
+  return child_->Wait();
+}
+
+std::string Vault::token() const {
+  std::string t = ReadWhole(data_ + "/token");
+  while (!t.empty() && t.back() == '\n') t.pop_back();
+  return t;
+}
+
+std::vector<std::string> Vault::conn() const {
+  return {"--vault", url_, "--ca", ca(), "--token", token(), "--retries", "2"};
+}
+
+size_t Vault::StoredBlockCount() const {
+  size_t n = 0;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(data_ + "/blocks", ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec))
+    if (it->is_regular_file() && it->path().filename().string().find(".tmp") == std::string::npos)
+      ++n;
+  return n;
+}
+
+void CreateSparseFile(const std::string& path, uint64_t size) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0)
+    throw std::runtime_error("create " + path);
+  ::close(fd);
+}
+
+void WriteRandomBlocks(const std::string& path, uint64_t block_size,
+                       const std::vector<uint64_t>& indexes, uint64_t seed) {
+  int fd = ::open(path.c_str(), O_WRONLY);
+  if (fd < 0) throw std::runtime_error("open " + path);
+  std::mt19937_64 rng(seed);
+  std::vector<uint64_t> buf(block_size / 8);
+  for (uint64_t idx : indexes) {
+    for (auto& w : buf) w = rng();
+    if (::pwrite(fd, buf.data(), block_size, static_cast<off_t>(idx * block_size)) !=
+        static_cast<ssize_t>(block_size))
+      throw std::runtime_error("write " + path);
+  }
+  ::close(fd);
+}
+
+std::string FileSha256(const std::string& path) {
+  return Sha256Hex(ReadWhole(path));
+}
+
+bool IsRoot() {
+  return ::geteuid() == 0;
+}
+bool InCi() {
+  const char* ci = std::getenv("CI");
+  return ci && std::string(ci) == "true";
+}
+
+}  // namespace vmsnap::test

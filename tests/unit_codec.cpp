@@ -1,0 +1,179 @@
+#include <doctest/doctest.h>
+
+#include <random>
+
+#include "common/block_codec.hpp"
+#include "common/manifest.hpp"
+
+using namespace vmsnap;
+
+namespace {
+std::vector<std::byte> RandomBytes(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::byte> v(n);
+  for (auto& b : v) b = static_cast<std::byte>(rng() & 0xff);
+  return v;
+}
+std::vector<std::byte> TextBytes(size_t n) {
+  std::vector<std::byte> v(n);
+  const char* s = "the quick brown fox jumps over the lazy dog\n";
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>(s[i % 44]);
+  return v;
+}
+}  // namespace
+
+TEST_CASE("compressible block round-trips through zstd and keeps its id") {
+  auto plain = TextBytes(65536);
+  BlockId id = Sha256Block(plain);
+  EncodedBlock enc = EncodeBlock(id, plain);
+  CHECK(enc.codec == BlockCodec::kZstd);
+  CHECK(enc.payload.size() < plain.size() / 10);
+  std::vector<std::byte> out;
+  REQUIRE(DecodeBlock(enc, out).ok());
+  CHECK(out == plain);
+}
+
+TEST_CASE("incompressible block is stored raw") {
+  auto plain = RandomBytes(65536, 1);
+  EncodedBlock enc = EncodeBlock(Sha256Block(plain), plain);
+  CHECK(enc.codec == BlockCodec::kRaw);
+  CHECK(enc.payload.size() == plain.size());
+  std::vector<std::byte> out;
+  REQUIRE(DecodeBlock(enc, out).ok());
+  CHECK(out == plain);
+}
+
+TEST_CASE("a damaged payload or a wrong id is reported as corruption") {
+  for (auto plain : {TextBytes(16384), RandomBytes(16384, 2)}) {
+    EncodedBlock enc = EncodeBlock(Sha256Block(plain), plain);
+    std::vector<std::byte> out;
+    EncodedBlock flipped = enc;
+    flipped.payload[flipped.payload.size() / 2] ^= 0x40;
+    Status st = DecodeBlock(flipped, out);
+    CHECK(st.code() == Code::kCorruption);
+    EncodedBlock wrong_id = enc;
+    wrong_id.id.bytes[0] ^= 1;
+    st = DecodeBlock(wrong_id, out);
+    CHECK(st.code() == Code::kCorruption);
+    CHECK(st.cause().find(wrong_id.id.Hex()) != std::string::npos);
+  }
+}
+
+TEST_CASE("zero detection") {
+  std::vector<std::byte> z(65536);
+  CHECK(IsAllZero(z));
+  z[65535] = std::byte{1};
+  CHECK_FALSE(IsAllZero(z));
+  z[65535] = std::byte{0};
+  z[3] = std::byte{1};
+  CHECK_FALSE(IsAllZero(z));
+  std::vector<std::byte> odd(37);
+  CHECK(IsAllZero(odd));
+  odd[36] = std::byte{9};
+  CHECK_FALSE(IsAllZero(odd));
+}
+
+TEST_CASE("block size validation and parsing") {
+  for (uint64_t ok : {16384ull, 65536ull, 1ull << 20, 4ull << 20})
+    CHECK(ValidateBlockSize(ok).ok());
+  for (uint64_t bad : {0ull, 8192ull, 49152ull, 8ull << 20, 65537ull})
+    CHECK(ValidateBlockSize(bad).code() == Code::kInvalidArgument);
+  CHECK(*ParseBlockSize("64K") == 65536u);
+  CHECK(*ParseBlockSize("1M") == 1048576u);
+  CHECK(*ParseBlockSize("16384") == 16384u);
+  CHECK(*ParseBlockSize("4MiB") == 4194304u);
+  CHECK_FALSE(ParseBlockSize("48K").ok());
+  CHECK_FALSE(ParseBlockSize("8M").ok());
+  CHECK_FALSE(ParseBlockSize("abc").ok());
+  CHECK_FALSE(ParseBlockSize("64Q").ok());
+  CHECK(ParseBlockSize("48K").status().fix().find("64K") != std::string::npos);
+}
+
+TEST_CASE("batch and id list round trip; truncation is rejected") {
+  std::vector<EncodedBlock> blocks;
+  for (int i = 0; i < 5; ++i) {
+    auto plain = i % 2 ? TextBytes(16384 + i) : RandomBytes(16384, i);
+    blocks.push_back(EncodeBlock(Sha256Block(plain), plain));
+  }
+  std::string wire = EncodeBatch(blocks);
+  auto back = DecodeBatch(wire);
+  REQUIRE(back.ok());
+  REQUIRE(back->size() == 5);
+  for (size_t i = 0; i < 5; ++i) {
+    CHECK((*back)[i].id == blocks[i].id);
+    CHECK((*back)[i].payload == blocks[i].payload);
+    CHECK((*back)[i].codec == blocks[i].codec);
+  }
+  CHECK_FALSE(DecodeBatch(wire.substr(0, wire.size() - 1)).ok());
+  CHECK_FALSE(DecodeBatch(wire + "x").ok());
+  CHECK_FALSE(DecodeBatch("VMB1\xff\xff\xff\xff").ok());
+
+  std::vector<BlockId> ids{blocks[0].id, blocks[3].id};
+  auto ids_back = DecodeIdList(EncodeIdList(ids));
+  REQUIRE(ids_back.ok());
+  CHECK(*ids_back == ids);
+  CHECK_FALSE(DecodeIdList("VMI1\x02\x00\x00\x00").ok());
+}
+
+TEST_CASE("block id hex round trip") {
+  auto plain = RandomBytes(100, 3);
+  BlockId id = Sha256Block(plain);
+  auto back = BlockId::FromHex(id.Hex());
+  REQUIRE(back.ok());
+  CHECK(*back == id);
+  CHECK_FALSE(BlockId::FromHex("zz").ok());
+  CHECK(Sha256Hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+TEST_CASE("manifest encode/decode round trip, incremental with zero entries") {
+  Manifest m;
+  m.disk_size = 10 * 65536 + 100;  // a partial last block
+  m.block_size = 65536;
+  m.parent = "20261122T000000000Z-abcd";
+  m.entries.push_back({0, Sha256Block(RandomBytes(10, 1))});
+  m.entries.push_back({3, std::nullopt});
+  m.entries.push_back({10, Sha256Block(RandomBytes(10, 2))});
+  CHECK(m.block_count() == 11);
+  auto back = DecodeManifest(EncodeManifest(m));
+  REQUIRE(back.ok());
+  CHECK(*back == m);
+}
+
+TEST_CASE("manifest corruption is detected") {
+  Manifest m;
+  m.disk_size = 4 * 16384;
+  m.block_size = 16384;
+  m.entries.push_back({1, Sha256Block(RandomBytes(10, 1))});
+  std::string enc = EncodeManifest(m);
+  for (size_t pos : {size_t{0}, size_t{9}, enc.size() / 2, enc.size() - 1}) {
+    std::string bad = enc;
+    bad[pos] ^= 0x01;
+    auto r = DecodeManifest(bad);
+    CHECK(r.status().code() == Code::kCorruption);
+  }
+  CHECK(DecodeManifest(enc.substr(0, 20)).status().code() == Code::kCorruption);
+  // A full manifest may not hold zero entries; indexes must be in range and sorted.
+  Manifest zero_in_full = m;
+  zero_in_full.entries.push_back({2, std::nullopt});
+  CHECK_FALSE(DecodeManifest(EncodeManifest(zero_in_full)).ok());
+  Manifest out_of_range = m;
+  out_of_range.entries.push_back({4, Sha256Block(RandomBytes(10, 2))});
+  CHECK_FALSE(DecodeManifest(EncodeManifest(out_of_range)).ok());
+  Manifest unsorted = m;
+  unsorted.entries.insert(unsorted.entries.begin(), {3, Sha256Block(RandomBytes(10, 3))});
+  CHECK_FALSE(DecodeManifest(EncodeManifest(unsorted)).ok());
+}
+
+TEST_CASE("applying an incremental manifest replaces, adds and zeroes blocks") {
+  auto id = [](int n) { return Sha256Block(RandomBytes(8, n)); };
+  Manifest base{8 * 16384, 16384, "", {{0, id(1)}, {2, id(2)}, {5, id(3)}}};
+  Manifest delta{
+      8 * 16384, 16384, "parent", {{1, id(4)}, {2, std::nullopt}, {5, id(5)}, {7, id(6)}}};
+  auto r = ApplyDelta(base, delta);
+  REQUIRE(r.ok());
+  std::vector<ManifestEntry> want{{0, id(1)}, {1, id(4)}, {5, id(5)}, {7, id(6)}};
+  CHECK(r->entries == want);
+  Manifest other_geometry = delta;
+  other_geometry.block_size = 32768;
+  CHECK_FALSE(ApplyDelta(base, other_geometry).ok());
+}

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <memory>
 
 #include "common/bytes.hpp"
 
@@ -112,7 +113,10 @@ EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   EncodedBlock out;
   out.id = id;
   out.plain_size = static_cast<uint32_t>(plain.size());
-  thread_local ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  // One compression context per thread, freed when the thread ends.
+  thread_local std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> cctx_owner(ZSTD_createCCtx(),
+                                                                               &ZSTD_freeCCtx);
+  ZSTD_CCtx* cctx = cctx_owner.get();
   size_t bound = ZSTD_compressBound(plain.size());
   out.payload.resize(bound);
   size_t n = ZSTD_compressCCtx(cctx, out.payload.data(), bound, plain.data(), plain.size(), 1);
@@ -133,7 +137,9 @@ Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out) {
       return Status::Corruption("block " + block.id.Hex() + " has a raw payload of wrong size");
     std::memcpy(out.data(), block.payload.data(), block.plain_size);
   } else if (block.codec == BlockCodec::kZstd) {
-    thread_local ZSTD_DCtx* dctx = ZSTD_createDCtx();
+    thread_local std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> dctx_owner(ZSTD_createDCtx(),
+                                                                                 &ZSTD_freeDCtx);
+    ZSTD_DCtx* dctx = dctx_owner.get();
     size_t n = ZSTD_decompressDCtx(dctx, out.data(), out.size(), block.payload.data(),
                                    block.payload.size());
     if (ZSTD_isError(n) || n != block.plain_size)

@@ -308,6 +308,11 @@ void UploadLoop(const BackupOptions& opt, VaultClient& client, BoundedQueue<Uplo
   }
 }
 
+Status CancelledStatus() {
+  return Status::Error(Code::kCancelled, "the backup was cancelled; nothing was committed")
+      .InPhase("transfer");
+}
+
 std::string DefaultItem() {
   return platform::Env::Default()->HostName();
 }
@@ -419,6 +424,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   uint64_t total_bytes = 0;
   for (auto& d : disks) total_bytes += d->size;
   ProgressReporter progress("backup", total_bytes, opt.progress);
+  auto last_progress = Clock::now();
   while (workers_running.load() > 0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     uint64_t done = 0, up = 0;
@@ -427,6 +433,17 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
       up += d->bytes_uploaded;
     }
     progress.Update(done, "uploaded " + HumanBytes(up));
+    if (opt.on_progress && Clock::now() - last_progress >= std::chrono::seconds(1)) {
+      last_progress = Clock::now();
+      opt.on_progress({{"phase", "transfer"},
+                       {"bytes_done", done},
+                       {"bytes_total", total_bytes},
+                       {"bytes_uploaded", up}});
+    }
+    if (opt.cancel && opt.cancel->load() && !failure.failed()) {
+      failure.Set(CancelledStatus());
+      queue.Cancel();
+    }
   }
   for (auto& t : workers) t.join();
   queue.Close();
@@ -492,6 +509,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   report.duration_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
   commit["report"] = report.ToJson();
+  commit["origin"] = opt.origin;
+  if (opt.cancel && opt.cancel->load()) return CancelledStatus();  // last safe point
   auto rp = (*control)->Commit(*session, commit);
   if (!rp.ok()) return std::move(rp.take_status()).InPhase("commit recovery point");
   report.recovery_point = rp->value("id", "");

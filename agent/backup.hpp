@@ -14,6 +14,7 @@
 // Running the same backup again uploads only what the vault is still missing.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -38,6 +39,13 @@ struct BackupOptions {
   uint64_t batch_bytes = 8ull << 20;   // upload batch size
   uint64_t queue_bytes = 64ull << 20;  // encoded data in flight, bounds memory
   bool progress = true;                // progress lines on stderr for long jobs
+  // Set by another thread to stop at the next safe point: nothing is committed and the job
+  // ends with kCancelled. Not owned; may be null.
+  const std::atomic<bool>* cancel = nullptr;
+  // Called from the calling thread about once a second with {"phase", "bytes_done",
+  // "bytes_total", "bytes_uploaded"}. May be empty.
+  std::function<void(const nlohmann::json&)> on_progress;
+  nlohmann::json origin;  // sent with the commit: {"job", "trigger", "retain_until_ms"}
 };
 
 struct DiskReport {

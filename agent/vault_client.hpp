@@ -34,13 +34,15 @@ class VaultClient {
 
   Result<std::vector<EncodedBlock>> Fetch(const std::vector<BlockId>& ids);
 
+  // Any JSON call of the API (control plane endpoints).
+  Result<nlohmann::json> CallJson(const std::string& method, const std::string& target,
+                                  const nlohmann::json& body);
+
   uint64_t bytes_sent() const { return http_->bytes_sent(); }
   uint64_t bytes_received() const { return http_->bytes_received(); }
 
  private:
   explicit VaultClient(std::unique_ptr<HttpsClient> http) : http_(std::move(http)) {}
-  Result<nlohmann::json> CallJson(const std::string& method, const std::string& target,
-                                  const nlohmann::json& body);
   std::unique_ptr<HttpsClient> http_;
 };
 

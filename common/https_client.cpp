@@ -1,6 +1,7 @@
 #include "common/https_client.hpp"
 
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -230,6 +231,101 @@ uint64_t HttpsClient::bytes_sent() const {
 }
 uint64_t HttpsClient::bytes_received() const {
   return impl_->received;
+}
+
+}  // namespace vmsnap
+
+namespace vmsnap {
+
+namespace {
+std::string NormalizeFingerprint(const std::string& fp) {
+  std::string out;
+  for (char c : fp)
+    if (std::isxdigit(static_cast<unsigned char>(c)))
+      out.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  return out;
+}
+
+std::string CertFingerprint(X509* cert) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  X509_digest(cert, EVP_sha256(), md, &n);
+  static const char* kDigits = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned i = 0; i < n; ++i) {
+    out.push_back(kDigits[md[i] >> 4]);
+    out.push_back(kDigits[md[i] & 15]);
+  }
+  return out;
+}
+}  // namespace
+
+Result<std::string> FetchPinnedCa(const std::string& url, const std::string& fingerprint,
+                                  std::chrono::seconds timeout) {
+  auto u = VaultUrl::Parse(url);
+  if (!u.ok()) return u.take_status();
+  const std::string want = NormalizeFingerprint(fingerprint);
+  if (want.size() != 64)
+    return Status::InvalidArgument(
+        "CA fingerprint '" + fingerprint + "' is not a SHA-256 fingerprint",
+        "copy the 'CA SHA-256 fingerprint' line the vault printed");
+  asio::io_context ioc;
+  ssl::context ctx{ssl::context::tls_client};
+  // Verification is done below, by hand, against the pinned CA only.
+  ctx.set_verify_mode(ssl::verify_none);
+  beast::ssl_stream<beast::tcp_stream> stream(ioc, ctx);
+  boost::system::error_code ec;
+  asio::ip::make_address(u->host, ec);
+  if (ec) SSL_set_tlsext_host_name(stream.native_handle(), u->host.c_str());
+  tcp::resolver resolver(ioc);
+  auto endpoints = resolver.resolve(u->host, u->port, ec);
+  if (ec)
+    return Status::Unavailable("cannot resolve vault host '" + u->host + "': " + ec.message());
+  beast::get_lowest_layer(stream).expires_after(timeout);
+  beast::get_lowest_layer(stream).async_connect(endpoints, [&](auto e, auto) { ec = e; });
+  ioc.run();
+  if (ec)
+    return Status::Unavailable("connect to " + u->host + ":" + u->port + ": " + ec.message(),
+                               "check the vault URL and that the vault is running");
+  ioc.restart();
+  stream.async_handshake(ssl::stream_base::client, [&](auto e) { ec = e; });
+  ioc.run();
+  if (ec) return Status::Unavailable("TLS handshake with " + u->host + ": " + ec.message());
+  STACK_OF(X509)* chain = SSL_get_peer_cert_chain(stream.native_handle());
+  X509* leaf = SSL_get1_peer_certificate(stream.native_handle());
+  std::unique_ptr<X509, decltype(&X509_free)> leaf_owner(leaf, &X509_free);
+  X509* ca = nullptr;
+  for (int i = 0; chain && i < sk_X509_num(chain); ++i)
+    if (CertFingerprint(sk_X509_value(chain, i)) == want) ca = sk_X509_value(chain, i);
+  const std::string fix =
+      "check the fingerprint against the vault's start-up output or DATA/vault.json";
+  if (!ca || !leaf)
+    return Status::Error(Code::kPermissionDenied,
+                         "the vault presented no CA certificate with fingerprint " + fingerprint,
+                         fix);
+  std::unique_ptr<X509_STORE, decltype(&X509_STORE_free)> store(X509_STORE_new(), &X509_STORE_free);
+  X509_STORE_add_cert(store.get(), ca);
+  std::unique_ptr<X509_STORE_CTX, decltype(&X509_STORE_CTX_free)> vctx(X509_STORE_CTX_new(),
+                                                                       &X509_STORE_CTX_free);
+  X509_STORE_CTX_init(vctx.get(), store.get(), leaf, nullptr);
+  X509_VERIFY_PARAM* param = X509_STORE_CTX_get0_param(vctx.get());
+  if (asio::ip::make_address(u->host, ec); ec)
+    X509_VERIFY_PARAM_set1_host(param, u->host.c_str(), 0);
+  else
+    X509_VERIFY_PARAM_set1_ip_asc(param, u->host.c_str());
+  if (X509_verify_cert(vctx.get()) != 1)
+    return Status::Error(
+        Code::kPermissionDenied,
+        std::string("the vault's certificate does not verify against the pinned CA: ") +
+            X509_verify_cert_error_string(X509_STORE_CTX_get_error(vctx.get())),
+        fix);
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), &BIO_free);
+  PEM_write_bio_X509(bio.get(), ca);
+  char* data = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &data);
+  std::string pem(data, static_cast<size_t>(n));
+  beast::get_lowest_layer(stream).socket().close(ec);
+  return pem;
 }
 
 }  // namespace vmsnap

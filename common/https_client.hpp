@@ -38,6 +38,14 @@ struct ClientOptions {
   uint64_t response_body_limit = 256ull << 20;
 };
 
+// Enrollment's trust bootstrap: connects once to `url`, takes the certificate chain the server
+// presents, and returns (PEM) the CA certificate in it whose SHA-256 fingerprint equals
+// `fingerprint` (hex, colons and case ignored) — only if the server's own certificate verifies
+// against that CA alone and covers the URL's host. No secret is sent on this connection; later
+// connections verify normally against the returned CA. kPermissionDenied on any mismatch.
+Result<std::string> FetchPinnedCa(const std::string& url, const std::string& fingerprint,
+                                  std::chrono::seconds timeout = std::chrono::seconds(30));
+
 class HttpsClient {
  public:
   // Validates the URL and loads the CA file; no network traffic yet.

@@ -13,6 +13,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.hpp"
 
@@ -101,6 +102,10 @@ class Env {
   virtual Result<std::string> ReadFile(const std::string& path) = 0;
 
   virtual std::string HostName() = 0;
+
+  // The machine's local whole disks (e.g. /dev/vda, /dev/nvme0n1): no partitions, loop, RAM,
+  // optical or device-mapper devices. The default set an enrolled agent protects.
+  virtual std::vector<std::string> LocalDisks() = 0;
 };
 
 }  // namespace vmsnap::platform

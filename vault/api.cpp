@@ -27,20 +27,50 @@ bool TokenMatches(const std::string& header, const std::string& token) {
 
 }  // namespace
 
-VaultApi::VaultApi(BlockStore* store, Catalog* catalog, std::string token)
-    : store_(store), catalog_(catalog), token_(std::move(token)) {}
+VaultApi::VaultApi(BlockStore* store, Catalog* catalog, ControlPlane* control, TestClock* clock,
+                   std::string admin_token)
+    : store_(store),
+      catalog_(catalog),
+      control_(control),
+      clock_(clock),
+      token_(std::move(admin_token)) {}
+
+namespace {
+Status NotYours(const std::string& what) {
+  return Status::NotFound(what + " does not exist for this machine",
+                          "an agent can reach only its own recovery points");
+}
+json BodyJson(const HttpRequest& req) {
+  json j = json::parse(req.body.empty() ? std::string("{}") : req.body, nullptr, false);
+  return j.is_object() ? j : json();
+}
+}  // namespace
 
 HttpResponse VaultApi::Handle(const HttpRequest& req) {
   counters_.requests++;
   if (req.path == "/v1/health") return Json({{"status", "ok"}, {"service", "vmsnap-vault"}});
-  if (!TokenMatches(req.authorization, token_)) {
+  if (req.path == "/v1/enroll" && req.method == "POST" && control_) {
+    json body = BodyJson(req);
+    if (body.is_null() || !body.value("token", json()).is_string() ||
+        !body.value("name", json()).is_string())
+      return ErrorResponse(Status::InvalidArgument("enroll needs 'token' and 'name'"));
+    auto r = control_->Enroll(body["token"], body["name"], body.value("disks", json::array()));
+    if (!r.ok()) return ErrorResponse(std::move(r.take_status()).InPhase("register"));
+    return Json(*r, 201);
+  }
+  Principal who;
+  who.admin = TokenMatches(req.authorization, token_);
+  if (!who.admin && control_ && req.authorization.rfind("Bearer ", 0) == 0) {
+    if (auto agent = control_->AgentForToken(req.authorization.substr(7))) who.agent = *agent;
+  }
+  if (!who.admin && who.agent.empty()) {
     counters_.unauthorized++;
     spdlog::warn("rejected {} {}: missing or wrong access token", req.method, req.path);
     return ErrorResponse(
         Status::Error(Code::kUnauthenticated, "the access token is missing or wrong (HTTP 401)",
                       "pass the token the vault printed at first start (stored in DATA/token)"));
   }
-  auto res = Route(req);
+  auto res = Route(req, who);
   if (!res.ok()) {
     const Status& st = res.status();
     if (st.code() == Code::kInternal || st.code() == Code::kIoError ||
@@ -53,7 +83,7 @@ HttpResponse VaultApi::Handle(const HttpRequest& req) {
   return std::move(res).value();
 }
 
-Result<HttpResponse> VaultApi::Route(const HttpRequest& req) {
+Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& who) {
   static const std::regex kSessionDisk(R"(^/v1/sessions/([0-9a-f]{32})/disks/([0-9]{1,3})$)");
   static const std::regex kSessionCommit(R"(^/v1/sessions/([0-9a-f]{32})/commit$)");
   static const std::regex kRp(R"(^/v1/rps/([^/]+)$)");
@@ -96,13 +126,37 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req) {
     counters_.blocks_served += out.size();
     return Binary(EncodeBatch(out));
   }
+  if (p.rfind("/v1/admin/", 0) == 0) {
+    if (!who.admin)
+      return Status::Error(Code::kPermissionDenied, "only the vault administrator may call " + p,
+                           "use the admin token (DATA/token) with the vmsnap command");
+    return RouteAdmin(req);
+  }
+  if (p.rfind("/v1/agent/", 0) == 0) {
+    if (who.admin || !control_)
+      return Status::Error(Code::kPermissionDenied, p + " is for enrolled agents",
+                           "enroll the agent with 'vmsnap-agent enroll'");
+    return RouteAgent(req, who.agent);
+  }
+  auto owns = [&](const std::string& item) { return who.admin || item == who.agent; };
   if (post && p == "/v1/sessions") {
     json body = json::parse(req.body, nullptr, false);
+    if (body.is_object() && !who.admin && !body.contains("item")) body["item"] = who.agent;
     if (!body.is_object() || !body.value("item", json()).is_string())
       return Status::InvalidArgument("session request needs an 'item' name");
+    if (!owns(body["item"]))
+      return Status::Error(Code::kPermissionDenied,
+                           "this agent may back up only its own item '" + who.agent + "'",
+                           "leave --item unset in the daemon's config");
     auto sid = catalog_->CreateSession(body["item"]);
     if (!sid.ok()) return sid.take_status();
     return Json({{"session", *sid}}, 201);
+  }
+  if ((put && std::regex_match(p, m, kSessionDisk)) ||
+      (post && std::regex_match(p, m, kSessionCommit))) {
+    auto item = catalog_->SessionItem(m[1]);
+    if (!item.ok()) return item.take_status();
+    if (!owns(*item)) return NotYours("backup session " + std::string(m[1]));
   }
   if (put && std::regex_match(p, m, kSessionDisk)) {
     VMSNAP_RETURN_IF_ERROR(catalog_->PutManifest(m[1], std::stoi(m[2]), req.body));
@@ -119,10 +173,15 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req) {
   }
   if (get && p == "/v1/rps") {
     auto it = req.query.find("item");
+    std::string item = it == req.query.end() ? "" : it->second;
+    if (!who.admin) item = who.agent;
     json list = json::array();
-    for (const auto& rp : catalog_->List(it == req.query.end() ? "" : it->second))
-      list.push_back(rp.ToJson());
+    for (const auto& rp : catalog_->List(item)) list.push_back(rp.ToJson());
     return Json({{"recovery_points", list}});
+  }
+  if (get && (std::regex_match(p, m, kRpMap) || std::regex_match(p, m, kRp)) && !who.admin) {
+    auto rp = catalog_->Get(m[1]);
+    if (!rp.ok() || !owns(rp->item)) return NotYours("recovery point " + std::string(m[1]));
   }
   if (get && std::regex_match(p, m, kRpMap)) {
     auto manifest = catalog_->ResolvedManifest(m[1], std::stoi(m[2]));
@@ -135,6 +194,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req) {
     return Json(rp->ToJson());
   }
   if (get && std::regex_match(p, m, kLatest)) {
+    if (!owns(m[1])) return NotYours("item " + std::string(m[1]));
     auto rp = catalog_->Latest(m[1]);
     if (!rp.ok()) return rp.take_status();
     return Json(rp->ToJson());
@@ -148,6 +208,76 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req) {
                  {"unauthorized", counters_.unauthorized.load()}});
   }
   return Status::NotFound("no API endpoint " + req.method + " " + p);
+}
+
+Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
+  static const std::regex kPolicy(R"(^/v1/admin/policies/([^/]+)$)");
+  static const std::regex kVmAction(R"(^/v1/admin/vms/([^/]+)/(protect|backup)$)");
+  static const std::regex kJob(R"(^/v1/admin/jobs/([0-9]+)$)");
+  static const std::regex kJobCancel(R"(^/v1/admin/jobs/([0-9]+)/cancel$)");
+  if (!control_) return Status::NotFound("the control plane is not enabled");
+  std::smatch m;
+  const std::string& p = req.path;
+  const bool get = req.method == "GET", post = req.method == "POST";
+  json body = BodyJson(req);
+  if (body.is_null()) return Status::InvalidArgument("request body is not a JSON object");
+  auto reply = [](Result<json> r, int status = 200) -> Result<HttpResponse> {
+    if (!r.ok()) return r.take_status();
+    return Json(*r, status);
+  };
+  if (post && p == "/v1/admin/enroll-tokens")
+    return reply(control_->CreateEnrollToken(body.value("expires_s", int64_t{3600})), 201);
+  if (get && p == "/v1/admin/vms") return reply(control_->ListVms());
+  if (post && p == "/v1/admin/policies")
+    return reply(control_->CreatePolicy(body.value("name", ""), body.value("schedule", ""),
+                                        body.value("time_zone", "UTC"),
+                                        body.value("retention", json::object())),
+                 201);
+  if (get && p == "/v1/admin/policies") return reply(control_->ListPolicies());
+  if (std::regex_match(p, m, kPolicy)) {
+    if (get) return reply(control_->GetPolicy(m[1]));
+    if (req.method == "DELETE") return reply(control_->DeletePolicy(m[1]));
+  }
+  if (post && std::regex_match(p, m, kVmAction)) {
+    if (m[2] == "protect") return reply(control_->Protect(m[1], body.value("policy", "")));
+    return reply(control_->StartBackup(m[1], body.value("retain_until_ms", int64_t{0})), 201);
+  }
+  if (get && p == "/v1/admin/jobs") {
+    auto vm = req.query.find("vm");
+    auto limit = req.query.find("limit");
+    int n = 100;
+    if (limit != req.query.end()) n = std::atoi(limit->second.c_str());
+    return reply(control_->ListJobs(vm == req.query.end() ? "" : vm->second, n));
+  }
+  if (get && std::regex_match(p, m, kJob)) return reply(control_->GetJob(std::stoll(m[1])));
+  if (post && std::regex_match(p, m, kJobCancel))
+    return reply(control_->CancelJob(std::stoll(m[1])));
+  if (get && p == "/v1/admin/dashboard") return reply(control_->Dashboard());
+  if (post && p == "/v1/admin/clock") {
+    if (!clock_ || !clock_->enabled)
+      return Status::Error(Code::kPermissionDenied, "the clock can only be set in test mode",
+                           "start the vault with --test-clock (tests only)");
+    clock_->now_ms = body.value("now_ms", int64_t{0});
+    control_->Tick();
+    return Json({{"now_ms", clock_->now_ms.load()}});
+  }
+  return Status::NotFound("no API endpoint " + req.method + " " + p);
+}
+
+Result<HttpResponse> VaultApi::RouteAgent(const HttpRequest& req, const std::string& agent) {
+  static const std::regex kJobReport(R"(^/v1/agent/jobs/([0-9]+)/(progress|result)$)");
+  std::smatch m;
+  json body = BodyJson(req);
+  if (body.is_null()) return Status::InvalidArgument("request body is not a JSON object");
+  Result<json> r = Status::NotFound("no API endpoint " + req.method + " " + req.path);
+  if (req.method == "POST" && req.path == "/v1/agent/poll") {
+    r = control_->Poll(agent, body);
+  } else if (req.method == "POST" && std::regex_match(req.path, m, kJobReport)) {
+    r = m[2] == "progress" ? control_->JobProgress(agent, std::stoll(m[1]), body)
+                           : control_->JobResult(agent, std::stoll(m[1]), body);
+  }
+  if (!r.ok()) return r.take_status();
+  return Json(*r);
 }
 
 }  // namespace vmsnap::vault

@@ -9,6 +9,7 @@
 #include "common/http_types.hpp"
 #include "vault/block_store.hpp"
 #include "vault/catalog.hpp"
+#include "vault/control_plane.hpp"
 
 namespace vmsnap::vault {
 
@@ -21,17 +22,35 @@ struct ApiCounters {
   std::atomic<uint64_t> unauthorized{0};
 };
 
+// Who is calling: the administrator (DATA/token) or one enrolled agent (its credential).
+// Agents reach only their own item's sessions and recovery points.
+struct Principal {
+  bool admin = false;
+  std::string agent;  // set when !admin
+};
+
+// A clock the tests can move (vmsnap-vault serve --test-clock): 0 means the real clock.
+struct TestClock {
+  bool enabled = false;
+  std::atomic<int64_t> now_ms{0};
+};
+
 class VaultApi {
  public:
-  // Not owned: store and catalog must outlive the VaultApi.
-  VaultApi(BlockStore* store, Catalog* catalog, std::string token);
+  // Not owned: everything must outlive the VaultApi. control and clock may be null.
+  VaultApi(BlockStore* store, Catalog* catalog, ControlPlane* control, TestClock* clock,
+           std::string admin_token);
   HttpResponse Handle(const HttpRequest& request);
   const ApiCounters& counters() const { return counters_; }
 
  private:
-  Result<HttpResponse> Route(const HttpRequest& request);
+  Result<HttpResponse> Route(const HttpRequest& request, const Principal& who);
+  Result<HttpResponse> RouteAdmin(const HttpRequest& request);
+  Result<HttpResponse> RouteAgent(const HttpRequest& request, const std::string& agent);
   BlockStore* store_;
   Catalog* catalog_;
+  ControlPlane* control_;
+  TestClock* clock_;
   std::string token_;
   ApiCounters counters_;
 };

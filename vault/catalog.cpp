@@ -82,7 +82,8 @@ json RecoveryPoint::ToJson() const {
           {"consistency", consistency},
           {"created_unix_ms", created_unix_ms},
           {"disks", disks_json},
-          {"report", report}};
+          {"report", report},
+          {"origin", origin}};
 }
 
 Result<RecoveryPoint> RecoveryPoint::FromJson(const json& j) {
@@ -105,6 +106,7 @@ Result<RecoveryPoint> RecoveryPoint::FromJson(const json& j) {
       rp.disks.push_back(std::move(r));
     }
     rp.report = j.value("report", json::object());
+    rp.origin = j.value("origin", json::object());
     return rp;
   } catch (const std::exception& e) {
     return Status::Corruption(std::string("recovery point metadata is invalid: ") + e.what());
@@ -137,6 +139,19 @@ Result<std::string> Catalog::CreateSession(const std::string& item) {
   VMSNAP_RETURN_IF_ERROR(
       platform::Env::Default()->WriteFileAtomic(SessionDir(id) + "/session.json", meta.dump()));
   return id;
+}
+
+Result<std::string> Catalog::SessionItem(const std::string& session) const {
+  if (!ValidSessionId(session))
+    return Status::NotFound("backup session " + session + " does not exist",
+                            "start the backup again");
+  auto text = platform::Env::Default()->ReadFile(SessionDir(session) + "/session.json");
+  if (!text.ok())
+    return Status::NotFound("backup session " + session + " does not exist",
+                            "start the backup again");
+  json meta = json::parse(*text, nullptr, false);
+  if (!meta.is_object()) return Status::Corruption("session " + session + " metadata is invalid");
+  return meta.value("item", "");
 }
 
 Status Catalog::PutManifest(const std::string& session, int disk_index, std::string_view data) {
@@ -174,6 +189,7 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
     return Status::InvalidArgument("commit needs 'consistency' and a non-empty 'disks' list");
   rp.consistency = body["consistency"];
   rp.report = body.value("report", json::object());
+  rp.origin = body.value("origin", json::object());
   std::vector<std::pair<std::string, std::string>> files;  // name, content
   for (const auto& d : body["disks"]) {
     DiskRecord rec;

@@ -40,6 +40,7 @@ struct RecoveryPoint {
   int64_t created_unix_ms = 0;
   std::vector<DiskRecord> disks;
   nlohmann::json report;  // the agent's full report (evidence), as sent
+  nlohmann::json origin;  // how it was made: {"job", "trigger", "retain_until_ms"} (may be empty)
 
   nlohmann::json ToJson() const;
   static Result<RecoveryPoint> FromJson(const nlohmann::json& j);
@@ -56,6 +57,8 @@ class Catalog {
   Status Open();
 
   Result<std::string> CreateSession(const std::string& item);
+  // The item a session was opened for (kNotFound for unknown sessions).
+  Result<std::string> SessionItem(const std::string& session) const;
   Status PutManifest(const std::string& session, int disk_index, std::string_view data);
   // body: {"consistency": "...", "disks": [{"index", "key", "stats"...}], "report": {...}}
   Result<RecoveryPoint> Commit(const std::string& session, const nlohmann::json& body);

@@ -5,14 +5,18 @@
 #include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "common/https_server.hpp"
 #include "common/log.hpp"
 #include "platform/env.hpp"
 #include "vault/api.hpp"
+#include "vault/control_plane.hpp"
+#include "vault/db.hpp"
 #include "vault/tls_setup.hpp"
 
 namespace fs = std::filesystem;
@@ -60,7 +64,25 @@ Status SplitListen(const std::string& listen, std::string& host, uint16_t& port)
   return Status::Ok();
 }
 
-int Serve(const std::string& data_dir, const std::string& listen, int threads) {
+struct ServeOptions {
+  std::string data_dir;
+  std::string listen = "127.0.0.1:8443";
+  int threads = 16;
+  bool test_clock = false;
+  int agent_timeout_s = 600;
+  int poll_wait_s = 20;
+};
+
+int64_t RealNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int Serve(const ServeOptions& so) {
+  const std::string& data_dir = so.data_dir;
+  const std::string& listen = so.listen;
+  const int threads = so.threads;
   auto fail = [](Status st, const char* phase) {
     st.InPhase(phase);
     spdlog::error("{}", st.ToString());
@@ -86,7 +108,20 @@ int Serve(const std::string& data_dir, const std::string& listen, int threads) {
   if (Status st = store.Open(); !st.ok()) return fail(st, "open block store");
   vault::Catalog catalog(data_dir, &store);
   if (Status st = catalog.Open(); !st.ok()) return fail(st, "open catalog");
-  vault::VaultApi api(&store, &catalog, *token);
+  auto db = vault::Db::Open(data_dir + "/control.db");
+  if (!db.ok()) return fail(db.take_status(), "open control plane");
+  vault::TestClock clock;
+  clock.enabled = so.test_clock;
+  clock.now_ms = RealNowMs();
+  if (so.test_clock) spdlog::warn("test clock enabled: the admin API may set the time");
+  vault::ControlPlaneOptions cpo;
+  cpo.agent_timeout_ms = int64_t{so.agent_timeout_s} * 1000;
+  cpo.poll_wait_ms = int64_t{so.poll_wait_s} * 1000;
+  vault::ControlPlane control(
+      std::move(*db), &catalog,
+      [&clock]() { return clock.enabled ? clock.now_ms.load() : RealNowMs(); }, cpo);
+  if (Status st = control.Init(); !st.ok()) return fail(st, "open control plane");
+  vault::VaultApi api(&store, &catalog, &control, &clock, *token);
 
   // Signals are taken synchronously by this thread; block them before any thread starts.
   sigset_t signals;
@@ -128,8 +163,19 @@ int Serve(const std::string& data_dir, const std::string& listen, int threads) {
             << std::flush;
   spdlog::info("serving {} with data in {}", url, data_dir);
 
+  // The scheduler: fires due backups once a second.
+  std::atomic<bool> stopping{false};
+  std::thread scheduler([&] {
+    while (!stopping) {
+      control.Tick();
+      for (int i = 0; i < 10 && !stopping; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
   int sig = 0;
   sigwait(&signals, &sig);
+  stopping = true;
+  scheduler.join();
   spdlog::info("received {}, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   (*server)->Stop(std::chrono::milliseconds(10000));
   spdlog::info("stopped cleanly");
@@ -144,15 +190,24 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error");
   auto* serve = app.add_subcommand("serve", "Run the vault until SIGTERM");
-  std::string data_dir, listen = "127.0.0.1:8443";
-  int threads = 4;
-  serve->add_option("--data", data_dir, "Data directory (created if missing)")->required();
-  serve->add_option("--listen", listen, "Address and port to listen on")->capture_default_str();
-  serve->add_option("--threads", threads, "Server threads")
+  ServeOptions so;
+  serve->add_option("--data", so.data_dir, "Data directory (created if missing)")->required();
+  serve->add_option("--listen", so.listen, "Address and port to listen on")->capture_default_str();
+  serve->add_option("--threads", so.threads, "Server threads (long-polling agents hold one each)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 64));
+      ->check(CLI::Range(2, 256));
+  serve
+      ->add_option("--agent-timeout", so.agent_timeout_s,
+                   "Seconds without contact before an agent counts as not reachable")
+      ->capture_default_str()
+      ->check(CLI::Range(5, 86400 * 7));
+  serve->add_option("--poll-wait", so.poll_wait_s, "Seconds an idle agent's poll is held")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 60));
+  serve->add_flag("--test-clock", so.test_clock,
+                  "Let the admin API set the clock (for tests; never in production)");
   CLI11_PARSE(app, argc, argv);
   InitLogging("vmsnap-vault", log_level);
-  if (*serve) return Serve(data_dir, listen, threads);
+  if (*serve) return Serve(so);
   return 2;
 }

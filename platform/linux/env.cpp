@@ -7,7 +7,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -260,6 +262,23 @@ class LinuxEnv final : public Env {
       if (r == 0) break;
       out.append(buf, static_cast<size_t>(r));
     }
+    return out;
+  }
+
+  std::vector<std::string> LocalDisks() override {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (auto it = std::filesystem::directory_iterator("/sys/block", ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+      std::string name = it->path().filename().string();
+      for (const char* skip : {"loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd"})
+        if (name.rfind(skip, 0) == 0) name.clear();
+      if (name.empty()) continue;
+      auto size = ReadFile(it->path().string() + "/size");
+      if (!size.ok() || std::atoll(size->c_str()) == 0) continue;
+      out.push_back("/dev/" + name);
+    }
+    std::sort(out.begin(), out.end());
     return out;
   }
 

@@ -1,0 +1,62 @@
+#include "agent/agent_config.hpp"
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "platform/env.hpp"
+
+namespace vmsnap::agent {
+
+using nlohmann::json;
+
+Result<AgentConfig> AgentConfig::Load(const std::string& path) {
+  auto text = platform::Env::Default()->ReadFile(path);
+  if (!text.ok())
+    return std::move(text.take_status())
+        .WithFix(
+            "enroll this agent first: vmsnap-agent enroll --vault URL --ca-fingerprint FP "
+            "--token TOKEN")
+        .InPhase("read agent config");
+  json j = json::parse(*text, nullptr, false);
+  AgentConfig c;
+  try {
+    c.vault_url = j.at("vault");
+    c.ca_file = j.at("ca_file");
+    c.name = j.at("name");
+    c.credential = j.at("credential");
+    c.disks = j.value("disks", std::vector<std::string>{});
+    c.state_dir = j.value("state_dir", c.state_dir);
+    c.block_size = j.value("block_size", c.block_size);
+    c.max_rate_bytes_per_s = j.value("max_rate_bytes_per_s", uint64_t{0});
+  } catch (const std::exception& e) {
+    return Status::InvalidArgument("agent config " + path + " is invalid: " + e.what(),
+                                   "enroll again to rewrite it")
+        .InPhase("read agent config");
+  }
+  return c;
+}
+
+Status AgentConfig::Save(const std::string& path) const {
+  std::error_code ec;
+  auto dir = std::filesystem::path(path).parent_path();
+  if (!dir.empty()) std::filesystem::create_directories(dir, ec);
+  json j{{"vault", vault_url},
+         {"ca_file", ca_file},
+         {"name", name},
+         {"credential", credential},
+         {"disks", disks},
+         {"state_dir", state_dir},
+         {"block_size", block_size},
+         {"max_rate_bytes_per_s", max_rate_bytes_per_s}};
+  return platform::Env::Default()->WriteFileAtomic(path, j.dump(2) + "\n", 0600);
+}
+
+ClientOptions AgentConfig::Client() const {
+  ClientOptions o;
+  o.url = vault_url;
+  o.ca_file = ca_file;
+  o.token = credential;
+  return o;
+}
+
+}  // namespace vmsnap::agent

@@ -1,0 +1,32 @@
+// The enrolled agent's configuration file (default /etc/vmsnap/agent.json, mode 0600): where
+// the vault is, the pinned CA, the agent's own credential, and what to protect. Written by
+// `vmsnap-agent enroll`, read by `vmsnap-agent run`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/https_client.hpp"
+#include "common/status.hpp"
+
+namespace vmsnap::agent {
+
+inline constexpr const char* kDefaultConfigPath = "/etc/vmsnap/agent.json";
+
+struct AgentConfig {
+  std::string vault_url;
+  std::string ca_file;     // the vault's CA, pinned at enrollment
+  std::string name;        // this VM's item name in the vault
+  std::string credential;  // the agent's own token (secret)
+  std::vector<std::string> disks;
+  std::string state_dir = "/var/lib/vmsnap";
+  uint32_t block_size = 64 * 1024;
+  uint64_t max_rate_bytes_per_s = 0;
+
+  static Result<AgentConfig> Load(const std::string& path);
+  Status Save(const std::string& path) const;  // atomic, mode 0600
+  ClientOptions Client() const;
+};
+
+}  // namespace vmsnap::agent

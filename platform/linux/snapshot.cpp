@@ -1,0 +1,218 @@
+// Linux snapshot providers (platform/snapshot.hpp).
+#include "platform/snapshot.hpp"
+
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+
+#include "platform/quiesce.hpp"
+
+namespace vmsnap::platform {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kPhase = "snapshot";
+
+bool IsReflinkUnsupported(int err) {
+  return err == EOPNOTSUPP || err == EXDEV || err == EINVAL || err == ENOTTY || err == ENOSYS;
+}
+
+std::string NewClonePath(const std::string& source) {
+  static std::atomic<uint64_t> counter{0};
+  return source + ".vmsnap-snap-" + std::to_string(::getpid()) + "-" +
+         std::to_string(counter.fetch_add(1));
+}
+
+class LinuxSnapshot final : public Snapshot {
+ public:
+  explicit LinuxSnapshot(std::string provider) : provider_(std::move(provider)) {}
+  ~LinuxSnapshot() override { (void)Delete(); }
+
+  const std::vector<SnapshotDisk>& disks() const override { return disks_; }
+  bool atomic() const override { return atomic_ || disks_.size() <= 1; }
+  int64_t completed_at_us() const override { return completed_at_us_; }
+  const std::string& provider() const override { return provider_; }
+
+  Status Delete() override {
+    std::string problems;
+    for (const auto& clone : clones_) {
+      std::error_code ec;
+      fs::remove(clone, ec);
+      if (ec) problems += (problems.empty() ? "" : "; ") + clone + ": " + ec.message();
+    }
+    clones_.clear();
+    if (!cleanup_command_.empty()) {
+      ProcessSpec spec;
+      spec.path = cleanup_command_;
+      for (const auto& d : disks_) spec.args.push_back(d.read_path);
+      spec.timeout = std::chrono::seconds(60);
+      auto r = RunProcess(spec);
+      if (!r.ok())
+        problems += (problems.empty() ? "" : "; ") + r.status().ToString();
+      else if (!r->succeeded())
+        problems += (problems.empty() ? "" : "; ") + cleanup_command_ + ": " + r->Describe() +
+                    ": " + r->output_tail;
+      cleanup_command_.clear();
+    }
+    if (problems.empty()) return Status::Ok();
+    return Status::IoError("could not delete the snapshot: " + problems,
+                           "delete the listed files or snapshots by hand")
+        .InPhase("delete snapshot");
+  }
+
+  std::vector<SnapshotDisk> disks_;
+  std::vector<std::string> clones_;
+  std::string cleanup_command_;
+  bool atomic_ = false;
+  int64_t completed_at_us_ = 0;
+  std::string provider_;
+};
+
+Status CloneFor(LinuxSnapshot& snap, const std::string& disk, const std::string& source,
+                const std::string& provider, bool guarded_fallback) {
+  std::string clone = NewClonePath(source);
+  Status s = ReflinkCopy(source, clone);
+  SnapshotDisk d{disk, clone, provider, true, ""};
+  if (s.ok()) {
+    snap.clones_.push_back(clone);
+  } else if (guarded_fallback && s.code() == Code::kInvalidArgument) {
+    d.read_path = source;
+    d.point_in_time = false;
+    d.note = "no reflink on this filesystem (" + s.cause() +
+             "): guarded read of the live file; compare its identity before and after reading";
+  } else {
+    return std::move(s).InPhase(kPhase);
+  }
+  snap.disks_.push_back(std::move(d));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ReflinkCopy(const std::string& source, const std::string& target) {
+  int src = ::open(source.c_str(), O_RDONLY | O_CLOEXEC);
+  if (src < 0) return Status::FromErrno(errno, "open " + source);
+  int dst = ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (dst < 0) {
+    int err = errno;
+    ::close(src);
+    return Status::FromErrno(err, "create clone " + target);
+  }
+  int rc = ::ioctl(dst, FICLONE, src);
+  int err = errno;
+  ::close(src);
+  ::close(dst);
+  if (rc == 0) return Status::Ok();
+  ::unlink(target.c_str());
+  if (IsReflinkUnsupported(err))
+    return Status::InvalidArgument(
+        "reflink copy of " + source + " is not supported (" + std::strerror(err) + ")",
+        "keep the image on btrfs or XFS with reflink=1, or use the command provider");
+  return Status::FromErrno(err, "reflink copy of " + source + " to " + target);
+}
+
+Result<std::unique_ptr<Snapshot>> TakeSnapshot(const std::vector<std::string>& disks,
+                                               const SnapshotOptions& options,
+                                               std::chrono::steady_clock::time_point deadline) {
+  const std::string& p = options.provider;
+  if (disks.empty()) return Status::InvalidArgument("no disk to snapshot").InPhase(kPhase);
+  if (p == "lvm")
+    return Status::InvalidArgument(
+               "the lvm snapshot provider is not supported here (no device-mapper: this build "
+               "has no LVM support and /dev/mapper/control is absent)",
+               "use the loop-reflink, file or command provider")
+        .InPhase(kPhase);
+  if (p != "auto" && p != "file" && p != "loop-reflink" && p != "command")
+    return Status::InvalidArgument("unknown snapshot provider '" + p + "'",
+                                   "use auto, file, loop-reflink, command or lvm")
+        .InPhase(kPhase);
+
+  auto snap = std::make_unique<LinuxSnapshot>(p);
+  if (p == "command") {
+    if (options.command_path.empty())
+      return Status::InvalidArgument("the command provider needs an executable",
+                                     "configure the snapshot command's path")
+          .InPhase(kPhase);
+    VMSNAP_RETURN_IF_ERROR(
+        Status(CheckTrustedFile(options.command_path, "snapshot command")).InPhase(kPhase));
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return Status::Error(Code::kTimeout, "no time left before the freeze deadline")
+          .InPhase(kPhase);
+    ProcessSpec spec;
+    spec.path = options.command_path;
+    spec.args = options.command_args;
+    spec.args.insert(spec.args.end(), disks.begin(), disks.end());
+    spec.timeout = std::min(left, options.command_timeout);
+    auto run = RunProcess(spec);
+    if (!run.ok()) return run.take_status().InPhase(kPhase);
+    if (run->timed_out)
+      return Status::Error(Code::kTimeout,
+                           "snapshot command " + options.command_path +
+                               " ran past the freeze "
+                               "deadline and was killed after " +
+                               std::to_string(run->duration_ms) + " ms",
+                           "make the command faster or raise the freeze deadline (max 60 s)")
+          .InPhase(kPhase);
+    if (!run->succeeded())
+      return Status::IoError("snapshot command " + options.command_path +
+                                 " failed: " + run->Describe() + "; output: " + run->output_tail,
+                             "see the command's output")
+          .InPhase(kPhase);
+    std::vector<std::string> paths;
+    std::istringstream lines(run->stdout_text);
+    for (std::string line; std::getline(lines, line);)
+      if (!line.empty()) paths.push_back(line);
+    snap->cleanup_command_ = options.cleanup_command_path;  // cleans up even on a bad answer
+    if (paths.size() != disks.size())
+      return Status::InvalidArgument("snapshot command printed " + std::to_string(paths.size()) +
+                                         " paths for " + std::to_string(disks.size()) + " disks",
+                                     "print exactly one path to read per disk, in order")
+          .InPhase(kPhase);
+    for (size_t i = 0; i < disks.size(); ++i)
+      snap->disks_.push_back({disks[i], paths[i], "command", true, ""});
+    snap->atomic_ = options.command_is_atomic;
+    snap->completed_at_us_ = MonotonicNowUs();
+    return std::unique_ptr<Snapshot>(std::move(snap));
+  }
+
+  for (const auto& disk : disks) {
+    if (std::chrono::steady_clock::now() >= deadline)
+      return Status::Error(Code::kTimeout,
+                           "the freeze deadline passed before " + disk + " was snapshotted")
+          .InPhase(kPhase);
+    struct stat st {};
+    if (::stat(disk.c_str(), &st) != 0)
+      return Status::FromErrno(errno, "disk " + disk).InPhase(kPhase);
+    const bool is_loop =
+        S_ISBLK(st.st_mode) && fs::path(disk).filename().string().rfind("loop", 0) == 0;
+    if ((p == "loop-reflink" || p == "auto") && is_loop) {
+      auto backing = LoopBackingFile(disk);
+      if (!backing.ok()) return backing.take_status().InPhase(kPhase);
+      VMSNAP_RETURN_IF_ERROR(CloneFor(*snap, disk, *backing, "loop-reflink", false));
+    } else if ((p == "file" || p == "auto") && S_ISREG(st.st_mode)) {
+      VMSNAP_RETURN_IF_ERROR(CloneFor(*snap, disk, disk, "file", true));
+    } else {
+      return Status::InvalidArgument(
+                 "no snapshot provider '" + p + "' for disk " + disk +
+                     (S_ISBLK(st.st_mode) ? " (a block device that is not a loop device)" : ""),
+                 "configure the command provider for this disk, or explicitly allow a "
+                 "none-consistency live read")
+          .InPhase(kPhase);
+    }
+  }
+  snap->completed_at_us_ = MonotonicNowUs();
+  return std::unique_ptr<Snapshot>(std::move(snap));
+}
+
+}  // namespace vmsnap::platform

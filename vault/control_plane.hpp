@@ -1,0 +1,93 @@
+// The control plane inside vmsnap-vault (issue 4; seeds 001/002): enrolled agents (one item
+// per VM), policies (schedule + retention), protection, jobs and their reports, the scheduler
+// and the dashboard. Metadata lives in SQLite (DATA/control.db).
+//
+// Jobs: types register, configure-protection, backup, restore; states queued, in_progress,
+// completed, completed_with_warnings, failed, cancelled. At most one queued or running
+// operation per item. Agents long-poll for work (Poll blocks up to poll_wait), report progress
+// (and learn about cancellation) and post a final result; a result for a job that already ended
+// is acknowledged without changing it, so re-sent results count once.
+//
+// Thread-safe: one mutex guards the database; Poll waits on a condition variable. The clock
+// is injected (tests move it through the admin API when the vault runs with --test-clock).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "common/status.hpp"
+#include "vault/catalog.hpp"
+#include "vault/db.hpp"
+
+namespace vmsnap::vault {
+
+struct ControlPlaneOptions {
+  int64_t agent_timeout_ms = 10 * 60 * 1000;  // "not reachable" after this long without contact
+  int64_t poll_wait_ms = 20 * 1000;           // how long Poll holds an idle agent's request
+};
+
+class ControlPlane {
+ public:
+  using NowFn = std::function<int64_t()>;  // UTC milliseconds
+  ControlPlane(std::unique_ptr<Db> db, Catalog* catalog, NowFn now, ControlPlaneOptions options);
+  Status Init();
+
+  // The agent a credential belongs to (and marks it seen), or nullopt.
+  std::optional<std::string> AgentForToken(const std::string& token);
+
+  // Admin.
+  Result<nlohmann::json> CreateEnrollToken(int64_t ttl_seconds);
+  Result<nlohmann::json> CreatePolicy(const std::string& name, const std::string& schedule,
+                                      const std::string& time_zone,
+                                      const nlohmann::json& retention);
+  Result<nlohmann::json> ListPolicies();
+  Result<nlohmann::json> GetPolicy(const std::string& name);
+  Result<nlohmann::json> DeletePolicy(const std::string& name);
+  Result<nlohmann::json> Protect(const std::string& vm, const std::string& policy);
+  Result<nlohmann::json> ListVms();
+  Result<nlohmann::json> StartBackup(const std::string& vm, int64_t retain_until_ms);
+  Result<nlohmann::json> ListJobs(const std::string& vm, int limit);
+  Result<nlohmann::json> GetJob(int64_t id);
+  Result<nlohmann::json> CancelJob(int64_t id);
+  Result<nlohmann::json> Dashboard();
+
+  // Agents.
+  Result<nlohmann::json> Enroll(const std::string& enroll_token, const std::string& name,
+                                const nlohmann::json& disks);
+  Result<nlohmann::json> Poll(const std::string& agent, const nlohmann::json& body);
+  Result<nlohmann::json> JobProgress(const std::string& agent, int64_t id,
+                                     const nlohmann::json& progress);
+  Result<nlohmann::json> JobResult(const std::string& agent, int64_t id,
+                                   const nlohmann::json& result);
+
+  // Fires due scheduled backups and fails work for agents that stopped answering.
+  void Tick();
+
+ private:
+  Result<nlohmann::json> JobJson(int64_t id);
+  Result<std::optional<int64_t>> ActiveJob(const std::string& vm);
+  Result<int64_t> InsertJob(const std::string& vm, const std::string& type,
+                            const std::string& trigger, const std::string& state,
+                            const nlohmann::json& params, const std::string& error);
+  Result<nlohmann::json> StartBackupLocked(const std::string& vm, const std::string& trigger,
+                                           int64_t retain_until_ms);
+  std::string NotReachable(int64_t last_seen_ms) const;
+
+  std::unique_ptr<Db> db_;
+  Catalog* catalog_;
+  NowFn now_;
+  ControlPlaneOptions opts_;
+  std::mutex mu_;
+  std::condition_variable work_;
+};
+
+// Formats UTC milliseconds as "2026-11-22T01:52:00Z".
+std::string IsoTime(int64_t unix_ms);
+
+}  // namespace vmsnap::vault

@@ -1,0 +1,99 @@
+#include "vault/db.hpp"
+
+#include <sqlite3.h>
+
+namespace vmsnap::vault {
+
+int64_t DbRow::Int(size_t i) const {
+  const auto& v = values.at(i);
+  if (auto p = std::get_if<int64_t>(&v)) return *p;
+  if (auto s = std::get_if<std::string>(&v)) return std::stoll(*s);
+  return 0;
+}
+
+std::string DbRow::Text(size_t i) const {
+  const auto& v = values.at(i);
+  if (auto s = std::get_if<std::string>(&v)) return *s;
+  if (auto p = std::get_if<int64_t>(&v)) return std::to_string(*p);
+  return "";
+}
+
+Result<std::unique_ptr<Db>> Db::Open(const std::string& path) {
+  sqlite3* raw = nullptr;
+  int rc =
+      sqlite3_open_v2(path.c_str(), &raw,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
+  std::unique_ptr<Db> db(new Db(raw));
+  if (rc != SQLITE_OK)
+    return Status::IoError("open metadata database " + path + ": " + sqlite3_errstr(rc),
+                           "check that the vault's data directory is writable");
+  sqlite3_busy_timeout(raw, 5000);
+  VMSNAP_RETURN_IF_ERROR(db->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
+  return db;
+}
+
+Db::~Db() {
+  if (db_) sqlite3_close_v2(db_);
+}
+
+Status Db::Exec(const std::string& sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    return Status::IoError("metadata database: " + msg);
+  }
+  return Status::Ok();
+}
+
+int64_t Db::Changes() const {
+  return sqlite3_changes(db_);
+}
+
+Result<std::vector<DbRow>> Db::Query(const std::string& sql, const std::vector<DbValue>& params) {
+  sqlite3_stmt* stmt = nullptr;
+  if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK)
+    return Status::Internal("metadata database: " + std::string(sqlite3_errmsg(db_)) + " in " +
+                            sql);
+  std::unique_ptr<sqlite3_stmt, decltype(&sqlite3_finalize)> guard(stmt, &sqlite3_finalize);
+  for (size_t i = 0; i < params.size(); ++i) {
+    int idx = static_cast<int>(i + 1);
+    if (auto p = std::get_if<int64_t>(&params[i]))
+      sqlite3_bind_int64(stmt, idx, *p);
+    else if (auto s = std::get_if<std::string>(&params[i]))
+      sqlite3_bind_text(stmt, idx, s->data(), static_cast<int>(s->size()), SQLITE_TRANSIENT);
+    else
+      sqlite3_bind_null(stmt, idx);
+  }
+  std::vector<DbRow> rows;
+  for (;;) {
+    int rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE) break;
+    if (rc != SQLITE_ROW) {
+      if (rc == SQLITE_CONSTRAINT)
+        return Status::Error(Code::kAlreadyExists,
+                             "metadata database: " + std::string(sqlite3_errmsg(db_)));
+      return Status::IoError("metadata database: " + std::string(sqlite3_errmsg(db_)));
+    }
+    DbRow row;
+    int n = sqlite3_column_count(stmt);
+    for (int c = 0; c < n; ++c) {
+      switch (sqlite3_column_type(stmt, c)) {
+        case SQLITE_INTEGER:
+          row.values.emplace_back(static_cast<int64_t>(sqlite3_column_int64(stmt, c)));
+          break;
+        case SQLITE_NULL:
+          row.values.emplace_back(nullptr);
+          break;
+        default:
+          row.values.emplace_back(
+              std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, c)),
+                          static_cast<size_t>(sqlite3_column_bytes(stmt, c))));
+      }
+    }
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+}  // namespace vmsnap::vault

@@ -16,6 +16,7 @@
 #include "agent/vault_client.hpp"
 #include "common/manifest.hpp"
 #include "platform/env.hpp"
+#include "platform/quiesce.hpp"
 
 namespace vmsnap::agent {
 
@@ -25,6 +26,8 @@ using Clock = std::chrono::steady_clock;
 json DiskReport::ToJson() const {
   return {{"index", index},
           {"path", path},
+          {"read_path", read_path},
+          {"provider", provider},
           {"size_bytes", size_bytes},
           {"block_size", block_size},
           {"mode", mode},
@@ -58,7 +61,10 @@ enum class Mode { kFull, kLocalState, kVaultMap };
 // update them concurrently); new_hashes[i] is written only by the worker owning block i.
 struct DiskJob {
   int index = 0;
-  std::string path;
+  std::string path;       // as named: the key in the vault and the local state (DiskKey)
+  std::string read_path;  // what is read: the snapshot, or the disk itself
+  std::string provider;   // the snapshot provider that produced read_path
+  bool guarded = false;   // a live read of an image file, valid only if its identity holds
   std::unique_ptr<platform::DiskReader> reader;
   uint64_t size = 0;
   uint64_t blocks = 0;
@@ -317,63 +323,11 @@ std::string DefaultItem() {
   return platform::Env::Default()->HostName();
 }
 
-}  // namespace
-
-Result<BackupReport> RunBackup(const BackupOptions& in) {
-  const auto t0 = Clock::now();
-  BackupOptions opt = in;
-  if (opt.item.empty()) opt.item = DefaultItem();
-  if (opt.disks.empty())
-    return Status::InvalidArgument("no disk to back up", "pass --disk PATH (repeatable)")
-        .InPhase("prepare");
-  VMSNAP_RETURN_IF_ERROR(ValidateBlockSize(opt.block_size).InPhase("prepare"));
-  if (opt.workers <= 0)
-    opt.workers = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
-  opt.uploaders = std::max(1, opt.uploaders);
-  auto* env = platform::Env::Default();
-
-  // 1. Open every disk first: a missing disk fails before any network traffic.
-  std::vector<std::unique_ptr<DiskJob>> disks;
-  for (size_t i = 0; i < opt.disks.size(); ++i) {
-    for (size_t j = 0; j < i; ++j)
-      if (opt.disks[j] == opt.disks[i])
-        return Status::InvalidArgument("disk " + opt.disks[i] + " is named twice",
-                                       "name each disk once")
-            .InPhase("prepare");
-    auto d = std::make_unique<DiskJob>();
-    d->index = static_cast<int>(i);
-    d->path = opt.disks[i];
-    auto reader = env->OpenDiskForRead(d->path);
-    if (!reader.ok()) return std::move(reader.take_status()).InPhase("open disk");
-    d->reader = std::move(*reader);
-    d->size = d->reader->size();
-    if (d->size == 0)
-      return Status::InvalidArgument("disk " + d->path + " is empty (0 bytes)",
-                                     "pass a disk or image that holds data")
-          .InPhase("open disk");
-    d->blocks = (d->size + opt.block_size - 1) / opt.block_size;
-    d->new_hashes.resize(d->blocks);
-    d->state_path = DiskStatePath(opt.state_dir, opt.client.url, opt.item, DiskKey(d->path));
-    disks.push_back(std::move(d));
-  }
-
-  // 2. Ask the vault what it has; plan each disk.
-  auto control = VaultClient::Create(opt.client);
-  if (!control.ok()) return std::move(control.take_status()).InPhase("connect to vault");
-  auto latest = (*control)->LatestRecoveryPoint(opt.item);
-  if (!latest.ok()) return std::move(latest.take_status()).InPhase("connect to vault");
-  for (auto& d : disks) VMSNAP_RETURN_IF_ERROR(PlanDisk(*d, opt, *latest, **control));
-  auto session = (*control)->CreateSession(opt.item);
-  if (!session.ok()) return std::move(session.take_status()).InPhase("start backup session");
-
-  // 3. Identity before reading: proves (for image files) that nothing wrote during the read.
-  for (auto& d : disks) {
-    auto id = d->reader->Identity();
-    if (!id.ok()) return std::move(id.take_status()).InPhase("read disk");
-    d->identity_before = *id;
-  }
-
-  // 4. The pipeline.
+// The pipeline, once over every disk: W workers read, hash and encode segments of all disks
+// interleaved; U uploaders send what the vault is missing. Returns the first error.
+Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOptions& opt,
+                std::vector<std::unique_ptr<VaultClient>>& upload_clients,
+                ProgressReporter& progress) {
   const uint32_t bs = opt.block_size;
   const uint64_t seg_blocks = std::max<uint64_t>(1, (4ull << 20) / bs);
   std::vector<Segment> segments;
@@ -394,12 +348,6 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
       if (!any) break;
     }
   }
-  std::vector<std::unique_ptr<VaultClient>> upload_clients;
-  for (int i = 0; i < opt.uploaders; ++i) {
-    auto c = VaultClient::Create(opt.client);
-    if (!c.ok()) return std::move(c.take_status()).InPhase("connect to vault");
-    upload_clients.push_back(std::move(*c));
-  }
   BoundedQueue<UploadItem> queue(opt.queue_bytes);
   FailureLatch failure;
   RateLimiter limiter(opt.max_rate_bytes_per_s);
@@ -407,9 +355,12 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   std::unordered_set<BlockId, BlockIdHash> dedup;
   std::atomic<size_t> next_segment{0};
   std::vector<std::thread> uploaders, workers;
+  std::atomic<int> uploaders_running{static_cast<int>(upload_clients.size())};
   for (auto& c : upload_clients)
-    uploaders.emplace_back(
-        [&, client = c.get()] { UploadLoop(opt, *client, queue, limiter, failure); });
+    uploaders.emplace_back([&, client = c.get()] {
+      UploadLoop(opt, *client, queue, limiter, failure);
+      uploaders_running--;
+    });
   std::atomic<int> workers_running{opt.workers};
   for (int w = 0; w < opt.workers; ++w) {
     workers.emplace_back([&] {
@@ -423,10 +374,15 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   }
   uint64_t total_bytes = 0;
   for (auto& d : disks) total_bytes += d->size;
-  ProgressReporter progress("backup", total_bytes, opt.progress);
   auto last_progress = Clock::now();
-  while (workers_running.load() > 0) {
+  // Progress and cancellation are watched until the last upload is done, not only the reads.
+  bool queue_closed = false;
+  while (workers_running.load() > 0 || uploaders_running.load() > 0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    if (!queue_closed && workers_running.load() == 0) {
+      queue.Close();  // everything is read: uploaders drain what is left, then stop
+      queue_closed = true;
+    }
     uint64_t done = 0, up = 0;
     for (auto& d : disks) {
       done += d->bytes_done;
@@ -448,32 +404,224 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   for (auto& t : workers) t.join();
   queue.Close();
   for (auto& t : uploaders) t.join();
-  if (failure.failed()) return failure.status();
+  return failure.failed() ? failure.status() : Status::Ok();
+}
 
-  // 5. Consistency, from evidence. Without a freeze or snapshot (the consistency engine),
-  // the best honest level is "crash", and only for image files provably unchanged while read.
-  json evidence = {{"method", "direct-read"}, {"disks", json::array()}};
-  bool all_unchanged_files = true;
-  for (auto& d : disks) {
-    auto after = d->reader->Identity();
-    if (!after.ok()) return std::move(after.take_status()).InPhase("read disk");
-    bool unchanged = !d->reader->is_block_device() && *after == d->identity_before;
-    std::string why = d->reader->is_block_device()
-                          ? "live block device read without freeze or snapshot"
-                          : (unchanged ? "image file unchanged (size, mtime, ctime) during the read"
-                                       : "image file was modified during the read");
-    if (!unchanged) all_unchanged_files = false;
-    evidence["disks"].push_back(
-        {{"path", d->path}, {"unchanged_during_read", unchanged}, {"reason", why}});
-    if (!unchanged) spdlog::warn("disk {}: {}: recovery point is not consistent", d->path, why);
+// Forgets what one transfer found, for a second attempt (blocks already uploaded stay in the
+// vault; its "missing" answer keeps them from being sent twice).
+void ResetForRetry(DiskJob& d) {
+  d.entries.clear();
+  std::fill(d.new_hashes.begin(), d.new_hashes.end(), FastHash{});
+  d.zero = 0;
+  d.read = 0;
+  d.changed = 0;
+  d.bytes_changed = 0;
+  d.bytes_done = 0;
+}
+
+// A leftover freeze, for the evidence and the log.
+json LeftoverToJson(const platform::LeftoverFreeze& l) {
+  if (!l.found) return {{"found", false}};
+  json fss = json::array();
+  for (const auto& e : l.filesystems)
+    fss.push_back({{"mount_point", e.mount_point}, {"outcome", e.outcome}});
+  json marker = json::parse(l.marker_text, nullptr, false);
+  return {{"found", true},
+          {"interrupted_backup", true},
+          {"marker_path", l.marker_path},
+          {"marker", marker.is_discarded() ? json(l.marker_text) : marker},
+          {"filesystems", fss}};
+}
+
+// Under the runtime dir's lock: thaw what an interrupted backup left frozen, then run the
+// consistency engine (scripts, freeze, snapshot, thaw). The lock is released on return, when
+// nothing is frozen any more.
+Result<ConsistentView> PrepareView(const BackupOptions& opt, json& leftover_evidence) {
+  const std::string& runtime_dir = opt.consistency.runtime_dir;
+  auto lock = platform::LockRuntimeDir(runtime_dir, opt.runtime_lock_wait);
+  if (!lock.ok()) return lock.take_status();
+  if (!lock->held()) spdlog::debug("runtime dir not locked: {}", lock->why_not());
+
+  auto leftover = platform::RecoverLeftoverFreeze(runtime_dir);
+  if (!leftover.ok()) return leftover.take_status();
+  leftover_evidence = LeftoverToJson(*leftover);
+  if (leftover->found) {
+    std::string what, unthawed;
+    for (const auto& e : leftover->filesystems) {
+      what += (what.empty() ? "" : ", ") + e.mount_point + ": " + e.outcome;
+      if (e.outcome != "thawed" && e.outcome != "not frozen" &&
+          e.outcome != "mount point no longer exists")
+        unthawed += (unthawed.empty() ? "" : ", ") + e.mount_point + " (" + e.outcome + ")";
+    }
+    spdlog::warn("a previous backup was interrupted while filesystems were frozen (marker {}): {}",
+                 leftover->marker_path, what.empty() ? "no filesystems listed" : what);
+    if (!unthawed.empty())
+      return Status::IoError(
+                 "a previous backup left filesystems frozen that could not be "
+                 "thawed: " +
+                     unthawed,
+                 "run `fsfreeze -u <mount point>` for each, then delete " + leftover->marker_path)
+          .InPhase("recover leftover freeze");
   }
-  const std::string consistency = all_unchanged_files ? "crash" : "none";
 
-  // 6. Manifests, then the atomic commit.
+  ConsistencyOptions copt = opt.consistency;
+  copt.disks = opt.disks;
+  json evidence;
+  auto view = PrepareConsistentView(copt, &evidence);
+  for (const auto& script : evidence.value("scripts", json::array()))
+    if (!script.value("ok", false))
+      spdlog::warn("{} script {} ({}): {}", script.value("source", ""), script.value("path", ""),
+                   script.value("phase", ""), script.value("error", ""));
+  if (!view.ok()) spdlog::debug("consistency evidence: {}", evidence.dump());
+  return view;
+}
+
+}  // namespace
+
+Result<BackupReport> RunBackup(const BackupOptions& in) {
+  const auto t0 = Clock::now();
+  BackupOptions opt = in;
+  if (opt.item.empty()) opt.item = DefaultItem();
+  if (opt.disks.empty())
+    return Status::InvalidArgument("no disk to back up", "pass --disk PATH (repeatable)")
+        .InPhase("prepare");
+  VMSNAP_RETURN_IF_ERROR(ValidateBlockSize(opt.block_size).InPhase("prepare"));
+  if (opt.workers <= 0)
+    opt.workers = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
+  opt.uploaders = std::max(1, opt.uploaders);
+  auto* env = platform::Env::Default();
+
+  // 1. Check every disk as named first: a missing disk fails before any network traffic.
+  std::vector<std::unique_ptr<DiskJob>> disks;
+  for (size_t i = 0; i < opt.disks.size(); ++i) {
+    for (size_t j = 0; j < i; ++j)
+      if (opt.disks[j] == opt.disks[i])
+        return Status::InvalidArgument("disk " + opt.disks[i] + " is named twice",
+                                       "name each disk once")
+            .InPhase("prepare");
+    auto d = std::make_unique<DiskJob>();
+    d->index = static_cast<int>(i);
+    d->path = opt.disks[i];
+    auto reader = env->OpenDiskForRead(d->path);
+    if (!reader.ok()) return std::move(reader.take_status()).InPhase("open disk");
+    d->size = (*reader)->size();
+    if (d->size == 0)
+      return Status::InvalidArgument("disk " + d->path + " is empty (0 bytes)",
+                                     "pass a disk or image that holds data")
+          .InPhase("open disk");
+    d->blocks = (d->size + opt.block_size - 1) / opt.block_size;
+    d->new_hashes.resize(d->blocks);
+    d->state_path = DiskStatePath(opt.state_dir, opt.client.url, opt.item, DiskKey(d->path));
+    disks.push_back(std::move(d));
+  }
+
+  // 2. Ask the vault what it has; plan each disk (by its key, the path as named).
+  auto control = VaultClient::Create(opt.client);
+  if (!control.ok()) return std::move(control.take_status()).InPhase("connect to vault");
+  auto latest = (*control)->LatestRecoveryPoint(opt.item);
+  if (!latest.ok()) return std::move(latest.take_status()).InPhase("connect to vault");
+  for (auto& d : disks) VMSNAP_RETURN_IF_ERROR(PlanDisk(*d, opt, *latest, **control));
+
+  // 3. A consistent view: leftover recovery, scripts, freeze, snapshot, thaw. `view` owns
+  // the snapshot and deletes it when it goes out of scope (any failure below) or at step 5.
+  if (opt.on_progress)
+    opt.on_progress(
+        {{"phase", "consistency"}, {"bytes_done", 0}, {"bytes_total", 0}, {"bytes_uploaded", 0}});
+  json leftover_evidence;
+  auto view = PrepareView(opt, leftover_evidence);
+  if (!view.ok()) return view.take_status();
+  if (view->disks().size() != disks.size())
+    return Status::Internal("consistency view has " + std::to_string(view->disks().size()) +
+                            " disks for " + std::to_string(disks.size()))
+        .InPhase("consistency");
+  const json& view_disks = view->evidence().value("disks", json::array());
+  for (auto& d : disks) {
+    const DiskToRead& r = view->disks()[d->index];
+    if (r.disk != d->path)
+      return Status::Internal("consistency view lists " + r.disk + " where " + d->path +
+                              " was expected")
+          .InPhase("consistency");
+    d->read_path = r.read_path;
+    d->guarded = r.guarded_read;
+    if (static_cast<size_t>(d->index) < view_disks.size())
+      d->provider = view_disks[d->index].value("provider", "");
+    auto reader = env->OpenDiskForRead(d->read_path);
+    if (!reader.ok()) return std::move(reader.take_status()).InPhase("open snapshot");
+    d->reader = std::move(*reader);
+    if (d->reader->size() != d->size)
+      return Status::Error(Code::kConflict,
+                           "the snapshot " + d->read_path + " of disk " + d->path + " holds " +
+                               std::to_string(d->reader->size()) + " bytes, the disk " +
+                               std::to_string(d->size),
+                           "a loop device with an offset or size limit cannot be snapshotted "
+                           "by cloning its backing file; use the command provider")
+          .InPhase("open snapshot");
+  }
+  if (opt.cancel && opt.cancel->load()) return CancelledStatus();
+
+  // 4. Session, then the pipeline over the snapshot. A guarded (live) read of an image file
+  // is valid only if the file's identity did not change while it was read: retry once.
+  auto session = (*control)->CreateSession(opt.item);
+  if (!session.ok()) return std::move(session.take_status()).InPhase("start backup session");
+  std::vector<std::unique_ptr<VaultClient>> upload_clients;
+  for (int i = 0; i < opt.uploaders; ++i) {
+    auto c = VaultClient::Create(opt.client);
+    if (!c.ok()) return std::move(c.take_status()).InPhase("connect to vault");
+    upload_clients.push_back(std::move(*c));
+  }
+  uint64_t total_bytes = 0;
+  for (auto& d : disks) total_bytes += d->size;
+  ProgressReporter progress("backup", total_bytes, opt.progress);
+  json guarded_reads = json::array();
+  for (int attempt = 1;; ++attempt) {
+    for (auto& d : disks) {
+      if (!d->guarded) continue;
+      auto id = d->reader->Identity();
+      if (!id.ok()) return std::move(id.take_status()).InPhase("read disk");
+      d->identity_before = *id;
+    }
+    VMSNAP_RETURN_IF_ERROR(Transfer(disks, opt, upload_clients, progress));
+    std::string changed;
+    for (auto& d : disks) {
+      if (!d->guarded) continue;
+      auto after = d->reader->Identity();
+      if (!after.ok()) return std::move(after.take_status()).InPhase("read disk");
+      const bool unchanged = *after == d->identity_before;
+      guarded_reads.push_back(
+          {{"disk", d->path}, {"attempt", attempt}, {"unchanged_during_read", unchanged}});
+      if (!unchanged) changed += (changed.empty() ? "" : ", ") + d->path;
+    }
+    if (changed.empty()) break;
+    if (attempt >= 2)
+      return Status::Error(Code::kConflict,
+                           "image file " + changed +
+                               " was modified while it was read, twice (size, mtime or "
+                               "ctime changed), so no consistent copy was read",
+                           "stop writing to it during the backup, keep it on a reflink-capable "
+                           "filesystem (btrfs, XFS with reflink=1) so it can be cloned, or "
+                           "configure the command snapshot provider")
+          .InPhase("read disk");
+    spdlog::warn("image file {} was modified while it was read; reading it once more", changed);
+    for (auto& d : disks) ResetForRetry(*d);
+  }
+
+  // 5. Every block is read: close the readers and delete the snapshot.
+  for (auto& d : disks) d->reader.reset();
   BackupReport report;
   report.item = opt.item;
-  report.consistency = consistency;
-  report.evidence = evidence;
+  report.consistency = view->level_name();
+  report.evidence = view->evidence();
+  report.evidence["leftover_freeze"] = leftover_evidence;
+  report.evidence["guarded_reads"] = guarded_reads;
+  Status cleanup = view->Cleanup();
+  if (!cleanup.ok()) {
+    spdlog::warn("{}", cleanup.ToString());
+    report.evidence["snapshot_cleanup_error"] = cleanup.ToString();
+  }
+  const std::string consistency = report.consistency;
+  const uint32_t bs = opt.block_size;
+
+  // 6. Manifests, then the atomic commit.
   for (auto& d : disks) {
     std::sort(d->entries.begin(), d->entries.end(),
               [](const ManifestEntry& a, const ManifestEntry& b) { return a.index < b.index; });
@@ -487,6 +635,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     DiskReport r;
     r.index = d->index;
     r.path = d->path;
+    r.read_path = d->read_path;
+    r.provider = d->provider;
     r.size_bytes = d->size;
     r.block_size = bs;
     r.mode = d->mode == Mode::kFull         ? "full"

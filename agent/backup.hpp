@@ -9,18 +9,28 @@
 // ask the vault which ids are missing and send only those, in batches. The recovery point is
 // committed only after every block is stored; then the local state is updated.
 //
+// Consistency (docs/ARCHITECTURE.md, "Consistency"): after planning, under the runtime dir's
+// lock, a leftover freeze of an interrupted backup is thawed (and reported), then the
+// consistency engine runs pre scripts, freezes the filesystems on the disks, snapshots the
+// disks and thaws (agent/consistency.hpp). The pipeline reads the snapshot, while the vault
+// and the local state keep identifying each disk by its original path. No snapshot provider
+// for a disk fails the backup unless a `none`-consistency live read is explicitly allowed.
+// The snapshot is deleted after the transfer, whatever happened.
+//
 // Failure: any error stops all threads, nothing is committed (the vault never lists the
 // session), the local state is left as it was, and the Status names the phase, cause and fix.
 // Running the same backup again uploads only what the vault is still missing.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "agent/consistency.hpp"
 #include "common/block_codec.hpp"
 #include "common/https_client.hpp"
 #include "common/status.hpp"
@@ -46,11 +56,19 @@ struct BackupOptions {
   // "bytes_total", "bytes_uploaded"}. May be empty.
   std::function<void(const nlohmann::json&)> on_progress;
   nlohmann::json origin;  // sent with the commit: {"job", "trigger", "retain_until_ms"}
+  // How to get a consistent view of the disks: hooks, Azure config, runtime dir, freeze
+  // deadline, guard binary, snapshot provider, allow_none, freeze_only_under. Its `disks`
+  // field is ignored (the backup's `disks` are used).
+  ConsistencyOptions consistency;
+  // How long to wait for another agent's consistency step on the same runtime dir.
+  std::chrono::milliseconds runtime_lock_wait{std::chrono::minutes(5)};
 };
 
 struct DiskReport {
   int index = 0;
-  std::string path;
+  std::string path;       // the disk as named (its key in the vault and the local state)
+  std::string read_path;  // what was read: the snapshot, or the disk itself
+  std::string provider;   // snapshot provider of this disk ("none" for a live read)
   uint64_t size_bytes = 0;
   uint32_t block_size = 0;
   std::string mode;    // "full", "incremental" (local state) or "incremental-vault-map"
@@ -69,7 +87,10 @@ struct BackupReport {
   std::string recovery_point;
   std::string item;
   std::string consistency;  // "application", "file-system", "crash" or "none"
-  nlohmann::json evidence;  // why that level
+  // Why that level: the consistency engine's evidence (scripts, filesystems, freeze,
+  // snapshot, level, reason), plus "leftover_freeze" (an interrupted backup found at start)
+  // and "guarded_reads" (identity checks of live-read image files).
+  nlohmann::json evidence;
   int64_t duration_ms = 0;
   uint64_t bytes_sent = 0;  // on the wire, all connections, TLS payload
   std::vector<DiskReport> disks;

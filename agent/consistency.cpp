@@ -1,5 +1,7 @@
 #include "agent/consistency.hpp"
 
+#include <filesystem>
+
 #include <algorithm>
 
 namespace vmsnap::agent {
@@ -54,10 +56,16 @@ LevelDecision ComputeConsistencyLevel(const ConsistencyFacts& f) {
     return fail_or_none(
         "several disks were snapshotted one after another without a freeze, "
         "so they are not consistent with each other");
-  if (f.guarded_read && f.disk_count == 1)
+  if (f.guarded_read && (f.disk_count == 1 || f.every_disk_guarded))
     return {ConsistencyLevel::kCrash,
-            "guarded read of a single image file (valid only if its identity is unchanged "
-            "after the read)"};
+            f.disk_count == 1 ? "guarded read of a single image file (valid only if its identity "
+                                "is unchanged after the read)"
+                              : "guarded read of image files (valid only if every identity is "
+                                "unchanged over one window covering all the reads)"};
+  if (f.guarded_read)
+    return fail_or_none(
+        "some disks were snapshotted and others read live, so they are not consistent with "
+        "each other");
   return fail_or_none("several disks read live cannot be consistent with each other");
 }
 
@@ -212,6 +220,8 @@ Result<ConsistentView> PrepareConsistentView(const ConsistencyOptions& options,
     facts.snapshot_point_in_time = std::all_of(s.disks().begin(), s.disks().end(),
                                                [](const auto& d) { return d.point_in_time; });
     facts.guarded_read = !facts.snapshot_point_in_time;
+    facts.every_disk_guarded = std::none_of(s.disks().begin(), s.disks().end(),
+                                            [](const auto& d) { return d.point_in_time; });
     facts.snapshot_before_thaw =
         session && (first_thaw_us == 0 || s.completed_at_us() < first_thaw_us);
     snap_ev["atomic"] = s.atomic();
@@ -237,8 +247,9 @@ Result<ConsistentView> PrepareConsistentView(const ConsistencyOptions& options,
         Status::Error(cause.code(),
                       "no consistent view of the disks: " + decision.reason +
                           (cause.cause() == decision.reason ? "" : " (" + cause.ToString() + ")"),
-                      "see the evidence; allow a none-consistency read only if a "
-                      "live read is acceptable")
+                      "configure a snapshot provider that covers these disks (vmsnap-agent "
+                      "backup --snapshot ...), or pass --allow-inconsistent to accept a live "
+                      "read with consistency none")
             .InPhase("consistency"));
   }
 
@@ -257,6 +268,21 @@ Result<ConsistentView> PrepareConsistentView(const ConsistencyOptions& options,
   view.evidence_ = evidence;
   if (evidence_out) *evidence_out = evidence;
   return view;
+}
+
+// Where vmsnap-freeze-guard is: next to this binary (the build tree), in ../libexec/vmsnap
+// relative to it (an install prefix), else the packaged path.
+std::string DefaultFreezeGuardPath() {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (const fs::path& candidate :
+         {self.parent_path() / "vmsnap-freeze-guard",
+          self.parent_path().parent_path() / "libexec/vmsnap/vmsnap-freeze-guard"})
+      if (fs::is_regular_file(candidate, ec)) return candidate.string();
+  }
+  return "/usr/libexec/vmsnap/vmsnap-freeze-guard";
 }
 
 }  // namespace vmsnap::agent

@@ -49,7 +49,11 @@ struct ConsistencyFacts {
   bool snapshot_before_thaw = false;    // the snapshot completed before any filesystem thawed
   bool deadline_hit = false;            // a thaw was forced by the deadline
   bool guarded_read = false;            // a disk is read live, guarded by its identity
-  bool allow_none = false;              // the operator allows a none-consistency read
+  // Every disk is a guarded read: the backup checks all identities over one window that
+  // covers every read (all "before" first, all "after" last), so unchanged files were read
+  // as they were at one instant.
+  bool every_disk_guarded = false;
+  bool allow_none = false;  // the operator allows a none-consistency read
 };
 
 struct LevelDecision {
@@ -61,7 +65,8 @@ struct LevelDecision {
 //   filesystem on the disks was frozen, the snapshot completed before any thaw.
 // file-system: the same freeze and snapshot, but scripts absent or failed (continue allowed).
 // crash: a point-in-time snapshot without (complete) freezing; several disks only if atomic;
-//   or a guarded read of a single image file (the reader must verify it was unchanged).
+//   or guarded reads of image files only (the reader must verify that every file was
+//   unchanged over one window covering all reads); a mix of snapshots and guarded reads is not.
 // Otherwise failed, or none when allow_none. A fatal pre-script failure is always failed.
 LevelDecision ComputeConsistencyLevel(const ConsistencyFacts& facts);
 
@@ -111,5 +116,9 @@ class ConsistentView {
 // "failed"; `evidence_out`, when given, receives the evidence in every case.
 Result<ConsistentView> PrepareConsistentView(const ConsistencyOptions& options,
                                              nlohmann::json* evidence_out = nullptr);
+
+// Where vmsnap-freeze-guard is: next to the running binary (the build tree), in
+// ../libexec/vmsnap relative to it (an install prefix), else the packaged path.
+std::string DefaultFreezeGuardPath();
 
 }  // namespace vmsnap::agent

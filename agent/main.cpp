@@ -2,11 +2,14 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "agent/backup.hpp"
+#include "agent/daemon.hpp"
 #include "agent/progress.hpp"
 #include "agent/restore.hpp"
 #include "agent/vault_client.hpp"
@@ -82,9 +85,39 @@ double Rate(uint64_t bytes, int64_t ms) {
   return ms > 0 ? bytes / (ms / 1000.0) : 0;
 }
 
+// One line: what the consistency engine did (scripts, filesystems frozen, freeze window).
+std::string EvidenceSummary(const json& ev) {
+  int scripts = 0, scripts_ok = 0, fs_total = 0, fs_frozen = 0;
+  for (const auto& s : ev.value("scripts", json::array())) {
+    ++scripts;
+    if (s.value("ok", false)) ++scripts_ok;
+  }
+  for (const auto& f : ev.value("filesystems", json::array())) {
+    ++fs_total;
+    if (f.value("frozen", false)) ++fs_frozen;
+  }
+  const json freeze = ev.value("freeze", json::object());
+  std::string out = std::to_string(scripts_ok) + "/" + std::to_string(scripts) +
+                    " script runs ok, " + std::to_string(fs_frozen) + "/" +
+                    std::to_string(fs_total) + " filesystems frozen";
+  if (fs_frozen > 0) {
+    char window[64];
+    std::snprintf(window, sizeof window, ", freeze window %.1f ms", freeze.value("window_ms", 0.0));
+    out += window;
+  }
+  if (freeze.value("deadline_hit", false)) out += ", deadline hit";
+  const json snapshot = ev.value("snapshot", json::object());
+  out += ", snapshot: " + snapshot.value("provider", std::string("?"));
+  if (ev.value("leftover_freeze", json::object()).value("found", false))
+    out += "; thawed a leftover freeze of an interrupted backup";
+  return out;
+}
+
 void PrintBackup(const BackupReport& r) {
   std::cout << "recovery point " << r.recovery_point << " (item " << r.item
             << ", consistency: " << r.consistency << ")\n";
+  std::cout << "  consistency: " << r.evidence.value("reason", std::string()) << "\n"
+            << "  evidence: " << EvidenceSummary(r.evidence) << "\n";
   uint64_t total = 0, sent = 0;
   for (const auto& d : r.disks) {
     total += d.size_bytes;
@@ -142,6 +175,46 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 32));
   backup->add_option("--max-rate", bopt.max_rate_bytes_per_s, "Upload limit in bytes/s (0: none)");
   backup->add_flag("--json", as_json, "Print one JSON object with the report on stdout");
+  ConsistencyOptions& copt = bopt.consistency;
+  int freeze_deadline_s = 10;
+  std::string hook_failure = "continue";
+  copt.guard_binary = DefaultFreezeGuardPath();
+  backup
+      ->add_option("--hooks-dir", copt.hooks.hooks_dir,
+                   "Hook scripts, called with freeze / thaw (lexical order)")
+      ->capture_default_str();
+  backup
+      ->add_option("--hook-failure", hook_failure,
+                   "A failing freeze hook: continue (file-system at best) or fail the backup")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"continue", "fail"}));
+  backup
+      ->add_option("--azure-config", copt.hooks.azure_config_path,
+                   "Azure VMSnapshotScriptPluginConfig.json, honoured if it exists")
+      ->capture_default_str();
+  backup
+      ->add_option("--runtime-dir", copt.runtime_dir,
+                   "Frozen marker and lock; must be on a filesystem never frozen (/run)")
+      ->capture_default_str();
+  backup
+      ->add_option("--freeze-deadline", freeze_deadline_s,
+                   "Seconds after which filesystems are thawed whatever happens")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 60));
+  backup->add_option("--snapshot", copt.snapshot.provider, "Snapshot provider")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "file", "loop-reflink", "command", "lvm"}));
+  backup->add_option("--snapshot-command", copt.snapshot.command_path,
+                     "--snapshot command: executable run inside the freeze window with the disk "
+                     "paths; prints one path to read per disk");
+  backup->add_option("--snapshot-cleanup-command", copt.snapshot.cleanup_command_path,
+                     "--snapshot command: executable run after the transfer with those paths");
+  backup->add_flag("--allow-inconsistent", copt.allow_none,
+                   "When no snapshot is possible, read the live disks (consistency: none)");
+  backup->add_option("--guard", copt.guard_binary, "Path of vmsnap-freeze-guard")
+      ->capture_default_str();
+  backup->add_option("--freeze-only-under", copt.freeze_only_under,
+                     "Safety restriction: freeze only mount points below DIR (repeatable)");
 
   // restore
   auto* restore = app.add_subcommand("restore", "Restore disks of a recovery point");
@@ -164,13 +237,23 @@ int main(int argc, char** argv) {
   list->add_option("--item", list_item, "Only this item (default: all the token can see)");
   list->add_flag("--json", as_json, "Print JSON on stdout");
 
+  // enroll and run (the daemon), issue 4.
+  auto daemon = DaemonCommands::Add(app);
   CLI11_PARSE(app, argc, argv);
   InitLogging("vmsnap-agent", log_level);
+  if (daemon->Handles()) return daemon->Execute();
 
   if (*backup) {
     auto size = ParseBlockSize(block_size);
     if (!size.ok()) return Fail(std::move(size.take_status()).InPhase("prepare"), as_json);
     bopt.block_size = *size;
+    copt.freeze_deadline = std::chrono::seconds(freeze_deadline_s);
+    copt.hooks.native_continue_on_failure = hook_failure == "continue";
+    if (copt.snapshot.provider == "command" && copt.snapshot.command_path.empty())
+      return Fail(Status::InvalidArgument("--snapshot command needs an executable",
+                                          "pass --snapshot-command PATH")
+                      .InPhase("prepare"),
+                  as_json);
     auto client = bconn.Options();
     if (!client.ok()) return Fail(client.status(), as_json);
     bopt.client = *client;

@@ -186,6 +186,36 @@ struct LeftoverFreeze {
   std::vector<Entry> filesystems;
 };
 
+// Serialises the consistency steps (leftover recovery, pre scripts, freeze, snapshot, thaw)
+// of the agents that share a runtime dir: the frozen marker is one file per runtime dir, so a
+// second agent must neither overwrite it nor "recover" (thaw) a freeze that is still running.
+// Held from before RecoverLeftoverFreeze until the freeze is over; released on destruction
+// (and by the kernel when the process dies). Movable, not copyable.
+class RuntimeDirLock {
+ public:
+  RuntimeDirLock() = default;
+  RuntimeDirLock(RuntimeDirLock&& other) noexcept;
+  RuntimeDirLock& operator=(RuntimeDirLock&& other) noexcept;
+  RuntimeDirLock(const RuntimeDirLock&) = delete;
+  RuntimeDirLock& operator=(const RuntimeDirLock&) = delete;
+  ~RuntimeDirLock();
+  // False when the runtime dir could not be created or opened for lack of permission (an
+  // unprivileged agent, which cannot freeze anything either); why_not says so.
+  bool held() const { return fd_ >= 0; }
+  const std::string& why_not() const { return why_not_; }
+
+ private:
+  friend Result<RuntimeDirLock> LockRuntimeDir(const std::string&, std::chrono::milliseconds);
+  int fd_ = -1;
+  std::string why_not_;
+};
+
+// Creates runtime_dir if needed and takes an exclusive lock on runtime_dir/agent.lock, waiting
+// up to `wait` while another agent holds it. kConflict when it is still held then (the error
+// names the holder's pid and the fix). Lack of permission is not an error: see held().
+Result<RuntimeDirLock> LockRuntimeDir(const std::string& runtime_dir,
+                                      std::chrono::milliseconds wait);
+
 // Thaws every mount point the marker in runtime_dir lists (FITHAW, EINVAL = was not frozen)
 // and removes the marker when every thaw was confirmed. Call at agent start-up, before any
 // backup starts. Not finding a marker is success with found == false.

@@ -8,9 +8,10 @@ PACKAGES=(
   g++ cmake ninja-build pkg-config clang-format
   # libraries
   libboost-dev libssl-dev nlohmann-json3-dev libspdlog-dev libzstd-dev doctest-dev
-  libxxhash-dev libcli11-dev libsqlite3-dev
+  libxxhash-dev libcli11-dev libsqlite3-dev libfuse3-dev
   # runtime tools used by the demo and the tests
-  openssl jq e2fsprogs xfsprogs btrfs-progs util-linux mount coreutils
+  openssl jq curl tzdata e2fsprogs xfsprogs btrfs-progs dosfstools util-linux mount coreutils
+  fdisk fuse3
 )
 
 missing=()

@@ -86,8 +86,10 @@ TEST_CASE("level: computed from evidence") {
     f.snapshot_taken = true;
     f.guarded_read = true;
     CHECK(ComputeConsistencyLevel(f).level == ConsistencyLevel::kCrash);
-    f.disk_count = 2;
+    f.disk_count = 2;  // one of them snapshotted, the other read live: not one instant
     CHECK(ComputeConsistencyLevel(f).level == ConsistencyLevel::kFailed);
+    f.every_disk_guarded = true;  // all read live, all identities checked over one window
+    CHECK(ComputeConsistencyLevel(f).level == ConsistencyLevel::kCrash);
   }
   CHECK(std::string(agent::ConsistencyLevelName(ConsistencyLevel::kFileSystem)) == "file-system");
 }

@@ -322,7 +322,7 @@ TEST_CASE("bad input: each a clear error and a non-zero exit") {
   }
 }
 
-TEST_CASE("a live block device is read and honestly reported as consistency none") {
+TEST_CASE("a live block device: refused without a snapshot, consistency none when allowed") {
   if (!IsRoot()) {
     if (InCi()) FAIL("this test needs root (loop devices) and CI=true forbids skipping");
     MESSAGE("skipped: needs root to attach a loop device");
@@ -339,8 +339,27 @@ TEST_CASE("a live block device is read and honestly reported as consistency none
     std::string dev;
     ~Detach() { Run({"/sbin/losetup", "-d", dev}); }
   } detach{dev};
-  json j = Backup(vault, dir, {dev});
+  // The image sits on /tmp (no reflink): no snapshot provider can copy the device, and a
+  // silent live read is not allowed.
+  const std::vector<std::string> isolated{"--hooks-dir",         dir / "no-hooks", "--azure-config",
+                                          dir / "no-azure.json", "--runtime-dir",  dir / "run"};
+  auto c = vault.conn();
+  auto refused = Agent(Args({{"backup"},
+                             c,
+                             {"--disk", dev, "--state-dir", dir / "state", "--item", "test-vm"},
+                             isolated}));
+  CHECK(refused.exit_code != 0);
+  CHECK(refused.err.find("consistency") != std::string::npos);
+  CHECK(refused.err.find("--allow-inconsistent") != std::string::npos);
+  CHECK(List(vault).empty());  // nothing committed
+
+  auto extra = isolated;
+  extra.push_back("--allow-inconsistent");
+  json j = Backup(vault, dir, {dev}, extra);
   CHECK(j["consistency"] == "none");
+  CHECK(j["consistency_evidence"]["level"] == "none");
+  CHECK(j["disks"][0]["path"] == dev);
+  CHECK(j["disks"][0]["read_path"] == dev);
   CHECK(j["disks"][0]["blocks_changed"] == 8);
   CHECK(j["disks"][0]["blocks_read"] == 512);  // a device has no holes to skip
   auto r = Restore(vault, j["recovery_point"], {dir / "r.img"});

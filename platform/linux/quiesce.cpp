@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -62,6 +63,7 @@ class Fd {
   ~Fd() { Reset(); }
   int get() const { return fd_; }
   bool valid() const { return fd_ >= 0; }
+  int Release() { return std::exchange(fd_, -1); }
   void Reset() {
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
@@ -972,6 +974,73 @@ Result<std::unique_ptr<FreezeSession>> FreezeSession::Start(
   Status s = session->Begin();
   if (!s.ok()) return s;
   return std::unique_ptr<FreezeSession>(std::move(session));
+}
+
+RuntimeDirLock::RuntimeDirLock(RuntimeDirLock&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)), why_not_(std::move(other.why_not_)) {}
+
+RuntimeDirLock& RuntimeDirLock::operator=(RuntimeDirLock&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+    why_not_ = std::move(other.why_not_);
+  }
+  return *this;
+}
+
+RuntimeDirLock::~RuntimeDirLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+Result<RuntimeDirLock> LockRuntimeDir(const std::string& runtime_dir,
+                                      std::chrono::milliseconds wait) {
+  const char* phase = "lock runtime dir";
+  RuntimeDirLock lock;
+  auto no_permission = [](int err) { return err == EACCES || err == EPERM || err == EROFS; };
+  std::error_code ec;
+  fs::create_directories(runtime_dir, ec);
+  if (ec && no_permission(ec.value())) {
+    lock.why_not_ = "cannot create " + runtime_dir + ": " + ec.message();
+    return lock;
+  }
+  if (ec)
+    return Status::IoError("create runtime dir " + runtime_dir + ": " + ec.message(),
+                           "create it (mkdir -p) or configure another runtime dir on /run")
+        .InPhase(phase);
+  const std::string path = runtime_dir + "/agent.lock";
+  Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd.valid()) {
+    int err = errno;
+    if (no_permission(err)) {
+      lock.why_not_ = "cannot open " + path + ": " + std::strerror(err);
+      return lock;
+    }
+    return Status::FromErrno(err, "open " + path).InPhase(phase);
+  }
+  const auto until = std::chrono::steady_clock::now() + wait;
+  for (;;) {
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) == 0) break;
+    if (errno != EWOULDBLOCK && errno != EINTR)
+      return Status::FromErrno(errno, "lock " + path).InPhase(phase);
+    if (std::chrono::steady_clock::now() >= until) {
+      std::string holder;
+      std::ifstream in(path);
+      std::getline(in, holder);
+      return Status::Error(Code::kConflict,
+                           "another vmsnap agent" +
+                               (holder.empty() ? std::string() : " (pid " + holder + ")") +
+                               " is freezing filesystems with runtime dir " + runtime_dir +
+                               " and did not finish within " + std::to_string(wait.count()) + " ms",
+                           "wait for that backup to finish, or end that agent; a dead agent "
+                           "releases the lock by itself")
+          .InPhase(phase);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd.get(), 0) == 0) (void)!::pwrite(fd.get(), pid.data(), pid.size(), 0);
+  lock.fd_ = fd.Release();
+  return lock;
 }
 
 Result<LeftoverFreeze> RecoverLeftoverFreeze(const std::string& runtime_dir) {

@@ -1,8 +1,11 @@
 #include "tests/support/test_support.hpp"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -126,9 +129,10 @@ void Vault::Start() {
   std::error_code ec;
   fs::create_directories(data_, ec);
   fs::remove(data_ + "/vault.json", ec);
-  child_ = std::make_unique<Child>(
-      std::vector<std::string>{VaultBinary(), "serve", "--data", data_, "--listen", "127.0.0.1:0"},
-      data_ + "/../vault.out", data_ + "/../vault.err");
+  std::vector<std::string> argv{VaultBinary(), "serve",    "--data",
+                                data_,         "--listen", "127.0.0.1:" + std::to_string(port_)};
+  argv.insert(argv.end(), extra_args_.begin(), extra_args_.end());
+  child_ = std::make_unique<Child>(argv, data_ + "/../vault.out", data_ + "/../vault.err");
   for (int i = 0; i < 300; ++i) {
     auto info = nlohmann::json::parse(ReadWhole(data_ + "/vault.json"), nullptr, false);
     if (info.is_object() && info.value("pid", 0) == child_->pid()) {
@@ -168,6 +172,19 @@ size_t Vault::StoredBlockCount() const {
     if (it->is_regular_file() && it->path().filename().string().find(".tmp") == std::string::npos)
       ++n;
   return n;
+}
+
+uint16_t FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    throw std::runtime_error("no free port");
+  ::close(fd);
+  return ntohs(addr.sin_port);
 }
 
 void CreateSparseFile(const std::string& path, uint64_t size) {

@@ -60,7 +60,12 @@ class Vault {
  public:
   explicit Vault(std::string data_dir);
   ~Vault();
-  void Start();        // waits until it listens
+  void Start();  // waits until it listens
+  // Extra `serve` arguments for the next Start() (e.g. --test-clock); port 0 picks a free one.
+  void Configure(std::vector<std::string> extra_args, uint16_t port = 0) {
+    extra_args_ = std::move(extra_args);
+    port_ = port;
+  }
   void Kill(int sig);  // e.g. SIGKILL
   int Stop();          // SIGTERM, returns the exit code
   const std::string& url() const { return url_; }
@@ -75,7 +80,12 @@ class Vault {
   std::string data_;
   std::string url_;
   std::unique_ptr<Child> child_;
+  std::vector<std::string> extra_args_;
+  uint16_t port_ = 0;
 };
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+uint16_t FreePort();
 
 std::string AgentBinary();
 std::string VaultBinary();

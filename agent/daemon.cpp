@@ -1,0 +1,320 @@
+#include "agent/daemon.hpp"
+
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "agent/agent_config.hpp"
+#include "agent/backup.hpp"
+#include "agent/consistency.hpp"
+#include "agent/restore.hpp"
+#include "agent/vault_client.hpp"
+#include "platform/env.hpp"
+
+namespace vmsnap::agent {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+int Fail(const Status& st, bool as_json) {
+  if (as_json)
+    std::cout << json{{"error", st.cause()},
+                      {"code", CodeName(st.code())},
+                      {"phase", st.phase()},
+                      {"fix", st.fix()}}
+                     .dump()
+              << std::endl;
+  std::cerr << "vmsnap-agent: error: " << st.ToString() << std::endl;
+  return st.ExitCode();
+}
+
+class Daemon {
+ public:
+  explicit Daemon(AgentConfig cfg)
+      : cfg_(std::move(cfg)), results_dir_(cfg_.state_dir + "/results") {}
+
+  std::atomic<bool> stop{false};
+  std::atomic<bool> busy{false};
+  std::atomic<bool> cancel_job{false};
+
+  int Run() {
+    std::error_code ec;
+    fs::create_directories(results_dir_, ec);
+    ClientOptions co = cfg_.Client();
+    co.max_attempts = 1;  // the loop below does its own backoff
+    co.io_timeout = std::chrono::seconds(60);
+    auto client = VaultClient::Create(co);
+    if (!client.ok()) return Fail(client.status(), false);
+    client_ = std::move(*client);
+    auto backoff = std::chrono::seconds(1);
+    bool was_down = false;
+    spdlog::info("agent {} running; vault {}", cfg_.name, cfg_.vault_url);
+    while (!stop) {
+      Status st = ResendPendingResults();
+      Result<json> r = st;
+      if (st.ok())
+        r = client_->CallJson("POST", "/v1/agent/poll", {{"state", "idle"}, {"disks", cfg_.disks}});
+      if (!r.ok()) {
+        if (r.status().code() == Code::kUnauthenticated) {
+          Status s = r.take_status();
+          s.WithFix("this agent's credential was revoked or replaced; enroll it again");
+          return Fail(std::move(s).InPhase("poll control plane"), false);
+        }
+        spdlog::warn("vault not reachable ({}); retrying in {} s", r.status().ToString(),
+                     backoff.count());
+        was_down = true;
+        SleepUnlessStopped(backoff);
+        backoff = std::min(backoff * 2, std::chrono::seconds(30));
+        continue;
+      }
+      if (was_down) spdlog::info("vault reachable again");
+      was_down = false;
+      backoff = std::chrono::seconds(1);
+      if (r->value("job", json()).is_object()) {
+        busy = true;
+        RunJob((*r)["job"]);
+        busy = false;
+      }
+    }
+    spdlog::info("agent stopped");
+    return 0;
+  }
+
+ private:
+  void SleepUnlessStopped(std::chrono::seconds d) {
+    auto until = std::chrono::steady_clock::now() + d;
+    while (!stop && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+
+  std::string ResultPath(int64_t id) const {
+    return results_dir_ + "/" + std::to_string(id) + ".json";
+  }
+
+  // Sends every persisted result; stops at the first that cannot be delivered.
+  Status ResendPendingResults() {
+    std::error_code ec;
+    std::vector<fs::path> files;
+    for (auto it = fs::directory_iterator(results_dir_, ec); !ec && it != fs::directory_iterator();
+         it.increment(ec))
+      if (it->path().extension() == ".json") files.push_back(it->path());
+    for (const auto& f : files) {
+      auto text = platform::Env::Default()->ReadFile(f.string());
+      json j = text.ok() ? json::parse(*text, nullptr, false) : json();
+      if (!j.is_object() || !j.contains("job")) {
+        fs::remove(f, ec);
+        continue;
+      }
+      auto r = client_->CallJson(
+          "POST", "/v1/agent/jobs/" + std::to_string(j["job"].get<int64_t>()) + "/result",
+          j["result"]);
+      if (!r.ok() && r.status().code() != Code::kNotFound) return r.take_status();
+      spdlog::info("result of job {} delivered", j["job"].get<int64_t>());
+      fs::remove(f, ec);
+    }
+    return Status::Ok();
+  }
+
+  void RunJob(const json& job) {
+    const int64_t id = job["id"];
+    const std::string type = job["type"];
+    spdlog::info("job {}: {} started", id, type);
+    cancel_job = stop.load();
+    ClientOptions pco = cfg_.Client();
+    pco.max_attempts = 1;
+    pco.io_timeout = std::chrono::seconds(10);
+    auto progress_client = VaultClient::Create(pco);
+    auto report_progress = [&](const json& p) {
+      if (!progress_client.ok()) return;
+      auto r = (*progress_client)
+                   ->CallJson("POST", "/v1/agent/jobs/" + std::to_string(id) + "/progress", p);
+      if (r.ok() && r->value("cancel", false)) {
+        if (!cancel_job) spdlog::info("job {}: cancellation requested", id);
+        cancel_job = true;
+      }
+    };
+    json result;
+    if (type == "backup") {
+      BackupOptions bo;
+      bo.client = cfg_.Client();
+      bo.item = cfg_.name;
+      bo.disks = cfg_.disks;
+      bo.block_size = cfg_.block_size;
+      bo.state_dir = cfg_.state_dir;
+      bo.max_rate_bytes_per_s = cfg_.max_rate_bytes_per_s;
+      bo.progress = false;
+      bo.cancel = &cancel_job;
+      bo.consistency.guard_binary = DefaultFreezeGuardPath();
+      bo.on_progress = report_progress;
+      const json& params = job.value("params", json::object());
+      bo.origin = {{"job", id},
+                   {"trigger", job.value("trigger", "")},
+                   {"retain_until_ms", params.value("retain_until_ms", json())}};
+      report_progress({{"phase", "starting"}});
+      auto rep = RunBackup(bo);
+      if (rep.ok()) {
+        bool consistent = rep->consistency == "application" || rep->consistency == "file-system" ||
+                          rep->consistency == "crash";
+        result = {{"state", consistent ? "completed" : "completed_with_warnings"},
+                  {"report", rep->ToJson()}};
+      } else {
+        result = {{"state", rep.status().code() == Code::kCancelled ? "cancelled" : "failed"},
+                  {"error", rep.status().ToString()}};
+      }
+    } else if (type == "restore") {
+      const json& params = job.value("params", json::object());
+      RestoreOptions ro;
+      ro.client = cfg_.Client();
+      ro.recovery_point = params.value("recovery_point", "");
+      ro.disk = params.value("disk", -1);
+      ro.targets = params.value("targets", std::vector<std::string>{});
+      ro.progress = false;
+      auto rep = RunRestore(ro);
+      result = rep.ok() ? json{{"state", "completed"}, {"report", rep->ToJson()}}
+                        : json{{"state", "failed"}, {"error", rep.status().ToString()}};
+    } else {
+      result = {{"state", "failed"}, {"error", "this agent does not know job type '" + type + "'"}};
+    }
+    spdlog::info("job {}: {}{}", id, result["state"].get<std::string>(),
+                 result.contains("error") ? " (" + result["error"].get<std::string>() + ")" : "");
+    // Persist first: the result survives a lost connection, a vault restart or our own crash.
+    Status st = platform::Env::Default()->WriteFileAtomic(
+        ResultPath(id), json{{"job", id}, {"result", result}}.dump(), 0600);
+    if (!st.ok()) spdlog::error("cannot persist result of job {}: {}", id, st.ToString());
+    if (Status s = ResendPendingResults(); !s.ok())
+      spdlog::warn("result of job {} not delivered yet ({}); it will be re-sent", id, s.ToString());
+  }
+
+  AgentConfig cfg_;
+  std::string results_dir_;
+  std::unique_ptr<VaultClient> client_;
+};
+
+class DaemonCommandsImpl final : public DaemonCommands {
+ public:
+  explicit DaemonCommandsImpl(CLI::App& app) {
+    enroll_ = app.add_subcommand("enroll", "Register this machine with a vault (run once)");
+    enroll_->add_option("--vault", vault_, "Vault URL, https://HOST:PORT")->required();
+    enroll_
+        ->add_option("--ca-fingerprint", fingerprint_,
+                     "SHA-256 fingerprint of the vault's CA (printed at vault start)")
+        ->required();
+    enroll_->add_option("--token", token_, "One-time enrollment token (vmsnap enroll-token create)")
+        ->required();
+    enroll_->add_option("--name", name_, "Name of this VM in the vault (default: host name)");
+    enroll_->add_option("--disk", disks_,
+                        "Disk to protect (repeatable; default: every local disk)");
+    enroll_->add_option("--config", config_, "Where to write the agent config")
+        ->capture_default_str();
+    enroll_->add_option("--state-dir", state_dir_, "Where the agent keeps its state")
+        ->capture_default_str();
+    enroll_->add_option("--max-rate", max_rate_, "Upload limit in bytes/s for backups (0: none)");
+    enroll_->add_flag("--json", as_json_, "Print JSON on stdout");
+    run_ = app.add_subcommand("run", "Run the agent daemon (polls the vault for jobs)");
+    run_->add_option("--config", config_, "Agent config written by enroll")->capture_default_str();
+  }
+
+  bool Handles() const override { return enroll_->parsed() || run_->parsed(); }
+
+  int Execute() override { return enroll_->parsed() ? Enroll() : RunDaemon(); }
+
+ private:
+  int Enroll() {
+    auto* env = platform::Env::Default();
+    auto pem = FetchPinnedCa(vault_, fingerprint_);
+    if (!pem.ok())
+      return Fail(std::move(pem.take_status()).InPhase("register: pin vault CA"), as_json_);
+    fs::path dir = fs::absolute(config_).parent_path();
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    std::string ca_file = (dir / "vault-ca.pem").string();
+    if (Status st = env->WriteFileAtomic(ca_file, *pem, 0644); !st.ok())
+      return Fail(std::move(st).InPhase("register: save vault CA"), as_json_);
+    AgentConfig cfg;
+    cfg.vault_url = vault_;
+    cfg.ca_file = ca_file;
+    cfg.name = name_.empty() ? env->HostName() : name_;
+    cfg.disks = disks_.empty() ? env->LocalDisks() : disks_;
+    cfg.state_dir = state_dir_;
+    cfg.max_rate_bytes_per_s = max_rate_;
+    if (cfg.disks.empty())
+      return Fail(Status::InvalidArgument("no disk to protect was found or given",
+                                          "pass --disk PATH (repeatable)")
+                      .InPhase("register"),
+                  as_json_);
+    ClientOptions co;
+    co.url = vault_;
+    co.ca_file = ca_file;
+    co.token = token_;
+    auto client = VaultClient::Create(co);
+    if (!client.ok()) return Fail(std::move(client.take_status()).InPhase("register"), as_json_);
+    auto r = (*client)->CallJson("POST", "/v1/enroll",
+                                 {{"token", token_}, {"name", cfg.name}, {"disks", cfg.disks}});
+    if (!r.ok()) return Fail(std::move(r.take_status()).InPhase("register"), as_json_);
+    cfg.credential = r->value("credential", "");
+    if (Status st = cfg.Save(config_); !st.ok())
+      return Fail(std::move(st).InPhase("register: write config"), as_json_);
+    json out{{"name", cfg.name},
+             {"config", config_},
+             {"ca_file", ca_file},
+             {"disks", cfg.disks},
+             {"re_enrolled", r->value("re_enrolled", false)}};
+    if (as_json_)
+      std::cout << out.dump() << std::endl;
+    else
+      std::cout << "enrolled as '" << cfg.name << "' (" << cfg.disks.size()
+                << " disk(s)); config written to " << config_
+                << " (mode 0600)\nstart the daemon: vmsnap-agent run --config " << config_ << "\n";
+    return 0;
+  }
+
+  int RunDaemon() {
+    auto cfg = AgentConfig::Load(config_);
+    if (!cfg.ok()) return Fail(cfg.status(), false);
+    // Signals are taken by a dedicated thread; block them before any other thread starts.
+    sigset_t signals;
+    sigemptyset(&signals);
+    sigaddset(&signals, SIGTERM);
+    sigaddset(&signals, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+    auto daemon = std::make_unique<Daemon>(std::move(*cfg));
+    Daemon* d = daemon.get();
+    std::thread([d, signals] {
+      int sig = 0;
+      sigwait(&signals, &sig);
+      if (!d->busy) {
+        spdlog::info("stop requested while idle: exiting");
+        std::_Exit(0);
+      }
+      spdlog::info("stop requested during a job: cancelling at the next safe point");
+      d->stop = true;
+      d->cancel_job = true;
+    }).detach();
+    return d->Run();
+  }
+
+  CLI::App* enroll_ = nullptr;
+  CLI::App* run_ = nullptr;
+  std::string vault_, fingerprint_, token_, name_, config_ = kDefaultConfigPath,
+                                                   state_dir_ = "/var/lib/vmsnap";
+  std::vector<std::string> disks_;
+  uint64_t max_rate_ = 0;
+  bool as_json_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<DaemonCommands> DaemonCommands::Add(CLI::App& app) {
+  return std::make_unique<DaemonCommandsImpl>(app);
+}
+
+}  // namespace vmsnap::agent

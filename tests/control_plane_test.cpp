@@ -1,0 +1,331 @@
+// Integration tests of the control plane (issue 4): real vault with a test clock, real agent
+// daemons (`vmsnap-agent run`) enrolled with one-time tokens, driven by the real admin CLI.
+#include <doctest/doctest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <ctime>
+#include <thread>
+
+#include "tests/support/test_support.hpp"
+
+using namespace vmsnap::test;
+using nlohmann::json;
+
+namespace {
+
+constexpr uint64_t kBlock = 64 * 1024;
+
+RunResult Admin(const Vault& v, std::vector<std::string> args) {
+  std::vector<std::string> argv{VMSNAP_ADMIN_BINARY};
+  argv.insert(argv.end(), args.begin(), args.end());
+  argv.insert(argv.end(), {"--vault-config", v.data() + "/vault.json", "--json"});
+  return Run(argv);
+}
+
+json AdminJson(const Vault& v, std::vector<std::string> args) {
+  auto r = Admin(v, args);
+  INFO("vmsnap " << args[0] << " stderr: " << r.err);
+  REQUIRE(r.exit_code == 0);
+  json j = r.json();
+  REQUIRE(!j.is_null());
+  return j;
+}
+
+// Sets the vault's test clock (and runs the scheduler once).
+void SetClock(const Vault& v, int64_t now_ms) {
+  auto r =
+      Run({"/usr/bin/curl", "-s", "--cacert", v.ca(), "-H", "Authorization: Bearer " + v.token(),
+           "-d", json{{"now_ms", now_ms}}.dump(), v.url() + "/v1/admin/clock"});
+  INFO("clock: " << r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(r.json()["now_ms"] == now_ms);
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// 22:01 UTC of the day after `ms`.
+int64_t NextEvening(int64_t ms) {
+  int64_t day = ms / 86400000 * 86400000;
+  return day + 86400000 + (22 * 60 + 1) * 60000;
+}
+
+// One enrolled agent with its own disk image and a running daemon.
+struct TestAgent {
+  std::string name, dir, disk, config;
+  std::unique_ptr<Child> daemon;
+
+  TestAgent(const Vault& v, const TempDir& tmp, const std::string& n, uint64_t disk_mib,
+            std::vector<std::string> enroll_extra = {})
+      : name(n), dir(tmp / n), disk(tmp / (n + ".img")), config(tmp / n + "/agent.json") {
+    CreateSparseFile(disk, disk_mib << 20);
+    std::vector<uint64_t> blocks;
+    for (uint64_t i = 0; i < (disk_mib << 20) / kBlock; i += 2) blocks.push_back(i);
+    WriteRandomBlocks(disk, kBlock, blocks, std::hash<std::string>{}(n));
+    json token = AdminJson(v, {"enroll-token", "create", "--expires", "1h"});
+    json info = json::parse(ReadWhole(v.data() + "/vault.json"));
+    std::vector<std::string> args{"enroll",
+                                  "--vault",
+                                  v.url(),
+                                  "--ca-fingerprint",
+                                  info["ca_fingerprint_sha256"],
+                                  "--token",
+                                  token["token"],
+                                  "--name",
+                                  name,
+                                  "--disk",
+                                  disk,
+                                  "--config",
+                                  config,
+                                  "--state-dir",
+                                  dir + "/state",
+                                  "--json"};
+    args.insert(args.end(), enroll_extra.begin(), enroll_extra.end());
+    auto r = Agent(args);
+    INFO("enroll stderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.json()["name"] == name);
+  }
+  void Start() {
+    daemon =
+        std::make_unique<Child>(std::vector<std::string>{AgentBinary(), "run", "--config", config},
+                                dir + "/daemon.out", dir + "/daemon.err");
+  }
+  std::string Credential() const { return json::parse(ReadWhole(config))["credential"]; }
+  std::string Ca() const { return json::parse(ReadWhole(config))["ca_file"]; }
+};
+
+json WaitJob(const Vault& v, int64_t id, int seconds = 60) {
+  for (int i = 0; i < seconds * 10; ++i) {
+    json j = AdminJson(v, {"job", "show", std::to_string(id)});
+    std::string s = j["state"];
+    if (s != "queued" && s != "in_progress") return j;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  FAIL("job " << id << " did not end in time");
+  return {};
+}
+
+json WaitState(const Vault& v, int64_t id, const std::string& state, int seconds = 30) {
+  for (int i = 0; i < seconds * 10; ++i) {
+    json j = AdminJson(v, {"job", "show", std::to_string(id)});
+    if (j["state"] == state) return j;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  FAIL("job " << id << " never reached " << state);
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("two enrolled agents back up on schedule; jobs and dashboard agree") {
+  TempDir tmp;
+  Vault vault(tmp / "vault");
+  vault.Configure({"--test-clock", "--poll-wait", "1", "--agent-timeout", "604800"});
+  vault.Start();
+  TestAgent a(vault, tmp, "vm-a", 8), b(vault, tmp, "vm-b", 8);
+  a.Start();
+  b.Start();
+  json vms = AdminJson(vault, {"vm", "list"})["vms"];
+  REQUIRE(vms.size() == 2);
+  CHECK(vms[0]["name"] == "vm-a");
+  CHECK(vms[0]["protection"] == "unprotected");
+
+  AdminJson(vault, {"policy", "create", "nightly", "--schedule", "daily 22:00", "--tz", "UTC",
+                    "--keep-daily", "7"});
+  json protect = AdminJson(vault, {"protect", "vm-a", "--policy", "nightly"});
+  CHECK(protect["next_run"].get<std::string>().find("T22:00:00Z") != std::string::npos);
+  AdminJson(vault, {"protect", "vm-b", "--policy", "nightly"});
+  CHECK(AdminJson(vault, {"dashboard"})["protected_vms"] == 2);
+  CHECK(AdminJson(vault, {"policy", "show", "nightly"})["protected_vms"].size() == 2);
+
+  // Nothing fires before the slot; moving the clock past 22:00 fires one backup per VM.
+  json jobs_before = AdminJson(vault, {"job", "list"})["jobs"];
+  SetClock(vault, NextEvening(NowMs()));
+  json jobs = AdminJson(vault, {"job", "list"})["jobs"];
+  std::vector<int64_t> backups;
+  for (const auto& j : jobs)
+    if (j["type"] == "backup") {
+      CHECK(j["trigger"] == "scheduled");
+      backups.push_back(j["id"]);
+    }
+  REQUIRE(backups.size() == 2);
+  for (int64_t id : backups) {
+    json done = WaitJob(vault, id);
+    INFO(done.dump());
+    CHECK(done["state"] == "completed");
+    CHECK(done["report"]["consistency"] == "crash");
+    CHECK(done["report"]["recovery_point"].is_string());
+  }
+  // The same slot does not fire twice.
+  SetClock(vault, NextEvening(NowMs()) + 60000);
+  int scheduled = 0;
+  json all_jobs = AdminJson(vault, {"job", "list"})["jobs"];
+  for (const auto& j : all_jobs)
+    if (j["trigger"] == "scheduled") ++scheduled;
+  INFO(all_jobs.dump());
+  CHECK(scheduled == 2);
+
+  json dash = AdminJson(vault, {"dashboard"});
+  CHECK(dash["jobs_completed_24h"] == 2);
+  CHECK(dash["jobs_failed_24h"] == 0);
+  CHECK(dash["jobs_in_progress"] == 0);
+  CHECK(dash["recovery_points"] == 2);
+  json rps = AdminJson(vault, {"rp", "list", "vm-a"})["recovery_points"];
+  REQUIRE(rps.size() == 1);
+  CHECK(rps[0]["origin"]["trigger"] == "scheduled");
+
+  // SIGTERM while idle: the daemon exits at once.
+  a.daemon->Signal(SIGTERM);
+  CHECK(a.daemon->Wait() == 0);
+}
+
+TEST_CASE("one operation per item; cancel; vault restart mid-job; results arrive once") {
+  TempDir tmp;
+  Vault vault(tmp / "vault");
+  vault.Configure({"--poll-wait", "1"}, FreePort());
+  vault.Start();
+  // 48 MiB of data at 8 MB/s: a backup takes a few seconds.
+  TestAgent a(vault, tmp, "vm-a", 96, {"--max-rate", "8000000"});
+  a.Start();
+
+  json first = AdminJson(vault, {"backup", "vm-a"});
+  int64_t id = first["id"];
+  WaitState(vault, id, "in_progress");
+  auto second = Admin(vault, {"backup", "vm-a"});
+  CHECK(second.exit_code != 0);
+  CHECK(second.err.find("another operation is in progress on this item (job " + std::to_string(id) +
+                        ")") != std::string::npos);
+
+  // Cancel during the transfer: the job ends cancelled and no recovery point appears.
+  AdminJson(vault, {"job", "cancel", std::to_string(id)});
+  json cancelled = WaitJob(vault, id);
+  CHECK(cancelled["state"] == "cancelled");
+  CHECK(AdminJson(vault, {"rp", "list", "vm-a"})["recovery_points"].empty());
+  // A cancelled job cannot be cancelled again; a queued one is dropped at once.
+  CHECK(Admin(vault, {"job", "cancel", std::to_string(id)}).exit_code != 0);
+
+  // Vault killed in the middle of a job: the agent carries on once it is back, and the result
+  // is recorded exactly once.
+  // New content, so the next backup uploads for several seconds again.
+  std::vector<uint64_t> blocks;
+  for (uint64_t i = 0; i < (96u << 20) / kBlock; i += 2) blocks.push_back(i);
+  WriteRandomBlocks(a.disk, kBlock, blocks, 4242);
+  json again = AdminJson(vault, {"backup", "vm-a", "--retain-until", "2099-01-01"});
+  int64_t id2 = again["id"];
+  WaitState(vault, id2, "in_progress");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  vault.Kill(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  vault.Start();
+  json done = WaitJob(vault, id2, 120);
+  INFO(done.dump() << "\nagent: " << ReadWhole(a.dir + "/daemon.err"));
+  CHECK(done["state"] == "completed");
+  json rps = AdminJson(vault, {"rp", "list", "vm-a"})["recovery_points"];
+  REQUIRE(rps.size() == 1);
+  CHECK(rps[0]["origin"]["job"] == id2);
+  CHECK(rps[0]["origin"]["retain_until_ms"] == int64_t{4070908800000});
+  CHECK(AdminJson(vault, {"dashboard"})["jobs_completed_24h"] == 1);
+}
+
+TEST_CASE("agents are isolated; a replaced credential is refused") {
+  TempDir tmp;
+  Vault vault(tmp / "vault");
+  vault.Configure({"--poll-wait", "1"});
+  vault.Start();
+  TestAgent a(vault, tmp, "vm-a", 4), b(vault, tmp, "vm-b", 4);
+  b.Start();
+  json job = AdminJson(vault, {"backup", "vm-b"});
+  REQUIRE(WaitJob(vault, job["id"])["state"] == "completed");
+  std::string b_rp = AdminJson(vault, {"rp", "list", "vm-b"})["recovery_points"][0]["id"];
+
+  std::vector<std::string> as_a{"--vault", vault.url(), "--ca", a.Ca(), "--token", a.Credential()};
+  auto with = [](std::vector<std::string> base, std::vector<std::string> more) {
+    base.insert(base.begin(), more.begin(), more.end());
+    return base;
+  };
+  // A lists nothing of B's, cannot restore B's point, cannot back up as B.
+  auto list = Agent(with(as_a, {"list", "--json"}));
+  REQUIRE(list.exit_code == 0);
+  CHECK(list.json()["recovery_points"].empty());
+  auto restore = Agent(with(as_a, {"restore", "--rp", b_rp, "--to", tmp / "stolen.img"}));
+  CHECK(restore.exit_code == 6);
+  auto backup =
+      Agent(with(as_a, {"backup", "--disk", a.disk, "--item", "vm-b", "--state-dir", tmp / "x"}));
+  CHECK(backup.exit_code == 4);
+  CHECK(backup.err.find("only its own item") != std::string::npos);
+  // A may back up as itself with its credential.
+  auto own = Agent(with(
+      as_a, {"backup", "--disk", a.disk, "--item", "vm-a", "--state-dir", tmp / "x", "--json"}));
+  CHECK(own.exit_code == 0);
+  // Admin endpoints are closed to agents.
+  auto admin_as_agent = Run({VMSNAP_ADMIN_BINARY, "vm", "list", "--vault", vault.url(), "--ca",
+                             a.Ca(), "--token", a.Credential()});
+  CHECK(admin_as_agent.exit_code == 4);
+
+  // Re-enrolling A replaces its credential: the old one gets 401.
+  std::string old_credential = a.Credential();
+  TestAgent a2(vault, tmp, "vm-a", 4);
+  auto stale = Agent({"list", "--vault", vault.url(), "--ca", a.Ca(), "--token", old_credential});
+  CHECK(stale.exit_code == 4);
+  CHECK(stale.err.find("401") != std::string::npos);
+  CHECK(AdminJson(vault, {"vm", "list"})["vms"].size() == 2);
+}
+
+TEST_CASE("bad input and unreachable agents give clear errors") {
+  TempDir tmp;
+  Vault vault(tmp / "vault");
+  vault.Configure({"--test-clock", "--poll-wait", "1", "--agent-timeout", "60"});
+  vault.Start();
+
+  auto unknown = Admin(vault, {"backup", "no-such-vm"});
+  CHECK(unknown.exit_code == 6);
+  CHECK(unknown.err.find("not registered") != std::string::npos);
+  auto bad_schedule = Admin(vault, {"policy", "create", "p1", "--schedule", "hourly 5"});
+  CHECK(bad_schedule.exit_code == 2);
+  CHECK(bad_schedule.err.find("daily HH:MM") != std::string::npos);
+  auto bad_tz =
+      Admin(vault, {"policy", "create", "p1", "--schedule", "daily 01:00", "--tz", "Mars/Base"});
+  CHECK(bad_tz.exit_code == 2);
+  AdminJson(vault, {"policy", "create", "p1", "--schedule", "weekly sun,wed 06:00"});
+  auto clash = Admin(vault, {"policy", "create", "p1", "--schedule", "daily 01:00"});
+  CHECK(clash.exit_code != 0);
+  CHECK(clash.err.find("already exists") != std::string::npos);
+  CHECK(Admin(vault, {"protect", "no-such-vm", "--policy", "p1"}).exit_code == 6);
+
+  // An expired enrollment token.
+  json token = AdminJson(vault, {"enroll-token", "create", "--expires", "1m"});
+  int64_t now = json::parse(ReadWhole(vault.data() + "/vault.json")).is_object() ? NowMs() : 0;
+  SetClock(vault, now + 10 * 60000);
+  json info = json::parse(ReadWhole(vault.data() + "/vault.json"));
+  CreateSparseFile(tmp / "d.img", 1 << 20);
+  auto late = Agent({"enroll", "--vault", vault.url(), "--ca-fingerprint",
+                     info["ca_fingerprint_sha256"], "--token", token["token"], "--name", "late",
+                     "--disk", tmp / "d.img", "--config", tmp / "late/agent.json"});
+  CHECK(late.exit_code == 4);
+  CHECK(late.err.find("expired") != std::string::npos);
+  // A wrong CA fingerprint is refused before any secret is sent.
+  auto pinned = Agent({"enroll", "--vault", vault.url(), "--ca-fingerprint", std::string(64, 'A'),
+                       "--token", token["token"], "--name", "x", "--disk", tmp / "d.img",
+                       "--config", tmp / "x/agent.json"});
+  CHECK(pinned.exit_code == 4);
+  CHECK(pinned.err.find("fingerprint") != std::string::npos);
+
+  // An agent that stops answering: its backups fail with "VM not found / agent not reachable".
+  TestAgent a(vault, tmp, "vm-a", 2);
+  a.Start();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  a.daemon->Signal(SIGTERM);
+  CHECK(a.daemon->Wait() == 0);
+  SetClock(vault, now + 3600000);
+  auto r = Admin(vault, {"backup", "vm-a"});
+  CHECK(r.exit_code == 11);
+  json failed = r.json();
+  CHECK(failed["state"] == "failed");
+  CHECK(failed["error"].get<std::string>().find("VM not found / agent not reachable since") !=
+        std::string::npos);
+}

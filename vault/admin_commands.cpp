@@ -1,0 +1,431 @@
+#include "vault/admin_commands.hpp"
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <ctime>
+#include <functional>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "agent/progress.hpp"
+#include "agent/vault_client.hpp"
+#include "vault/admin_connection.hpp"
+#include "vault/control_plane.hpp"
+
+namespace vmsnap::vault {
+
+using nlohmann::json;
+
+namespace {
+
+// Prints rows as an aligned table.
+void PrintTable(const std::vector<std::string>& header,
+                const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> width(header.size());
+  for (size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
+  for (const auto& r : rows)
+    for (size_t c = 0; c < r.size() && c < width.size(); ++c)
+      width[c] = std::max(width[c], r[c].size());
+  auto line = [&](const std::vector<std::string>& r) {
+    std::string s;
+    for (size_t c = 0; c < r.size(); ++c) {
+      s += r[c];
+      if (c + 1 < r.size()) s += std::string(width[c] - r[c].size() + 2, ' ');
+    }
+    std::cout << s << "\n";
+  };
+  line(header);
+  for (const auto& r : rows) line(r);
+}
+
+std::string Str(const json& j) {
+  if (j.is_null()) return "-";
+  if (j.is_string()) return j.get<std::string>();
+  return j.dump();
+}
+
+std::string TimeOrDash(const json& ms) {
+  return ms.is_number() ? IsoTime(ms.get<int64_t>()) : "-";
+}
+
+// "30s", "15m", "1h", "2d" -> seconds.
+Result<int64_t> ParseDuration(const std::string& text) {
+  if (text.empty()) return Status::InvalidArgument("empty duration");
+  char unit = text.back();
+  int64_t mult = 1;
+  std::string number = text;
+  if (std::isalpha(static_cast<unsigned char>(unit))) {
+    number.pop_back();
+    mult = unit == 's' ? 1 : unit == 'm' ? 60 : unit == 'h' ? 3600 : unit == 'd' ? 86400 : 0;
+  }
+  if (mult == 0 || number.empty() || number.find_first_not_of("0123456789") != std::string::npos)
+    return Status::InvalidArgument("duration '" + text + "' is malformed",
+                                   "use e.g. 30m, 1h or 2d");
+  return std::stoll(number) * mult;
+}
+
+// "2027-01-31" or "2027-01-31T12:00:00Z" -> UTC ms.
+Result<int64_t> ParseDate(const std::string& text) {
+  std::tm tm{};
+  const char* end = strptime(text.c_str(), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  if (!end || *end) {
+    tm = {};
+    end = strptime(text.c_str(), "%Y-%m-%d", &tm);
+    if (!end || *end)
+      return Status::InvalidArgument("date '" + text + "' is malformed",
+                                     "use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)");
+  }
+  return static_cast<int64_t>(timegm(&tm)) * 1000;
+}
+
+class AdminCommandsImpl final : public AdminCommands {
+ public:
+  explicit AdminCommandsImpl(CLI::App& app) {
+    // Connection flags and --json belong to the top level; every subcommand lets them fall
+    // through, so they may be written before or after the subcommand.
+    conn_.AddTo(&app);
+    app.add_flag("--json", as_json_, "Print JSON on stdout");
+    app.fallthrough();
+    auto add = [&](CLI::App* parent, const std::string& name, const std::string& help,
+                   std::function<int()> run) {
+      CLI::App* sub = parent->add_subcommand(name, help);
+      sub->fallthrough();
+      commands_.emplace_back(sub, std::move(run));
+      return sub;
+    };
+    auto* token = app.add_subcommand("enroll-token", "Enrollment tokens for new agents");
+    token->require_subcommand(1)->fallthrough();
+    add(token, "create", "Create a one-time enrollment token", [this] { return EnrollToken(); })
+        ->add_option("--expires", expires_, "Lifetime, e.g. 30m, 1h, 2d")
+        ->capture_default_str();
+
+    auto* vm = app.add_subcommand("vm", "Registered VMs");
+    vm->require_subcommand(1)->fallthrough();
+    add(vm, "list", "List VMs with protection and last contact", [this] { return VmList(); });
+
+    auto* policy = app.add_subcommand("policy", "Backup policies");
+    policy->require_subcommand(1)->fallthrough();
+    auto* create = add(policy, "create", "Create a policy", [this] { return PolicyCreate(); });
+    create->add_option("name", name_, "Policy name")->required();
+    create->add_option("--schedule", schedule_, "'daily HH:MM' or 'weekly DAY[,DAY] HH:MM'")
+        ->required();
+    create->add_option("--tz", tz_, "IANA time zone of the schedule")->capture_default_str();
+    create->add_option("--keep-daily", keep_daily_, "Daily points kept")->capture_default_str();
+    create->add_option("--keep-weekly", keep_weekly_, "Weekly points kept")->capture_default_str();
+    create->add_option("--keep-monthly", keep_monthly_, "Monthly points kept")
+        ->capture_default_str();
+    create->add_option("--keep-yearly", keep_yearly_, "Yearly points kept")->capture_default_str();
+    add(policy, "list", "List policies", [this] { return PolicyList(); });
+    add(policy, "show", "Show one policy",
+        [this] { return Simple("GET", "/v1/admin/policies/" + name_); })
+        ->add_option("name", name_, "Policy name")
+        ->required();
+    add(policy, "delete", "Delete a policy no VM uses",
+        [this] { return Simple("DELETE", "/v1/admin/policies/" + name_); })
+        ->add_option("name", name_, "Policy name")
+        ->required();
+
+    auto* protect =
+        add(&app, "protect", "Protect a VM with a policy", [this] { return Protect(); });
+    protect->add_option("vm", vm_, "VM name")->required();
+    protect->add_option("--policy", name_, "Policy name")->required();
+
+    auto* backup = add(&app, "backup", "Back up a VM now (full if it has no point yet)",
+                       [this] { return Backup(); });
+    backup->add_option("vm", vm_, "VM name")->required();
+    backup->add_option("--retain-until", retain_until_, "Keep this point until DATE (YYYY-MM-DD)");
+    backup->add_flag("--follow", follow_, "Wait for the job and show its progress");
+
+    auto* job = app.add_subcommand("job", "Jobs");
+    job->require_subcommand(1)->fallthrough();
+    auto* jl = add(job, "list", "List jobs, newest first", [this] { return JobList(); });
+    jl->add_option("--vm", vm_, "Only this VM");
+    jl->add_option("--limit", limit_, "At most this many")->capture_default_str();
+    auto* js = add(job, "show", "Show a job", [this] { return JobShow(); });
+    js->add_option("id", job_id_, "Job id")->required();
+    js->add_flag("--follow", follow_, "Wait until the job ends, showing progress");
+    add(job, "cancel", "Cancel a queued or running job",
+        [this] { return Simple("POST", "/v1/admin/jobs/" + std::to_string(job_id_) + "/cancel"); })
+        ->add_option("id", job_id_, "Job id")
+        ->required();
+
+    auto* rp = app.add_subcommand("rp", "Recovery points");
+    rp->require_subcommand(1)->fallthrough();
+    add(rp, "list", "Recovery points of a VM", [this] { return RpList(); })
+        ->add_option("vm", vm_, "VM name")
+        ->required();
+
+    add(&app, "dashboard", "Protected VMs and jobs of the last 24 h",
+        [this] { return Dashboard(); });
+  }
+
+  bool Handles() const override {
+    for (const auto& [sub, run] : commands_)
+      if (sub->parsed()) return true;
+    return false;
+  }
+
+  int Execute() override {
+    for (const auto& [sub, run] : commands_)
+      if (sub->parsed()) return run();
+    return 2;
+  }
+
+ private:
+  int Fail(Status st) {
+    if (as_json_)
+      std::cout << json{{"error", st.cause()},
+                        {"code", CodeName(st.code())},
+                        {"phase", st.phase()},
+                        {"fix", st.fix()}}
+                       .dump()
+                << std::endl;
+    std::cerr << "vmsnap: error: " << st.ToString() << std::endl;
+    return st.ExitCode();
+  }
+
+  Result<json> Call(const std::string& method, const std::string& target,
+                    const json& body = json::object()) {
+    if (!client_) {
+      auto opts = conn_.Options();
+      if (!opts.ok()) return opts.take_status();
+      auto c = agent::VaultClient::Create(*opts);
+      if (!c.ok()) return c.take_status();
+      client_ = std::move(*c);
+    }
+    return client_->CallJson(method, target, body);
+  }
+
+  int Simple(const std::string& method, const std::string& target) {
+    auto r = Call(method, target);
+    if (!r.ok()) return Fail(r.take_status());
+    std::cout << (as_json_ ? r->dump() : r->dump(2)) << std::endl;
+    return 0;
+  }
+
+  int EnrollToken() {
+    auto secs = ParseDuration(expires_);
+    if (!secs.ok()) return Fail(secs.take_status());
+    auto r = Call("POST", "/v1/admin/enroll-tokens", {{"expires_s", *secs}});
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_)
+      std::cout << r->dump() << std::endl;
+    else
+      std::cout << (*r)["token"].get<std::string>() << "\n(one-time, expires "
+                << (*r)["expires"].get<std::string>() << ")\n";
+    return 0;
+  }
+
+  int VmList() {
+    auto r = Call("GET", "/v1/admin/vms");
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << json{{"vms", *r}}.dump() << std::endl, 0;
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& v : *r)
+      rows.push_back({v["name"], v["protection"], Str(v["policy"]),
+                      std::to_string(v["disks"].size()),
+                      v["last_seen"].get<std::string>() +
+                          (v["reachable"].get<bool>() ? "" : " (not reachable)"),
+                      v.contains("last_backup") ? Str(v["last_backup"]["state"]) : "-"});
+    PrintTable({"VM", "PROTECTION", "POLICY", "DISKS", "LAST SEEN", "LAST BACKUP"}, rows);
+    return 0;
+  }
+
+  int PolicyCreate() {
+    json body{{"name", name_},
+              {"schedule", schedule_},
+              {"time_zone", tz_},
+              {"retention",
+               {{"daily", keep_daily_},
+                {"weekly", keep_weekly_},
+                {"monthly", keep_monthly_},
+                {"yearly", keep_yearly_}}}};
+    auto r = Call("POST", "/v1/admin/policies", body);
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::cout << "policy '" << name_ << "' created: " << (*r)["schedule"]["text"].get<std::string>()
+              << "\n";
+    return 0;
+  }
+
+  int PolicyList() {
+    auto r = Call("GET", "/v1/admin/policies");
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << json{{"policies", *r}}.dump() << std::endl, 0;
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& p : *r) {
+      const json& k = p["retention"];
+      rows.push_back({p["name"], p["schedule"]["text"],
+                      "d" + Str(k["daily"]) + " w" + Str(k["weekly"]) + " m" + Str(k["monthly"]) +
+                          " y" + Str(k["yearly"]),
+                      Str(p["vms"])});
+    }
+    PrintTable({"POLICY", "SCHEDULE", "KEEP", "VMS"}, rows);
+    return 0;
+  }
+
+  int Protect() {
+    auto r = Call("POST", "/v1/admin/vms/" + vm_ + "/protect", {{"policy", name_}});
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::cout << "VM '" << vm_ << "' protected by '" << name_ << "'; next backup "
+              << Str((*r)["next_run"]) << "\n";
+    return 0;
+  }
+
+  int Backup() {
+    int64_t retain = 0;
+    if (!retain_until_.empty()) {
+      auto d = ParseDate(retain_until_);
+      if (!d.ok()) return Fail(d.take_status());
+      retain = *d;
+    }
+    auto r = Call("POST", "/v1/admin/vms/" + vm_ + "/backup", {{"retain_until_ms", retain}});
+    if (!r.ok()) return Fail(std::move(r.take_status()).InPhase("backup"));
+    job_id_ = (*r)["id"];
+    if (follow_) return Follow();
+    const int code = (*r)["state"] == "failed" ? 11 : 0;
+    if (as_json_) return std::cout << r->dump() << std::endl, code;
+    std::cout << "job " << job_id_ << ": backup of " << vm_ << " " << Str((*r)["state"])
+              << ((*r)["error"].is_string() ? " (" + Str((*r)["error"]) + ")" : "") << "\n";
+    return code;
+  }
+
+  static int StateExit(const std::string& state) {
+    if (state == "completed") return 0;
+    if (state == "completed_with_warnings") return 10;
+    if (state == "cancelled") return 12;
+    return 11;
+  }
+
+  void PrintJob(const json& j) {
+    std::cout << "job " << j["id"] << " (" << Str(j["type"]) << " of " << Str(j["item"]) << ", "
+              << Str(j["trigger"]) << "): " << Str(j["state"]) << "\n  created "
+              << TimeOrDash(j["created_ms"]) << ", started " << TimeOrDash(j["started_ms"])
+              << ", ended " << TimeOrDash(j["ended_ms"]) << "\n";
+    if (j["error"].is_string()) std::cout << "  error: " << Str(j["error"]) << "\n";
+    if (j["report"].is_object()) {
+      const json& rep = j["report"];
+      std::cout << "  recovery point " << Str(rep.value("recovery_point", json()))
+                << ", consistency " << Str(rep.value("consistency", json())) << ", "
+                << rep.value("duration_ms", 0) << " ms\n";
+    }
+  }
+
+  int Follow() {
+    std::string last_line;
+    for (;;) {
+      auto r = Call("GET", "/v1/admin/jobs/" + std::to_string(job_id_));
+      if (!r.ok()) return Fail(r.take_status());
+      std::string state = (*r)["state"];
+      if (state != "queued" && state != "in_progress") {
+        if (as_json_)
+          std::cout << r->dump() << std::endl;
+        else
+          PrintJob(*r);
+        return StateExit(state);
+      }
+      const json& p = (*r)["progress"];
+      std::string line = "job " + std::to_string(job_id_) + ": " + state;
+      if (p.is_object() && p.contains("bytes_total") && p["bytes_total"].get<uint64_t>() > 0)
+        line += ", " +
+                std::to_string(100 * p["bytes_done"].get<uint64_t>() /
+                               p["bytes_total"].get<uint64_t>()) +
+                "% scanned, " + agent::HumanBytes(p.value("bytes_uploaded", uint64_t{0})) +
+                " uploaded";
+      if (line != last_line && !as_json_) std::cerr << line << std::endl;
+      last_line = line;
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+  }
+
+  int JobShow() {
+    if (follow_) return Follow();
+    auto r = Call("GET", "/v1/admin/jobs/" + std::to_string(job_id_));
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_)
+      std::cout << r->dump() << std::endl;
+    else
+      PrintJob(*r);
+    return 0;
+  }
+
+  int JobList() {
+    auto r = Call("GET", "/v1/admin/jobs?limit=" + std::to_string(limit_) +
+                             (vm_.empty() ? "" : "&vm=" + vm_));
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << json{{"jobs", *r}}.dump() << std::endl, 0;
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& j : *r)
+      rows.push_back({Str(j["id"]), Str(j["item"]), Str(j["type"]), Str(j["trigger"]),
+                      Str(j["state"]), TimeOrDash(j["created_ms"]), TimeOrDash(j["ended_ms"]),
+                      j["error"].is_string() ? Str(j["error"]).substr(0, 60) : ""});
+    PrintTable({"JOB", "VM", "TYPE", "TRIGGER", "STATE", "CREATED", "ENDED", "ERROR"}, rows);
+    return 0;
+  }
+
+  int RpList() {
+    auto r = Call("GET", "/v1/rps?item=" + vm_);
+    if (!r.ok()) return Fail(r.take_status());
+    const json& list = (*r)["recovery_points"];
+    if (as_json_) {
+      json out = json::array();
+      for (auto rp : list) {
+        rp.erase("report");
+        out.push_back(rp);
+      }
+      return std::cout << json{{"recovery_points", out}}.dump() << std::endl, 0;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& rp : list) {
+      uint64_t size = 0, added = 0;
+      bool full = true;
+      for (const auto& d : rp["disks"]) {
+        size += d.value("size_bytes", uint64_t{0});
+        added += d["stats"].value("bytes_uploaded", uint64_t{0});
+        full = full && d.value("full", false);
+      }
+      rows.push_back({Str(rp["id"]), IsoTime(rp.value("created_unix_ms", int64_t{0})),
+                      Str(rp["consistency"]), full ? "full" : "incremental",
+                      std::to_string(rp["disks"].size()), agent::HumanBytes(size),
+                      agent::HumanBytes(added), Str(rp["origin"].value("trigger", json()))});
+    }
+    PrintTable(
+        {"RECOVERY POINT", "CREATED", "CONSISTENCY", "KIND", "DISKS", "SIZE", "ADDED", "TRIGGER"},
+        rows);
+    return 0;
+  }
+
+  int Dashboard() {
+    auto r = Call("GET", "/v1/admin/dashboard");
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    const json& d = *r;
+    std::cout << "VMs: " << d["vms"] << " registered, " << d["protected_vms"] << " protected\n"
+              << "backup jobs, last 24 h: " << d["jobs_completed_24h"] << " completed, "
+              << d["jobs_failed_24h"] << " failed\n"
+              << "jobs now: " << d["jobs_in_progress"] << " in progress, " << d["jobs_queued"]
+              << " queued\n"
+              << "recovery points: " << d["recovery_points"] << "\n";
+    return 0;
+  }
+
+  AdminConnection conn_;
+  bool as_json_ = false;
+  bool follow_ = false;
+  std::vector<std::pair<CLI::App*, std::function<int()>>> commands_;
+  std::unique_ptr<agent::VaultClient> client_;
+  std::string expires_ = "1h", name_, schedule_, tz_ = "UTC", vm_, retain_until_;
+  int keep_daily_ = 7, keep_weekly_ = 4, keep_monthly_ = 12, keep_yearly_ = 0;
+  int limit_ = 50;
+  int64_t job_id_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<AdminCommands> AdminCommands::Add(CLI::App& app) {
+  return std::make_unique<AdminCommandsImpl>(app);
+}
+
+}  // namespace vmsnap::vault

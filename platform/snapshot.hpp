@@ -11,8 +11,11 @@
 //                   with the disk paths as its last arguments; it prints one path to read per
 //                   disk, one per line, in order. Its timeout is the time left until the
 //                   freeze deadline. An optional cleanup executable gets those paths later.
-//   "lvm"           not supported here: this build has no LVM support and the machine has no
-//                   device-mapper; asking for it is a clear kInvalidArgument.
+//   "lvm"           a disk that is an LVM logical volume: an LVM snapshot (thin for thin
+//                   volumes, classic copy-on-write at 10 % of the origin otherwise) created
+//                   inside the freeze window with lvcreate, read via /dev/VG/SNAP, removed with
+//                   lvremove. Needs device-mapper (/dev/mapper/control) and lvm2; without
+//                   them a clear kInvalidArgument.
 //   "auto"          per disk: loop device -> loop-reflink, image file -> file, else error.
 //
 // No OS header is included. Thread-compatible (one Snapshot per backup).

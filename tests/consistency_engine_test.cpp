@@ -349,7 +349,8 @@ TEST_CASE("engine: file provider (clone or guarded read), lvm unsupported, allow
     CHECK(view.status().ToString().find("reflink") != std::string::npos);
     CHECK(WritableWithin(disk_on_ext4->mount_point(), 2s));
   }
-  // lvm: not supported here; with allow_none the live disk is read as `none`.
+  // lvm without device-mapper (this machine): a clear error; with allow_none the live disk is
+  // read as `none`.
   auto disk = s.Disk("ext4", "app");
   REQUIRE(disk);
   {
@@ -357,8 +358,7 @@ TEST_CASE("engine: file provider (clone or guarded read), lvm unsupported, allow
     opt.snapshot.provider = "lvm";
     auto view = agent::PrepareConsistentView(opt);
     CHECK_FALSE(view.ok());
-    CHECK(view.status().ToString().find("not supported here (no device-mapper") !=
-          std::string::npos);
+    CHECK(view.status().ToString().find("needs device-mapper") != std::string::npos);
     opt.allow_none = true;
     auto none = agent::PrepareConsistentView(opt);
     REQUIRE_MESSAGE(none.ok(), none.status().ToString());

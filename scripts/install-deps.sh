@@ -12,6 +12,8 @@ PACKAGES=(
   # runtime tools used by the demo and the tests
   openssl jq curl tzdata e2fsprogs xfsprogs btrfs-progs dosfstools util-linux mount coreutils
   fdisk fuse3
+  # benchmark peers and measuring tools (bench/bench.sh and its smoke test)
+  restic borgbackup zstd time
 )
 
 missing=()

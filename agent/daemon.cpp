@@ -16,6 +16,7 @@
 #include "agent/consistency.hpp"
 #include "agent/restore.hpp"
 #include "agent/vault_client.hpp"
+#include "common/cli_output.hpp"
 #include "platform/env.hpp"
 
 namespace vmsnap::agent {
@@ -26,15 +27,7 @@ namespace fs = std::filesystem;
 namespace {
 
 int Fail(const Status& st, bool as_json) {
-  if (as_json)
-    std::cout << json{{"error", st.cause()},
-                      {"code", CodeName(st.code())},
-                      {"phase", st.phase()},
-                      {"fix", st.fix()}}
-                     .dump()
-              << std::endl;
-  std::cerr << "vmsnap-agent: error: " << st.ToString() << std::endl;
-  return st.ExitCode();
+  return ReportFailure("vmsnap-agent", st, as_json);
 }
 
 class Daemon {

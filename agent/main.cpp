@@ -13,6 +13,7 @@
 #include "agent/progress.hpp"
 #include "agent/restore.hpp"
 #include "agent/vault_client.hpp"
+#include "common/cli_output.hpp"
 #include "common/log.hpp"
 #include "platform/env.hpp"
 
@@ -60,25 +61,7 @@ struct Connection {
 };
 
 int Fail(const Status& st, bool as_json) {
-  if (as_json)
-    std::cout << json{{"error", st.cause()},
-                      {"code", CodeName(st.code())},
-                      {"phase", st.phase()},
-                      {"fix", st.fix()},
-                      {"retryable", st.retryable()}}
-                     .dump()
-              << std::endl;
-  std::cerr << "vmsnap-agent: error: " << st.ToString() << std::endl;
-  return st.ExitCode();
-}
-
-std::string FormatTime(int64_t unix_ms) {
-  std::time_t t = static_cast<std::time_t>(unix_ms / 1000);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%SZ", &tm);
-  return buf;
+  return ReportFailure("vmsnap-agent", st, as_json);
 }
 
 double Rate(uint64_t bytes, int64_t ms) {
@@ -303,7 +286,7 @@ int main(int argc, char** argv) {
       }
       std::printf("%-26s %-16s %-20s %-12s %5zu %10s %10s\n", rp.value("id", "").c_str(),
                   rp.value("item", "").c_str(),
-                  FormatTime(rp.value("created_unix_ms", int64_t{0})).c_str(),
+                  FormatUtc(rp.value("created_unix_ms", int64_t{0}), "%Y-%m-%d %H:%M:%SZ").c_str(),
                   rp.value("consistency", "").c_str(), rp["disks"].size(), HumanBytes(size).c_str(),
                   HumanBytes(up).c_str());
     }

@@ -14,6 +14,7 @@
 #include "agent/mount/attach.hpp"
 #include "agent/mount/restore_files.hpp"
 #include "agent/progress.hpp"
+#include "common/cli_output.hpp"
 #include "common/log.hpp"
 #include "platform/env.hpp"
 #include "vault/admin_commands.hpp"
@@ -30,16 +31,7 @@ namespace {
 using Connection = vmsnap::vault::AdminConnection;
 
 int Fail(const Status& st, bool as_json) {
-  if (as_json)
-    std::cout << json{{"error", st.cause()},
-                      {"code", CodeName(st.code())},
-                      {"phase", st.phase()},
-                      {"fix", st.fix()},
-                      {"retryable", st.retryable()}}
-                     .dump()
-              << std::endl;
-  std::cerr << "vmsnap: error: " << st.ToString() << std::endl;
-  return st.ExitCode();
+  return ReportFailure("vmsnap", st, as_json);
 }
 
 Result<uint64_t> ParseSize(const std::string& text) {

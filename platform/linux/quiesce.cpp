@@ -3,6 +3,8 @@
 // marker, and RunProcess (posix_spawn + pidfd + process-group kill).
 #include "platform/quiesce.hpp"
 
+#include "platform/linux/fd.hpp"
+
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <poll.h>
@@ -45,33 +47,6 @@ int64_t MonotonicNowUs() {
 }
 
 namespace {
-
-// RAII owner of a file descriptor.
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  Fd& operator=(Fd&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  ~Fd() { Reset(); }
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  int Release() { return std::exchange(fd_, -1); }
-  void Reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_;
-};
 
 Status MakePipe(Fd& read_end, Fd& write_end) {
   int p[2];

@@ -28,6 +28,16 @@ Result<AgentConfig> AgentConfig::Load(const std::string& path) {
     c.state_dir = j.value("state_dir", c.state_dir);
     c.block_size = j.value("block_size", c.block_size);
     c.max_rate_bytes_per_s = j.value("max_rate_bytes_per_s", uint64_t{0});
+    c.hooks_dir = j.value("hooks_dir", c.hooks_dir);
+    c.azure_config = j.value("azure_config", c.azure_config);
+    c.runtime_dir = j.value("runtime_dir", c.runtime_dir);
+    c.freeze_deadline_s = j.value("freeze_deadline_s", c.freeze_deadline_s);
+    c.snapshot_provider = j.value("snapshot_provider", c.snapshot_provider);
+    c.snapshot_command = j.value("snapshot_command", c.snapshot_command);
+    c.allow_inconsistent = j.value("allow_inconsistent", false);
+    c.freeze_only_under = j.value("freeze_only_under", std::vector<std::string>{});
+    if (c.freeze_deadline_s < 1 || c.freeze_deadline_s > 60)
+      throw std::out_of_range("freeze_deadline_s must be 1 to 60");
   } catch (const std::exception& e) {
     return Status::InvalidArgument("agent config " + path + " is invalid: " + e.what(),
                                    "enroll again to rewrite it")
@@ -47,7 +57,15 @@ Status AgentConfig::Save(const std::string& path) const {
          {"disks", disks},
          {"state_dir", state_dir},
          {"block_size", block_size},
-         {"max_rate_bytes_per_s", max_rate_bytes_per_s}};
+         {"max_rate_bytes_per_s", max_rate_bytes_per_s},
+         {"hooks_dir", hooks_dir},
+         {"azure_config", azure_config},
+         {"runtime_dir", runtime_dir},
+         {"freeze_deadline_s", freeze_deadline_s},
+         {"snapshot_provider", snapshot_provider},
+         {"snapshot_command", snapshot_command},
+         {"allow_inconsistent", allow_inconsistent},
+         {"freeze_only_under", freeze_only_under}};
   return platform::Env::Default()->WriteFileAtomic(path, j.dump(2) + "\n", 0600);
 }
 

@@ -23,6 +23,15 @@ struct AgentConfig {
   std::string state_dir = "/var/lib/vmsnap";
   uint32_t block_size = 64 * 1024;
   uint64_t max_rate_bytes_per_s = 0;
+  // Consistency (issue 3), as the `backup` command's flags of the same names.
+  std::string hooks_dir = "/etc/vmsnap/hooks.d";
+  std::string azure_config = "/etc/azure/VMSnapshotScriptPluginConfig.json";
+  std::string runtime_dir = "/run/vmsnap";
+  int freeze_deadline_s = 10;
+  std::string snapshot_provider = "auto";
+  std::string snapshot_command;
+  bool allow_inconsistent = false;
+  std::vector<std::string> freeze_only_under;
 
   static Result<AgentConfig> Load(const std::string& path);
   Status Save(const std::string& path) const;  // atomic, mode 0600

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -126,15 +127,35 @@ class Daemon {
     pco.max_attempts = 1;
     pco.io_timeout = std::chrono::seconds(10);
     auto progress_client = VaultClient::Create(pco);
+    // Progress goes to the vault from a reporter thread about once a second, whatever the job
+    // is doing (scripts, freeze, transfer); the answer carries the cancel flag, which the job
+    // honours at its next safe point.
+    std::mutex progress_mu;
+    json latest_progress = {{"phase", "starting"}};
     auto report_progress = [&](const json& p) {
-      if (!progress_client.ok()) return;
-      auto r = (*progress_client)
-                   ->CallJson("POST", "/v1/agent/jobs/" + std::to_string(id) + "/progress", p);
-      if (r.ok() && r->value("cancel", false)) {
-        if (!cancel_job) spdlog::info("job {}: cancellation requested", id);
-        cancel_job = true;
-      }
+      std::lock_guard lock(progress_mu);
+      latest_progress = p;
     };
+    std::atomic<bool> job_done{false};
+    std::thread reporter([&] {
+      while (!job_done) {
+        json p;
+        {
+          std::lock_guard lock(progress_mu);
+          p = latest_progress;
+        }
+        if (progress_client.ok()) {
+          auto r = (*progress_client)
+                       ->CallJson("POST", "/v1/agent/jobs/" + std::to_string(id) + "/progress", p);
+          if (r.ok() && r->value("cancel", false) && !cancel_job) {
+            spdlog::info("job {}: cancellation requested", id);
+            cancel_job = true;
+          }
+        }
+        for (int i = 0; i < 10 && !job_done; ++i)
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
     json result;
     if (type == "backup") {
       BackupOptions bo;
@@ -146,13 +167,21 @@ class Daemon {
       bo.max_rate_bytes_per_s = cfg_.max_rate_bytes_per_s;
       bo.progress = false;
       bo.cancel = &cancel_job;
-      bo.consistency.guard_binary = DefaultFreezeGuardPath();
+      ConsistencyOptions& copt = bo.consistency;
+      copt.guard_binary = DefaultFreezeGuardPath();
+      copt.hooks.hooks_dir = cfg_.hooks_dir;
+      copt.hooks.azure_config_path = cfg_.azure_config;
+      copt.runtime_dir = cfg_.runtime_dir;
+      copt.freeze_deadline = std::chrono::seconds(cfg_.freeze_deadline_s);
+      copt.snapshot.provider = cfg_.snapshot_provider;
+      copt.snapshot.command_path = cfg_.snapshot_command;
+      copt.allow_none = cfg_.allow_inconsistent;
+      copt.freeze_only_under = cfg_.freeze_only_under;
       bo.on_progress = report_progress;
       const json& params = job.value("params", json::object());
       bo.origin = {{"job", id},
                    {"trigger", job.value("trigger", "")},
                    {"retain_until_ms", params.value("retain_until_ms", json())}};
-      report_progress({{"phase", "starting"}});
       auto rep = RunBackup(bo);
       if (rep.ok()) {
         bool consistent = rep->consistency == "application" || rep->consistency == "file-system" ||
@@ -177,6 +206,8 @@ class Daemon {
     } else {
       result = {{"state", "failed"}, {"error", "this agent does not know job type '" + type + "'"}};
     }
+    job_done = true;
+    reporter.join();
     spdlog::info("job {}: {}{}", id, result["state"].get<std::string>(),
                  result.contains("error") ? " (" + result["error"].get<std::string>() + ")" : "");
     // Persist first: the result survives a lost connection, a vault restart or our own crash.
@@ -211,6 +242,14 @@ class DaemonCommandsImpl final : public DaemonCommands {
     enroll_->add_option("--state-dir", state_dir_, "Where the agent keeps its state")
         ->capture_default_str();
     enroll_->add_option("--max-rate", max_rate_, "Upload limit in bytes/s for backups (0: none)");
+    enroll_->add_option("--hooks-dir", hooks_dir_, "Hook scripts directory for backups")
+        ->capture_default_str();
+    enroll_->add_option("--runtime-dir", runtime_dir_, "Runtime directory (frozen marker, lock)")
+        ->capture_default_str();
+    enroll_->add_flag("--allow-inconsistent", allow_inconsistent_,
+                      "Back up disks no snapshot provider can handle as consistency `none`");
+    enroll_->add_option("--freeze-only-under", freeze_only_under_,
+                        "Only freeze filesystems mounted under DIR (repeatable; tests)");
     enroll_->add_flag("--json", as_json_, "Print JSON on stdout");
     run_ = app.add_subcommand("run", "Run the agent daemon (polls the vault for jobs)");
     run_->add_option("--config", config_, "Agent config written by enroll")->capture_default_str();
@@ -239,6 +278,10 @@ class DaemonCommandsImpl final : public DaemonCommands {
     cfg.disks = disks_.empty() ? env->LocalDisks() : disks_;
     cfg.state_dir = state_dir_;
     cfg.max_rate_bytes_per_s = max_rate_;
+    cfg.hooks_dir = hooks_dir_;
+    cfg.runtime_dir = runtime_dir_;
+    cfg.allow_inconsistent = allow_inconsistent_;
+    cfg.freeze_only_under = freeze_only_under_;
     if (cfg.disks.empty())
       return Fail(Status::InvalidArgument("no disk to protect was found or given",
                                           "pass --disk PATH (repeatable)")
@@ -299,7 +342,9 @@ class DaemonCommandsImpl final : public DaemonCommands {
   CLI::App* run_ = nullptr;
   std::string vault_, fingerprint_, token_, name_, config_ = kDefaultConfigPath,
                                                    state_dir_ = "/var/lib/vmsnap";
-  std::vector<std::string> disks_;
+  std::vector<std::string> disks_, freeze_only_under_;
+  std::string hooks_dir_ = "/etc/vmsnap/hooks.d", runtime_dir_ = "/run/vmsnap";
+  bool allow_inconsistent_ = false;
   uint64_t max_rate_ = 0;
   bool as_json_ = false;
 };

@@ -5,12 +5,15 @@
 
 #include <chrono>
 #include <ctime>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "tests/support/test_support.hpp"
 
 using namespace vmsnap::test;
 using nlohmann::json;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -328,4 +331,49 @@ TEST_CASE("bad input and unreachable agents give clear errors") {
   CHECK(failed["state"] == "failed");
   CHECK(failed["error"].get<std::string>().find("VM not found / agent not reachable since") !=
         std::string::npos);
+}
+
+TEST_CASE("cancel during the freeze window: the hooks thaw first, then the job ends cancelled") {
+  if (!IsRoot()) {
+    if (InCi()) FAIL("needs root (hooks must be root-owned) and CI=true forbids skipping");
+    MESSAGE("skipped: hook scripts must be owned by root");
+    return;
+  }
+  TempDir tmp;
+  Vault vault(tmp / "vault");
+  vault.Configure({"--poll-wait", "1"});
+  vault.Start();
+  // A hook that holds the freeze window open for a few seconds and records its thaw call.
+  std::string hooks = tmp / "hooks";
+  fs::create_directories(hooks);
+  fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                  fs::perms::others_read | fs::perms::others_exec);
+  {
+    std::ofstream h(hooks + "/10-slow");
+    h << "#!/bin/sh\nif [ \"$1\" = freeze ]; then touch " << tmp / "in-freeze"
+      << "; sleep 4; fi\n"
+      << "if [ \"$1\" = thaw ]; then touch " << tmp / "thawed"
+      << "; fi\n";
+  }
+  fs::permissions(hooks + "/10-slow", fs::perms::owner_all | fs::perms::group_read |
+                                          fs::perms::group_exec | fs::perms::others_read |
+                                          fs::perms::others_exec);
+  TestAgent a(
+      vault, tmp, "vm-a", 8,
+      {"--hooks-dir", hooks, "--runtime-dir", tmp / "run", "--freeze-only-under", tmp.path()});
+  a.Start();
+  json job = AdminJson(vault, {"backup", "vm-a"});
+  int64_t id = job["id"];
+  for (int i = 0; i < 200 && !fs::exists(tmp / "in-freeze"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  INFO("job: " << AdminJson(vault, {"job", "show", std::to_string(id)}).dump()
+               << "\nagent: " << ReadWhole(a.dir + "/daemon.err"));
+  REQUIRE(fs::exists(tmp / "in-freeze"));
+  AdminJson(vault, {"job", "cancel", std::to_string(id)});
+  json done = WaitJob(vault, id);
+  INFO(done.dump() << "\nagent: " << ReadWhole(a.dir + "/daemon.err"));
+  CHECK(done["state"] == "cancelled");
+  CHECK(fs::exists(tmp / "thawed"));  // the window was closed properly before stopping
+  CHECK(AdminJson(vault, {"rp", "list", "vm-a"})["recovery_points"].empty());
+  CHECK_FALSE(fs::exists(tmp / "run/frozen.json"));
 }

@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
@@ -19,6 +20,7 @@
 #include "agent/vault_client.hpp"
 #include "common/cli_output.hpp"
 #include "platform/env.hpp"
+#include "platform/quiesce.hpp"
 
 namespace vmsnap::agent {
 
@@ -51,6 +53,7 @@ class Daemon {
     client_ = std::move(*client);
     auto backoff = std::chrono::seconds(1);
     bool was_down = false;
+    fs::remove(JobMarker(), ec);  // a marker left by a crash names no running job
     spdlog::info("agent {} running; vault {}", cfg_.name, cfg_.vault_url);
     while (!stop) {
       Status st = ResendPendingResults();
@@ -75,7 +78,15 @@ class Daemon {
       backoff = std::chrono::seconds(1);
       if (r->value("job", json()).is_object()) {
         busy = true;
-        RunJob((*r)["job"]);
+        // A marker for package upgrades: the agent's prerm waits while a job runs.
+        const json& job = (*r)["job"];
+        std::error_code ec;
+        fs::create_directories(cfg_.runtime_dir, ec);
+        platform::Env::Default()->WriteFileAtomic(
+            JobMarker(),
+            json{{"pid", ::getpid()}, {"job", job["id"]}, {"type", job["type"]}}.dump(), 0644);
+        RunJob(job);
+        fs::remove(JobMarker(), ec);
         busy = false;
       }
     }
@@ -89,6 +100,8 @@ class Daemon {
     while (!stop && std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
+
+  std::string JobMarker() const { return cfg_.runtime_dir + "/job.json"; }
 
   std::string ResultPath(int64_t id) const {
     return results_dir_ + "/" + std::to_string(id) + ".json";
@@ -299,17 +312,36 @@ class DaemonCommandsImpl final : public DaemonCommands {
     cfg.credential = r->value("credential", "");
     if (Status st = cfg.Save(config_); !st.ok())
       return Fail(std::move(st).InPhase("register: write config"), as_json_);
+    // Installed from the package (default config path) under systemd: start the daemon now,
+    // and restart it after a re-enrollment so it uses the new credential.
+    std::string service_note;
+    if (config_ == kDefaultConfigPath && fs::exists("/run/systemd/system", ec)) {
+      platform::ProcessSpec enable;
+      enable.path = "/bin/systemctl";
+      enable.args = {"enable", "vmsnap-agent.service"};
+      auto e = platform::RunProcess(enable);
+      platform::ProcessSpec restart = enable;
+      restart.args = {"restart", "vmsnap-agent.service"};
+      auto r2 = platform::RunProcess(restart);
+      service_note = e.ok() && e->succeeded() && r2.ok() && r2->succeeded()
+                         ? "vmsnap-agent.service enabled and (re)started"
+                         : "could not enable vmsnap-agent.service; run: systemctl enable --now "
+                           "vmsnap-agent";
+    }
     json out{{"name", cfg.name},
              {"config", config_},
              {"ca_file", ca_file},
              {"disks", cfg.disks},
-             {"re_enrolled", r->value("re_enrolled", false)}};
+             {"re_enrolled", r->value("re_enrolled", false)},
+             {"service", service_note}};
     if (as_json_)
       std::cout << out.dump() << std::endl;
     else
       std::cout << "enrolled as '" << cfg.name << "' (" << cfg.disks.size()
-                << " disk(s)); config written to " << config_
-                << " (mode 0600)\nstart the daemon: vmsnap-agent run --config " << config_ << "\n";
+                << " disk(s)); config written to " << config_ << " (mode 0600)\n"
+                << (service_note.empty() ? "start the daemon: vmsnap-agent run --config " + config_
+                                         : service_note)
+                << "\n";
     return 0;
   }
 

@@ -14,6 +14,8 @@ PACKAGES=(
   fdisk fuse3
   # benchmark peers and measuring tools (bench/bench.sh and its smoke test)
   restic borgbackup zstd time
+  # Debian packaging and its checks (scripts/package.sh, tests/packaging_test.sh)
+  dpkg-dev lintian
 )
 
 missing=()

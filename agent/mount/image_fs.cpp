@@ -87,7 +87,7 @@ class ImageFilesystem::Impl {
   int DiskFor(const char* path) const {
     const auto& disks = images_.disks();
     for (size_t i = 0; i < disks.size(); ++i)
-      if (std::string("/") + ImageName(disks[i].index) == path) return static_cast<int>(i);
+      if (path[0] == '/' && ImageName(disks[i].index) == path + 1) return static_cast<int>(i);
     return -1;
   }
 

@@ -152,9 +152,38 @@ class AdminCommandsImpl final : public AdminCommands {
 
     auto* rp = app.add_subcommand("rp", "Recovery points");
     rp->require_subcommand(1)->fallthrough();
-    add(rp, "list", "Recovery points of a VM", [this] { return RpList(); })
+    add(rp, "list", "Recovery points of a VM (with expiry and bytes added)",
+        [this] { return RpList(); })
         ->add_option("vm", vm_, "VM name")
         ->required();
+    auto* retain = add(rp, "retain", "Set a point's own retention (like an on-demand backup's)",
+                       [this] { return RpRetain(); });
+    retain->add_option("id", rp_id_, "Recovery point id")->required();
+    retain->add_option("--until", retain_until_, "Keep until DATE (YYYY-MM-DD[THH:MM:SSZ], UTC)");
+    retain->add_flag("--clear", clear_, "Back to the point's original retention");
+
+    auto* unprotect = add(&app, "unprotect", "Stop protecting a VM (keep or soft-delete its data)",
+                          [this] { return Unprotect(); });
+    unprotect->add_option("vm", vm_, "VM name")->required();
+    auto* keep = unprotect->add_flag("--keep-data", keep_data_,
+                                     "Keep every point, with no expiry (protect resumes)");
+    auto* del = unprotect->add_flag("--delete-data", delete_data_,
+                                    "Soft delete: data kept for the vault's window, then purged");
+    keep->excludes(del);
+    add(&app, "undelete", "Bring back a VM deleted with --delete-data (within the window)",
+        [this] { return Undelete(); })
+        ->add_option("vm", vm_, "VM name")
+        ->required();
+    add(&app, "cleanup", "Expire, merge and collect garbage now", [this] {
+      return Cleanup();
+    })->add_flag("--now", now_, "Run the cleanup now (required)");
+    add(&app, "storage", "Bytes the vault holds per VM and what deduplication saved", [this] {
+      return Storage();
+    })->add_option("vm", vm_, "Only this VM");
+    auto* verify = add(&app, "verify", "Re-read and re-hash every block a VM's points need",
+                       [this] { return Verify(); });
+    verify->add_option("vm", vm_, "VM name")->required();
+    verify->add_option("--rp", rp_id_, "Only this recovery point");
 
     add(&app, "dashboard", "Protected VMs and jobs of the last 24 h",
         [this] { return Dashboard(); });
@@ -366,34 +395,133 @@ class AdminCommandsImpl final : public AdminCommands {
   }
 
   int RpList() {
-    auto r = Call("GET", "/v1/rps?item=" + vm_);
+    auto r = Call("GET", "/v1/admin/rps?vm=" + vm_);
     if (!r.ok()) return Fail(r.take_status());
     const json& list = (*r)["recovery_points"];
-    if (as_json_) {
-      json out = json::array();
-      for (auto rp : list) {
-        rp.erase("report");
-        out.push_back(rp);
-      }
-      return std::cout << json{{"recovery_points", out}}.dump() << std::endl, 0;
-    }
+    if (as_json_) return std::cout << json{{"recovery_points", list}}.dump() << std::endl, 0;
     std::vector<std::vector<std::string>> rows;
     for (const auto& rp : list) {
-      uint64_t size = 0, added = 0;
-      bool full = true;
-      for (const auto& d : rp["disks"]) {
-        size += d.value("size_bytes", uint64_t{0});
-        added += d["stats"].value("bytes_uploaded", uint64_t{0});
-        full = full && d.value("full", false);
-      }
-      rows.push_back({Str(rp["id"]), IsoTime(rp.value("created_unix_ms", int64_t{0})),
-                      Str(rp["consistency"]), full ? "full" : "incremental",
-                      std::to_string(rp["disks"].size()), agent::HumanBytes(size),
-                      agent::HumanBytes(added), Str(rp["origin"].value("trigger", json()))});
+      std::string kept;
+      for (const auto& k : rp["kept_by"]) kept += (kept.empty() ? "" : ",") + Str(k);
+      rows.push_back({Str(rp["id"]), TimeOrDash(rp["created_unix_ms"]), Str(rp["consistency"]),
+                      rp["full"].get<bool>() ? "full" : "incremental",
+                      agent::HumanBytes(rp["size_bytes"].get<uint64_t>()),
+                      agent::HumanBytes(rp["added_bytes"].get<uint64_t>()),
+                      rp["expires_ms"].is_null() ? "never" : TimeOrDash(rp["expires_ms"]),
+                      kept.empty() ? "-" : kept, Str(rp["trigger"])});
     }
-    PrintTable(
-        {"RECOVERY POINT", "CREATED", "CONSISTENCY", "KIND", "DISKS", "SIZE", "ADDED", "TRIGGER"},
-        rows);
+    PrintTable({"RECOVERY POINT", "CREATED", "CONSISTENCY", "KIND", "SIZE", "ADDED", "EXPIRES",
+                "KEPT BY", "TRIGGER"},
+               rows);
+    return 0;
+  }
+
+  int RpRetain() {
+    int64_t until = 0;
+    if (clear_ && !retain_until_.empty())
+      return Fail(Status::InvalidArgument("--until and --clear exclude each other"));
+    if (!clear_ && retain_until_.empty())
+      return Fail(Status::InvalidArgument("give --until DATE or --clear"));
+    if (!clear_) {
+      auto d = ParseDate(retain_until_);
+      if (!d.ok()) return Fail(d.take_status());
+      until = *d;
+    }
+    auto r = Call("POST", "/v1/admin/rps/" + rp_id_ + "/retain", {{"retain_until_ms", until}});
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::cout << "recovery point " << rp_id_ << ": "
+              << (clear_ ? "original retention" : "kept until " + IsoTime(until)) << "\n";
+    return 0;
+  }
+
+  int Unprotect() {
+    if (!keep_data_ && !delete_data_)
+      return Fail(Status::InvalidArgument("say what happens to the data",
+                                          "add --keep-data or --delete-data"));
+    auto r = Call("POST", "/v1/admin/vms/" + vm_ + "/unprotect", {{"delete_data", delete_data_}});
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    if (delete_data_)
+      std::cout << "VM '" << vm_ << "' is no longer protected; its data is soft-deleted and will "
+                << "be purged after " << Str((*r)["purge_after"]) << " ('vmsnap undelete " << vm_
+                << "' brings it back until then)\n";
+    else
+      std::cout << "VM '" << vm_ << "' is no longer protected; its recovery points are kept "
+                << "with no expiry ('vmsnap protect' resumes)\n";
+    return 0;
+  }
+
+  int Undelete() {
+    auto r = Call("POST", "/v1/admin/vms/" + vm_ + "/undelete");
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::cout << "VM '" << vm_ << "' undeleted: " << Str((*r)["recovery_points"])
+              << " recovery points kept with no expiry; 'vmsnap protect' resumes backups\n";
+    return 0;
+  }
+
+  int Cleanup() {
+    if (!now_)
+      return Fail(Status::InvalidArgument("cleanup runs on a schedule in the vault",
+                                          "add --now to run one immediately"));
+    auto r = Call("POST", "/v1/admin/cleanup");
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::cout << "cleanup: " << (*r)["removed"].size() << " expired points removed, "
+              << (*r)["purged_items"].size() << " deleted VMs purged, " << (*r)["sessions_deleted"]
+              << " old sessions deleted, " << (*r)["blocks_freed"] << " blocks ("
+              << agent::HumanBytes((*r)["bytes_freed"].get<uint64_t>()) << ") freed\n";
+    for (const auto& id : (*r)["removed"]) std::cout << "  removed " << Str(id) << "\n";
+    for (const auto& vm : (*r)["purged_items"]) std::cout << "  purged " << Str(vm) << "\n";
+    return 0;
+  }
+
+  int Storage() {
+    auto r = Call("GET", "/v1/admin/storage" + (vm_.empty() ? std::string() : "?vm=" + vm_));
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& i : (*r)["items"])
+      rows.push_back({Str(i["item"]), Str(i["points"]), Str(i["blocks"]),
+                      agent::HumanBytes(i["stored_bytes"].get<uint64_t>()),
+                      agent::HumanBytes(i["billable_bytes"].get<uint64_t>()),
+                      i["soft_deleted"].get<bool>()
+                          ? "soft-deleted, purge after " + TimeOrDash(i["purge_after_ms"])
+                          : ""});
+    PrintTable({"VM", "POINTS", "BLOCKS", "STORED", "BILLABLE", "NOTE"}, rows);
+    const json& v = (*r)["vault"];
+    std::cout << "vault: " << agent::HumanBytes(v["stored_bytes"].get<uint64_t>())
+              << " stored; deduplication across VMs saved "
+              << agent::HumanBytes(v["dedup_saved_bytes"].get<uint64_t>()) << "; "
+              << agent::HumanBytes(v["unreferenced_bytes"].get<uint64_t>())
+              << " awaiting garbage collection\n";
+    return 0;
+  }
+
+  int Verify() {
+    auto r = Call("POST", "/v1/admin/vms/" + vm_ + "/verify", {{"rp", rp_id_}});
+    if (!r.ok()) return Fail(r.take_status());
+    const bool ok = (*r)["ok"].get<bool>();
+    Status bad = Status::Corruption(
+        "VM '" + vm_ + "': " + Str((*r)["missing"]) + " missing and " + Str((*r)["corrupt"]) +
+            " corrupt block references",
+        "restore from another recovery point; the next backup of the VM re-uploads only "
+        "blocks the vault reports missing (a corrupt block file must be deleted first)");
+    bad.InPhase("verify");
+    if (as_json_) {
+      std::cout << r->dump() << std::endl;
+      return ok ? 0 : bad.ExitCode();
+    }
+    for (const auto& p : (*r)["points"]) {
+      std::cout << Str(p["id"]) << ": " << Str(p["blocks"]) << " blocks, "
+                << (p["ok"].get<bool>() ? "ok" : "DAMAGED") << "\n";
+      for (const auto& id : p["missing"]) std::cout << "  missing " << Str(id) << "\n";
+      for (const auto& id : p["corrupt"]) std::cout << "  corrupt " << Str(id) << "\n";
+      for (const auto& e : p["errors"]) std::cout << "  error " << Str(e) << "\n";
+    }
+    if (!ok) return Fail(bad);
+    std::cout << "verified " << Str((*r)["blocks_checked"]) << " distinct blocks: all intact\n";
     return 0;
   }
 
@@ -413,7 +541,8 @@ class AdminCommandsImpl final : public AdminCommands {
 
   AdminConnection conn_;
   bool as_json_ = false;
-  bool follow_ = false;
+  bool follow_ = false, clear_ = false, keep_data_ = false, delete_data_ = false, now_ = false;
+  std::string rp_id_;
   std::vector<std::pair<CLI::App*, std::function<int()>>> commands_;
   std::unique_ptr<agent::VaultClient> client_;
   std::string expires_ = "1h", name_, schedule_, tz_ = "UTC", vm_, retain_until_;

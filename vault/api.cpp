@@ -98,7 +98,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     if (!ids.ok()) return ids.take_status();
     std::vector<BlockId> missing;
     for (const auto& id : *ids)
-      if (!store_->Has(id)) missing.push_back(id);
+      if (!store_->HasForUpload(id)) missing.push_back(id);
     return Binary(EncodeIdList(missing));
   }
   if (post && p == "/v1/blocks") {
@@ -212,7 +212,9 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
 
 Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
   static const std::regex kPolicy(R"(^/v1/admin/policies/([^/]+)$)");
-  static const std::regex kVmAction(R"(^/v1/admin/vms/([^/]+)/(protect|backup)$)");
+  static const std::regex kVmAction(
+      R"(^/v1/admin/vms/([^/]+)/(protect|backup|unprotect|undelete|verify)$)");
+  static const std::regex kRpRetain(R"(^/v1/admin/rps/([^/]+)/retain$)");
   static const std::regex kJob(R"(^/v1/admin/jobs/([0-9]+)$)");
   static const std::regex kJobCancel(R"(^/v1/admin/jobs/([0-9]+)/cancel$)");
   if (!control_) return Status::NotFound("the control plane is not enabled");
@@ -240,6 +242,19 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
   }
   if (post && std::regex_match(p, m, kVmAction)) {
     if (m[2] == "protect") return reply(control_->Protect(m[1], body.value("policy", "")));
+    if (m[2] == "unprotect") {
+      const json& mode = body.value("delete_data", json());
+      if (!mode.is_boolean())
+        return Status::InvalidArgument("unprotect needs 'delete_data' (true or false)",
+                                       "use --keep-data or --delete-data");
+      return reply(control_->Unprotect(m[1], mode.get<bool>()));
+    }
+    if (m[2] == "undelete") return reply(control_->Undelete(m[1]));
+    if (m[2] == "verify") {
+      auto r = control_->Verify(m[1], body.value("rp", ""));
+      if (!r.ok()) return std::move(r.take_status()).InPhase("verify");
+      return Json(*r);
+    }
     return reply(control_->StartBackup(m[1], body.value("retain_until_ms", int64_t{0})), 201);
   }
   if (get && p == "/v1/admin/jobs") {
@@ -253,6 +268,27 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
   if (post && std::regex_match(p, m, kJobCancel))
     return reply(control_->CancelJob(std::stoll(m[1])));
   if (get && p == "/v1/admin/dashboard") return reply(control_->Dashboard());
+  if (post && p == "/v1/admin/cleanup") {
+    auto r = control_->Cleanup();
+    if (!r.ok()) return std::move(r.take_status()).InPhase("cleanup");
+    return Json(*r);
+  }
+  if (get && p == "/v1/admin/rps") {
+    auto vm = req.query.find("vm");
+    if (vm == req.query.end() || vm->second.empty())
+      return Status::InvalidArgument("GET /v1/admin/rps needs ?vm=NAME");
+    return reply(control_->RecoveryPoints(vm->second));
+  }
+  if (post && std::regex_match(p, m, kRpRetain)) {
+    const json& until = body.value("retain_until_ms", json());
+    if (!until.is_number_integer())
+      return Status::InvalidArgument("retain needs an integer 'retain_until_ms' (0: clear)");
+    return reply(control_->RetainPoint(m[1], until.get<int64_t>()));
+  }
+  if (get && p == "/v1/admin/storage") {
+    auto vm = req.query.find("vm");
+    return reply(control_->Storage(vm == req.query.end() ? "" : vm->second));
+  }
   if (post && p == "/v1/admin/clock") {
     if (!clock_ || !clock_->enabled)
       return Status::Error(Code::kPermissionDenied, "the clock can only be set in test mode",

@@ -1,6 +1,13 @@
 #include "vault/block_store.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
 #include <filesystem>
+#include <mutex>
 #include <random>
 
 #include "platform/env.hpp"
@@ -39,14 +46,70 @@ bool BlockStore::Has(const BlockId& id) const {
   return fs::exists(PathOf(id), ec);
 }
 
+namespace {
+constexpr uint64_t kBatchFraming = 8 + 41;  // VMB1 header + one record header
+
+int64_t MtimeMs(const struct stat& st) {
+  return int64_t{st.st_mtim.tv_sec} * 1000 + st.st_mtim.tv_nsec / 1000000;
+}
+}  // namespace
+
+bool BlockStore::HasForUploadLocked(const BlockId& id) {
+  // utimensat(NULL) sets mtime to now; it fails with ENOENT when the block is absent.
+  return ::utimensat(AT_FDCWD, PathOf(id).c_str(), nullptr, 0) == 0;
+}
+
+bool BlockStore::HasForUpload(const BlockId& id) {
+  std::shared_lock gc_lock(gc_mu_);
+  return HasForUploadLocked(id);
+}
+
+uint64_t BlockStore::StoredBytes(const BlockId& id) const {
+  struct stat st {};
+  if (::stat(PathOf(id).c_str(), &st) != 0) return 0;
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  return size > kBatchFraming ? size - kBatchFraming : 0;
+}
+
+void BlockStore::ForEach(const std::function<void(const BlockId&, uint64_t, int64_t)>& fn) const {
+  std::error_code ec;
+  for (auto shard = fs::directory_iterator(root_, ec); !ec && shard != fs::directory_iterator();
+       shard.increment(ec)) {
+    std::error_code ec2;
+    for (auto it = fs::directory_iterator(shard->path(), ec2);
+         !ec2 && it != fs::directory_iterator(); it.increment(ec2)) {
+      std::string name = it->path().filename().string();
+      auto id = BlockId::FromHex(name);
+      if (!id.ok()) continue;
+      struct stat st {};
+      if (::stat(it->path().c_str(), &st) != 0) continue;
+      uint64_t size = static_cast<uint64_t>(st.st_size);
+      fn(*id, size > kBatchFraming ? size - kBatchFraming : 0, MtimeMs(st));
+    }
+  }
+}
+
+Result<uint64_t> BlockStore::RemoveIfUntouchedSince(const BlockId& id, int64_t cutoff_unix_ms) {
+  std::unique_lock gc_lock(gc_mu_);
+  const std::string path = PathOf(id);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return uint64_t{0};
+  if (MtimeMs(st) >= cutoff_unix_ms) return uint64_t{0};
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+    return Status::FromErrno(errno, "delete block " + path);
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  return size > kBatchFraming ? size - kBatchFraming : 0;
+}
+
 Result<PutStats> BlockStore::Put(const std::vector<EncodedBlock>& blocks) {
+  std::shared_lock gc_lock(gc_mu_);
   auto* env = platform::Env::Default();
   PutStats stats;
   stats.received = blocks.size();
   std::vector<const EncodedBlock*> fresh;
   std::vector<std::byte> plain;
   for (const auto& b : blocks) {
-    if (Has(b.id)) {
+    if (HasForUploadLocked(b.id)) {
       stats.already_present++;
       continue;
     }

@@ -113,8 +113,15 @@ Result<RecoveryPoint> RecoveryPoint::FromJson(const json& j) {
   }
 }
 
-Catalog::Catalog(std::string data_dir, BlockStore* store)
-    : rps_(data_dir + "/rps"), staging_(data_dir + "/staging"), store_(store) {}
+Catalog::Catalog(std::string data_dir, BlockStore* store, NowFn now)
+    : rps_(data_dir + "/rps"),
+      staging_(data_dir + "/staging"),
+      store_(store),
+      now_(std::move(now)) {}
+
+int64_t Catalog::Now() const {
+  return now_ ? now_() : NowMs();
+}
 
 Status Catalog::Open() {
   std::error_code ec;
@@ -124,8 +131,11 @@ Status Catalog::Open() {
   }
   for (auto it = fs::directory_iterator(rps_, ec); !ec && it != fs::directory_iterator();
        it.increment(ec)) {
-    if (it->path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(it->path(), ec);
+    std::string name = it->path().filename().string();
+    if (name.rfind(".tmp-", 0) == 0 || name.rfind(".trash-", 0) == 0)
+      fs::remove_all(it->path(), ec);
   }
+  for (const auto& rp : List("")) last_created_ms_ = std::max(last_created_ms_, rp.created_unix_ms);
   return Status::Ok();
 }
 
@@ -135,7 +145,7 @@ Result<std::string> Catalog::CreateSession(const std::string& item) {
   std::error_code ec;
   fs::create_directories(SessionDir(id), ec);
   if (ec) return Status::IoError("create session directory: " + ec.message());
-  json meta = {{"item", item}, {"created_unix_ms", NowMs()}};
+  json meta = {{"item", item}, {"created_unix_ms", Now()}, {"created_real_ms", NowMs()}};
   VMSNAP_RETURN_IF_ERROR(
       platform::Env::Default()->WriteFileAtomic(SessionDir(id) + "/session.json", meta.dump()));
   return id;
@@ -182,7 +192,7 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
   RecoveryPoint rp;
   rp.item = meta.value("item", "");
   rp.session = session;
-  rp.created_unix_ms = NowMs();
+  rp.created_unix_ms = std::max(Now(), last_created_ms_ + 1);
   rp.id = NewRpId(rp.created_unix_ms);
   if (!body.is_object() || !body.contains("disks") || !body["disks"].is_array() ||
       body["disks"].empty() || !body.value("consistency", json()).is_string())
@@ -259,6 +269,7 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
     return Status::IoError("publish recovery point: " + ec.message()).InPhase("commit");
   }
   VMSNAP_RETURN_IF_ERROR(env->SyncDir(rps_));
+  last_created_ms_ = rp.created_unix_ms;
   // Remember the outcome so that a retried commit returns the same recovery point.
   VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(dir + "/committed", rp.id));
   return rp;
@@ -308,6 +319,7 @@ Result<Manifest> Catalog::LoadManifest(const std::string& rp_id, int disk_index)
 }
 
 Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_index) const {
+  std::shared_lock chain_lock(chain_mu_);
   // Walk the parents back to a full manifest, then apply the deltas forward.
   std::vector<Manifest> chain;
   std::string id = rp_id;
@@ -338,6 +350,119 @@ Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_in
   }
   resolved.parent.clear();
   return resolved;
+}
+
+namespace {
+
+// The delta "apply `first`, then `second`" (both relative to views of the same geometry):
+// per index, `second`'s entry wins, zero entries are kept (the base may hold data there).
+Manifest ComposeDeltas(const Manifest& first, const Manifest& second) {
+  Manifest out;
+  out.disk_size = second.disk_size;
+  out.block_size = second.block_size;
+  out.parent = first.parent;
+  size_t i = 0, j = 0;
+  while (i < first.entries.size() || j < second.entries.size()) {
+    bool take_second =
+        j < second.entries.size() &&
+        (i >= first.entries.size() || second.entries[j].index <= first.entries[i].index);
+    if (take_second) {
+      if (i < first.entries.size() && first.entries[i].index == second.entries[j].index) ++i;
+      out.entries.push_back(second.entries[j++]);
+    } else {
+      out.entries.push_back(first.entries[i++]);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Status Catalog::RemovePoint(const std::string& id) {
+  auto* env = platform::Env::Default();
+  std::lock_guard lock(mu_);
+  std::unique_lock chain_lock(chain_mu_);
+  auto victim = Get(id);
+  if (!victim.ok()) return victim.take_status();
+  for (auto& child : List(victim->item)) {
+    bool changed = false;
+    for (auto& disk : child.disks) {
+      if (disk.parent != id) continue;
+      auto delta = LoadManifest(child.id, disk.index);
+      if (!delta.ok()) return delta.take_status();
+      if (delta->parent != id) continue;  // rp.json and manifest disagree: trust the manifest
+      auto pd = std::find_if(victim->disks.begin(), victim->disks.end(),
+                             [&](const DiskRecord& d) { return d.key == disk.key; });
+      if (pd == victim->disks.end())
+        return Status::Corruption("recovery point " + child.id + " names " + id +
+                                  " as parent of disk " + disk.key + ", which it does not have");
+      auto base = LoadManifest(id, pd->index);
+      if (!base.ok()) return base.take_status();
+      Manifest merged;
+      if (base->is_full()) {
+        auto applied = ApplyDelta(*base, *delta);
+        if (!applied.ok()) return applied.take_status();
+        merged = std::move(*applied);
+        merged.parent.clear();
+      } else {
+        if (base->disk_size != delta->disk_size || base->block_size != delta->block_size)
+          return Status::Corruption("geometry of " + child.id + " differs from its parent " + id);
+        merged = ComposeDeltas(*base, *delta);
+      }
+      VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(
+          RpDir(child.id) + "/disk-" + std::to_string(disk.index) + ".manifest",
+          EncodeManifest(merged)));
+      disk.parent = merged.parent;
+      disk.manifest_entries = merged.entries.size();
+      changed = true;
+    }
+    if (!changed) continue;
+    child.origin["merged"].push_back(id);
+    VMSNAP_RETURN_IF_ERROR(
+        env->WriteFileAtomic(RpDir(child.id) + "/rp.json", child.ToJson().dump(2)));
+  }
+  // Nothing names `id` any more: hide it atomically, then delete it.
+  const std::string trash = rps_ + "/.trash-" + id;
+  std::error_code ec;
+  fs::rename(RpDir(id), trash, ec);
+  if (ec) return Status::IoError("remove recovery point " + id + ": " + ec.message());
+  VMSNAP_RETURN_IF_ERROR(env->SyncDir(rps_));
+  fs::remove_all(trash, ec);
+  return Status::Ok();
+}
+
+std::vector<SessionInfo> Catalog::ListSessions() const {
+  auto* env = platform::Env::Default();
+  std::vector<SessionInfo> out;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(staging_, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    SessionInfo s;
+    s.id = it->path().filename().string();
+    if (!ValidSessionId(s.id)) continue;
+    auto text = env->ReadFile(SessionDir(s.id) + "/session.json");
+    json meta = text.ok() ? json::parse(*text, nullptr, false) : json();
+    if (meta.is_object()) {
+      s.item = meta.value("item", "");
+      s.created_unix_ms = meta.value("created_unix_ms", int64_t{0});
+      s.created_real_ms = meta.value("created_real_ms", int64_t{0});
+    }
+    s.committed = fs::exists(SessionDir(s.id) + "/committed", ec);
+    out.push_back(std::move(s));
+  }
+  std::sort(out.begin(), out.end(), [](const SessionInfo& a, const SessionInfo& b) {
+    return a.created_unix_ms < b.created_unix_ms;
+  });
+  return out;
+}
+
+Status Catalog::DeleteSession(const std::string& session) {
+  if (!ValidSessionId(session)) return Status::InvalidArgument("bad session id");
+  std::lock_guard lock(mu_);  // not while a commit of it runs
+  std::error_code ec;
+  fs::remove_all(SessionDir(session), ec);
+  if (ec) return Status::IoError("remove session " + session + ": " + ec.message());
+  return Status::Ok();
 }
 
 }  // namespace vmsnap::vault

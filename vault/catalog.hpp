@@ -7,11 +7,18 @@
 // Only published directories are ever listed, so a crash at any moment leaves no visible
 // half recovery point. Commit is idempotent per session (a retried commit returns the same
 // recovery point). Thread-safe: one mutex serialises metadata changes.
+//
+// Lifecycle (issue 5): RemovePoint deletes a recovery point and first merges it into every
+// point whose manifests reference it (see RemovePoint). Readers that walk parent chains
+// (ResolvedManifest) hold a shared lock that RemovePoint takes exclusively, so a reader never
+// sees a chain with a hole.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -49,9 +56,20 @@ struct RecoveryPoint {
 // Item names (one per protected machine): 1-128 of [A-Za-z0-9._-], not starting with '.'.
 Status ValidateItemName(const std::string& item);
 
+// A backup session as stored in DATA/staging/<id>/.
+struct SessionInfo {
+  std::string id;
+  std::string item;
+  int64_t created_unix_ms = 0;  // vault clock (injectable)
+  int64_t created_real_ms = 0;  // real clock; 0 for sessions made before issue 5
+  bool committed = false;
+};
+
 class Catalog {
  public:
-  Catalog(std::string data_dir, BlockStore* store);
+  using NowFn = std::function<int64_t()>;  // UTC milliseconds
+  // `now` stamps sessions and recovery points (tests inject a clock); null = the real clock.
+  Catalog(std::string data_dir, BlockStore* store, NowFn now = nullptr);
 
   // Creates the directories and removes leftovers of interrupted commits.
   Status Open();
@@ -69,16 +87,35 @@ class Catalog {
   Result<RecoveryPoint> Latest(const std::string& item) const;
   // The full block map of one disk of a recovery point, parents applied.
   Result<Manifest> ResolvedManifest(const std::string& rp_id, int disk_index) const;
+  // The manifest of one disk as stored (full or incremental).
+  Result<Manifest> LoadManifest(const std::string& rp_id, int disk_index) const;
+
+  // Deletes recovery point `id`. Every point with a disk whose manifest names `id` as parent
+  // is first rewritten so that it restores the same bytes without it: if `id`'s disk is full,
+  // the child's manifest becomes ApplyDelta(full, child delta) (a full manifest); otherwise
+  // the two deltas are composed (the child's entry wins per index) relative to `id`'s parent.
+  // Each manifest is replaced with WriteFileAtomic, then the child's rp.json, and only then is
+  // `id` hidden (renamed to rps/.trash-<id>, removed at start) and deleted. Every state a
+  // crash can leave restores every remaining point exactly (a half-merged child still names
+  // a point that still exists). kNotFound if `id` does not exist.
+  Status RemovePoint(const std::string& id);
+
+  // Sessions, oldest first, and removal of one session's staging directory.
+  std::vector<SessionInfo> ListSessions() const;
+  Status DeleteSession(const std::string& session);
 
  private:
-  Result<Manifest> LoadManifest(const std::string& rp_id, int disk_index) const;
+  int64_t Now() const;
   std::string RpDir(const std::string& id) const { return rps_ + "/" + id; }
   std::string SessionDir(const std::string& id) const { return staging_ + "/" + id; }
 
   std::string rps_;
   std::string staging_;
   BlockStore* store_;
-  mutable std::mutex mu_;
+  NowFn now_;
+  int64_t last_created_ms_ = 0;         // recovery point times strictly increase (ids sort by them)
+  mutable std::mutex mu_;               // commits and removals
+  mutable std::shared_mutex chain_mu_;  // shared: chain walks; exclusive: RemovePoint
 };
 
 }  // namespace vmsnap::vault

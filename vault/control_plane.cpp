@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs(
   started_ms INTEGER, ended_ms INTEGER, params TEXT NOT NULL DEFAULT '{}', report TEXT,
   error TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0, progress TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_item ON jobs(item, state);
+CREATE TABLE IF NOT EXISTS rp_retention(id TEXT PRIMARY KEY, retain_until_ms INTEGER NOT NULL);
 )sql";
 
 const char* kJobColumns =
@@ -104,7 +105,14 @@ ControlPlane::ControlPlane(std::unique_ptr<Db> db, Catalog* catalog, NowFn now,
 
 Status ControlPlane::Init() {
   std::lock_guard lock(mu_);
-  return db_->Exec(kSchema);
+  VMSNAP_RETURN_IF_ERROR(db_->Exec(kSchema));
+  // Added by issue 5; fails harmlessly ("duplicate column") on databases that have it.
+  auto cols =
+      db_->Query("SELECT COUNT(*) FROM pragma_table_info('agents') WHERE name='deleted_ms'");
+  if (!cols.ok()) return cols.take_status();
+  if ((*cols)[0].Int(0) == 0)
+    VMSNAP_RETURN_IF_ERROR(db_->Exec("ALTER TABLE agents ADD COLUMN deleted_ms INTEGER"));
+  return Status::Ok();
 }
 
 std::optional<std::string> ControlPlane::AgentForToken(const std::string& token) {
@@ -256,6 +264,11 @@ Result<json> ControlPlane::Protect(const std::string& vm, const std::string& pol
   std::lock_guard lock(mu_);
   auto p = db_->Query("SELECT schedule FROM policies WHERE name = ?1", {policy});
   if (!p.ok()) return p.take_status();
+  auto state = db_->Query("SELECT protection FROM agents WHERE name = ?1", {vm});
+  if (!state.ok()) return state.take_status();
+  if (!state->empty() && (*state)[0].Text(0) == "deleted")
+    return Status::Error(Code::kConflict, "VM '" + vm + "' was deleted with its data",
+                         "undelete it first: 'vmsnap undelete " + vm + "'");
   if (p->empty())
     return Status::NotFound("policy '" + policy + "' does not exist",
                             "create it with 'vmsnap policy create'");
@@ -332,9 +345,12 @@ Result<int64_t> ControlPlane::InsertJob(const std::string& vm, const std::string
 
 Result<json> ControlPlane::StartBackupLocked(const std::string& vm, const std::string& trigger,
                                              int64_t retain_until_ms) {
-  auto a = db_->Query("SELECT last_seen_ms FROM agents WHERE name=?1", {vm});
+  auto a = db_->Query("SELECT last_seen_ms, protection FROM agents WHERE name=?1", {vm});
   if (!a.ok()) return a.take_status();
   if (a->empty()) return UnknownVm(vm);
+  if ((*a)[0].Text(1) == "deleted")
+    return Status::Error(Code::kConflict, "VM '" + vm + "' was deleted with its data",
+                         "undelete it first: 'vmsnap undelete " + vm + "'");
   auto active = ActiveJob(vm);
   if (!active.ok()) return active.take_status();
   if (*active)
@@ -498,8 +514,24 @@ Result<json> ControlPlane::JobResult(const std::string& agent, int64_t id, const
 }
 
 void ControlPlane::Tick() {
-  std::lock_guard lock(mu_);
-  int64_t now = now_();
+  int64_t now = 0;
+  {
+    std::lock_guard lock(mu_);
+    now = now_();
+    TickLocked(now);
+  }
+  if (!lifecycle_) return;
+  {
+    std::lock_guard cl(cleanup_mu_);
+    if (last_cleanup_ms_ != 0 && now - last_cleanup_ms_ < opts_.cleanup_interval_ms &&
+        now >= last_cleanup_ms_)
+      return;
+  }
+  auto r = Cleanup();
+  if (!r.ok()) spdlog::error("scheduled cleanup failed: {}", r.status().ToString());
+}
+
+void ControlPlane::TickLocked(int64_t now) {
   auto agents = db_->Query(
       "SELECT a.name, a.schedule_anchor_ms, p.schedule, a.last_seen_ms FROM agents a "
       "JOIN policies p ON p.name = a.policy WHERE a.protection = 'protected'");
@@ -530,6 +562,179 @@ void ControlPlane::Tick() {
     for (const auto& r : *stale)
       db_->Query("UPDATE jobs SET state='failed', ended_ms=?1, error=?2 WHERE id=?3",
                  {now, NotReachable(r.Int(1)), r.Int(0)});
+}
+
+Result<LifecycleInputs> ControlPlane::InputsLocked() {
+  LifecycleInputs in;
+  in.soft_delete_ms = opts_.soft_delete_ms;
+  auto items = db_->Query(
+      "SELECT a.name, a.protection, a.deleted_ms, p.retention FROM agents a "
+      "LEFT JOIN policies p ON p.name = a.policy");
+  if (!items.ok()) return items.take_status();
+  for (const auto& r : *items) {
+    ItemRules rules;
+    const std::string state = r.Text(1);
+    if (state == "protected" && !r.IsNull(3)) {
+      auto ret = Retention::FromJson(ParseOr(r.Text(3), json()));
+      if (ret.ok()) {
+        rules.state = ItemState::kProtected;
+        rules.retention = *ret;
+      }
+    } else if (state == "stopped") {
+      rules.state = ItemState::kStopped;
+    } else if (state == "deleted") {
+      rules.state = ItemState::kDeleted;
+      rules.deleted_ms = r.IsNull(2) ? 0 : r.Int(2);
+    }
+    in.items[r.Text(0)] = rules;
+  }
+  auto busy = db_->Query("SELECT DISTINCT item FROM jobs WHERE state IN ('queued','in_progress')");
+  if (!busy.ok()) return busy.take_status();
+  for (const auto& r : *busy) in.items[r.Text(0)].busy = true;
+  auto overrides = db_->Query("SELECT id, retain_until_ms FROM rp_retention");
+  if (!overrides.ok()) return overrides.take_status();
+  for (const auto& r : *overrides) in.retain_overrides[r.Text(0)] = r.Int(1);
+  return in;
+}
+
+namespace {
+Status NoLifecycle() {
+  return Status::NotFound("recovery point lifecycle is not enabled in this vault");
+}
+}  // namespace
+
+Result<json> ControlPlane::Cleanup() {
+  if (!lifecycle_) return NoLifecycle();
+  std::lock_guard cl(cleanup_mu_);
+  LifecycleInputs in;
+  int64_t now = 0;
+  {
+    std::lock_guard lock(mu_);
+    auto r = InputsLocked();
+    if (!r.ok()) return r.take_status();
+    in = std::move(*r);
+    now = now_();
+  }
+  auto report = lifecycle_->Cleanup(now, in);
+  last_cleanup_ms_ = now;
+  if (!report.ok()) return report.take_status();
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& item : report->purged_items)
+      db_->Query(
+          "UPDATE agents SET protection='unprotected', policy=NULL, deleted_ms=NULL "
+          "WHERE name=?1 AND protection='deleted'",
+          {item});
+    for (const auto& id : report->removed) db_->Query("DELETE FROM rp_retention WHERE id=?1", {id});
+  }
+  json out = report->ToJson();
+  out["now"] = IsoTime(now);
+  return out;
+}
+
+Result<json> ControlPlane::Unprotect(const std::string& vm, bool delete_data) {
+  std::lock_guard lock(mu_);
+  auto row = db_->Query("SELECT protection FROM agents WHERE name=?1", {vm});
+  if (!row.ok()) return row.take_status();
+  if (row->empty()) return UnknownVm(vm);
+  if ((*row)[0].Text(0) == "deleted")
+    return Status::Error(Code::kConflict, "VM '" + vm + "' is already deleted with its data",
+                         "undelete it with 'vmsnap undelete " + vm + "'");
+  if (delete_data) {
+    auto active = ActiveJob(vm);
+    if (!active.ok()) return active.take_status();
+    if (*active)
+      return Status::Error(
+          Code::kConflict,
+          "another operation is in progress on this item (job " + std::to_string(**active) + ")",
+          "wait for it to finish or cancel it ('vmsnap job cancel " + std::to_string(**active) +
+              "')");
+  }
+  const int64_t now = now_();
+  auto up = db_->Query("UPDATE agents SET protection=?1, policy=NULL, deleted_ms=?2 WHERE name=?3",
+                       {std::string(delete_data ? "deleted" : "stopped"),
+                        delete_data ? DbValue(now) : DbValue(nullptr), vm});
+  if (!up.ok()) return up.take_status();
+  auto job = InsertJob(vm, "configure-protection", "admin", "completed",
+                       {{"unprotect", delete_data ? "delete-data" : "keep-data"}}, "");
+  if (!job.ok()) return job.take_status();
+  json out{{"vm", vm}, {"protection", delete_data ? "deleted" : "stopped"}, {"job", *job}};
+  if (delete_data) {
+    out["purge_after_ms"] = now + opts_.soft_delete_ms;
+    out["purge_after"] = IsoTime(now + opts_.soft_delete_ms);
+  }
+  return out;
+}
+
+Result<json> ControlPlane::Undelete(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto row = db_->Query("SELECT protection FROM agents WHERE name=?1", {vm});
+  if (!row.ok()) return row.take_status();
+  if (row->empty()) return UnknownVm(vm);
+  if ((*row)[0].Text(0) != "deleted")
+    return Status::Error(Code::kConflict, "VM '" + vm + "' is not deleted",
+                         "nothing to undelete; its protection is " + (*row)[0].Text(0));
+  auto up =
+      db_->Query("UPDATE agents SET protection='stopped', deleted_ms=NULL WHERE name=?1", {vm});
+  if (!up.ok()) return up.take_status();
+  auto job = InsertJob(vm, "configure-protection", "admin", "completed", {{"undelete", true}}, "");
+  if (!job.ok()) return job.take_status();
+  return json{{"vm", vm},
+              {"protection", "stopped"},
+              {"recovery_points", catalog_->List(vm).size()},
+              {"job", *job}};
+}
+
+Result<json> ControlPlane::RetainPoint(const std::string& rp, int64_t until_ms) {
+  auto point = catalog_->Get(rp);
+  if (!point.ok()) return point.take_status();
+  if (until_ms < 0) return Status::InvalidArgument("retention time must not be negative");
+  std::lock_guard lock(mu_);
+  auto r = until_ms == 0
+               ? db_->Query("DELETE FROM rp_retention WHERE id=?1", {rp})
+               : db_->Query(
+                     "INSERT INTO rp_retention(id, retain_until_ms) VALUES(?1,?2) "
+                     "ON CONFLICT(id) DO UPDATE SET retain_until_ms=excluded.retain_until_ms",
+                     {rp, until_ms});
+  if (!r.ok()) return r.take_status();
+  return json{{"id", rp},
+              {"item", point->item},
+              {"retain_until_ms", until_ms == 0 ? json() : json(until_ms)}};
+}
+
+Result<json> ControlPlane::RecoveryPoints(const std::string& vm) {
+  if (!lifecycle_) return NoLifecycle();
+  LifecycleInputs in;
+  int64_t now = 0;
+  {
+    std::lock_guard lock(mu_);
+    auto r = InputsLocked();
+    if (!r.ok()) return r.take_status();
+    in = std::move(*r);
+    now = now_();
+  }
+  return json{{"vm", vm}, {"recovery_points", lifecycle_->Points(vm, now, in)}};
+}
+
+Result<json> ControlPlane::Storage(const std::string& vm) {
+  if (!lifecycle_) return NoLifecycle();
+  LifecycleInputs in;
+  {
+    std::lock_guard lock(mu_);
+    auto r = InputsLocked();
+    if (!r.ok()) return r.take_status();
+    in = std::move(*r);
+  }
+  json out = lifecycle_->Storage(vm, in);
+  if (!vm.empty() && out["items"].empty() && !in.items.count(vm))
+    return Status::NotFound("VM '" + vm + "' has no recovery point and is not registered",
+                            "list VMs with 'vmsnap vm list'");
+  return out;
+}
+
+Result<json> ControlPlane::Verify(const std::string& vm, const std::string& rp) {
+  if (!lifecycle_) return NoLifecycle();
+  return lifecycle_->Verify(vm, rp);
 }
 
 }  // namespace vmsnap::vault

@@ -24,12 +24,15 @@
 #include "common/status.hpp"
 #include "vault/catalog.hpp"
 #include "vault/db.hpp"
+#include "vault/retention.hpp"
 
 namespace vmsnap::vault {
 
 struct ControlPlaneOptions {
-  int64_t agent_timeout_ms = 10 * 60 * 1000;  // "not reachable" after this long without contact
-  int64_t poll_wait_ms = 20 * 1000;           // how long Poll holds an idle agent's request
+  int64_t agent_timeout_ms = 10 * 60 * 1000;     // "not reachable" after this long without contact
+  int64_t poll_wait_ms = 20 * 1000;              // how long Poll holds an idle agent's request
+  int64_t cleanup_interval_ms = 3600 * 1000;     // Tick runs a cleanup when this much has passed
+  int64_t soft_delete_ms = 14LL * 86400 * 1000;  // unprotect --delete-data keeps data this long
 };
 
 class ControlPlane {
@@ -66,8 +69,22 @@ class ControlPlane {
   Result<nlohmann::json> JobResult(const std::string& agent, int64_t id,
                                    const nlohmann::json& result);
 
-  // Fires due scheduled backups and fails work for agents that stopped answering.
+  // Fires due scheduled backups and fails work for agents that stopped answering; runs a
+  // cleanup when cleanup_interval_ms passed since the last one (on the injected clock).
   void Tick();
+
+  // Recovery point lifecycle (issue 5). `lifecycle` is not owned; null disables it.
+  void SetLifecycle(Lifecycle* lifecycle) { lifecycle_ = lifecycle; }
+  // Runs one cleanup now (expiry with merge, purge, sessions, garbage collection).
+  Result<nlohmann::json> Cleanup();
+  // unprotect --keep-data (delete_data false) or --delete-data (soft delete).
+  Result<nlohmann::json> Unprotect(const std::string& vm, bool delete_data);
+  Result<nlohmann::json> Undelete(const std::string& vm);
+  // Sets the on-demand retention of one point (0: back to its original retention).
+  Result<nlohmann::json> RetainPoint(const std::string& rp, int64_t until_ms);
+  Result<nlohmann::json> RecoveryPoints(const std::string& vm);
+  Result<nlohmann::json> Storage(const std::string& vm);
+  Result<nlohmann::json> Verify(const std::string& vm, const std::string& rp);
 
  private:
   Result<nlohmann::json> JobJson(int64_t id);
@@ -78,6 +95,12 @@ class ControlPlane {
   Result<nlohmann::json> StartBackupLocked(const std::string& vm, const std::string& trigger,
                                            int64_t retain_until_ms);
   std::string NotReachable(int64_t last_seen_ms) const;
+  Result<LifecycleInputs> InputsLocked();
+  void TickLocked(int64_t now);
+
+  Lifecycle* lifecycle_ = nullptr;
+  std::mutex cleanup_mu_;  // one cleanup at a time; never held together with mu_ first
+  int64_t last_cleanup_ms_ = 0;
 
   std::unique_ptr<Db> db_;
   Catalog* catalog_;

@@ -71,6 +71,8 @@ struct ServeOptions {
   bool test_clock = false;
   int agent_timeout_s = 600;
   int poll_wait_s = 20;
+  int cleanup_interval_s = 3600;
+  int soft_delete_days = 14;
 };
 
 int64_t RealNowMs() {
@@ -106,21 +108,24 @@ int Serve(const ServeOptions& so) {
 
   vault::BlockStore store(data_dir + "/blocks");
   if (Status st = store.Open(); !st.ok()) return fail(st, "open block store");
-  vault::Catalog catalog(data_dir, &store);
-  if (Status st = catalog.Open(); !st.ok()) return fail(st, "open catalog");
-  auto db = vault::Db::Open(data_dir + "/control.db");
-  if (!db.ok()) return fail(db.take_status(), "open control plane");
   vault::TestClock clock;
   clock.enabled = so.test_clock;
   clock.now_ms = RealNowMs();
+  auto vault_now = [&clock]() { return clock.enabled ? clock.now_ms.load() : RealNowMs(); };
+  vault::Catalog catalog(data_dir, &store, vault_now);
+  if (Status st = catalog.Open(); !st.ok()) return fail(st, "open catalog");
+  auto db = vault::Db::Open(data_dir + "/control.db");
+  if (!db.ok()) return fail(db.take_status(), "open control plane");
   if (so.test_clock) spdlog::warn("test clock enabled: the admin API may set the time");
   vault::ControlPlaneOptions cpo;
   cpo.agent_timeout_ms = int64_t{so.agent_timeout_s} * 1000;
   cpo.poll_wait_ms = int64_t{so.poll_wait_s} * 1000;
-  vault::ControlPlane control(
-      std::move(*db), &catalog,
-      [&clock]() { return clock.enabled ? clock.now_ms.load() : RealNowMs(); }, cpo);
+  cpo.cleanup_interval_ms = int64_t{so.cleanup_interval_s} * 1000;
+  cpo.soft_delete_ms = int64_t{so.soft_delete_days} * 86400 * 1000;
+  vault::ControlPlane control(std::move(*db), &catalog, vault_now, cpo);
   if (Status st = control.Init(); !st.ok()) return fail(st, "open control plane");
+  vault::Lifecycle lifecycle(&catalog, &store);
+  control.SetLifecycle(&lifecycle);
   vault::VaultApi api(&store, &catalog, &control, &clock, *token);
 
   // Signals are taken synchronously by this thread; block them before any thread starts.
@@ -204,6 +209,16 @@ int main(int argc, char** argv) {
   serve->add_option("--poll-wait", so.poll_wait_s, "Seconds an idle agent's poll is held")
       ->capture_default_str()
       ->check(CLI::Range(1, 60));
+  serve
+      ->add_option("--cleanup-interval", so.cleanup_interval_s,
+                   "Seconds between scheduled cleanups (expiry, merge, garbage collection)")
+      ->capture_default_str()
+      ->check(CLI::Range(60, 86400 * 7));
+  serve
+      ->add_option("--soft-delete-days", so.soft_delete_days,
+                   "Days 'unprotect --delete-data' keeps a VM's data before purging it")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 3650));
   serve->add_flag("--test-clock", so.test_clock,
                   "Let the admin API set the clock (for tests; never in production)");
   CLI11_PARSE(app, argc, argv);

@@ -1,0 +1,656 @@
+// Recovery point lifecycle (issue 5): seed 002's storage table and its three expiry cases,
+// stop protection / soft delete with an injected clock, verify, cleanup racing an upload and a
+// long seeded random run. The process-level tests drive a real vault (--test-clock), real
+// `vmsnap-agent backup/restore` and the real admin CLI; the race and the long run drive
+// Catalog, BlockStore and Lifecycle in-process to force interleavings and stay fast.
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "common/block_codec.hpp"
+#include "common/manifest.hpp"
+#include "tests/support/test_support.hpp"
+#include "vault/block_store.hpp"
+#include "vault/catalog.hpp"
+#include "vault/retention.hpp"
+
+using namespace vmsnap;
+using namespace vmsnap::test;
+using nlohmann::json;
+
+namespace {
+
+constexpr uint64_t kBlock = 16 * 1024;
+constexpr int64_t kDay = 86400000;
+// 2030-01-31T00:00:00Z: a month boundary follows one day later.
+constexpr int64_t kJan31 = 1896048000000;
+
+RunResult Admin(const Vault& v, std::vector<std::string> args) {
+  std::vector<std::string> argv{VMSNAP_ADMIN_BINARY};
+  argv.insert(argv.end(), args.begin(), args.end());
+  argv.insert(argv.end(), {"--vault-config", v.data() + "/vault.json", "--json"});
+  return Run(argv);
+}
+
+json AdminJson(const Vault& v, std::vector<std::string> args) {
+  auto r = Admin(v, args);
+  INFO("vmsnap " << args[0] << " stderr: " << r.err);
+  REQUIRE(r.exit_code == 0);
+  json j = r.json();
+  REQUIRE(!j.is_null());
+  return j;
+}
+
+void SetClock(const Vault& v, int64_t now_ms) {
+  auto r =
+      Run({"/usr/bin/curl", "-s", "--cacert", v.ca(), "-H", "Authorization: Bearer " + v.token(),
+           "-d", json{{"now_ms", now_ms}}.dump(), v.url() + "/v1/admin/clock"});
+  INFO("clock: " << r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(r.json()["now_ms"] == now_ms);
+}
+
+std::string Iso(int64_t ms) {
+  std::time_t t = static_cast<std::time_t>(ms / 1000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// Blocks older than the collector's safety margin (1 s of real time) can be freed.
+void LetBlocksAge() {
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+}
+
+// A vault with a test clock and one enrolled (registered) VM whose 4-block disk image the test
+// changes and backs up with the admin token (`vmsnap-agent backup --item`).
+struct SeedVm {
+  TempDir tmp;
+  Vault vault{tmp / "data"};
+  std::string name = "vm1";
+  std::string disk = tmp / "vm1.img";
+  std::map<std::string, std::string> kept;  // rp id -> copy of the image it must restore
+
+  explicit SeedVm(int64_t start_ms, std::vector<std::string> vault_args = {}) {
+    vault_args.insert(vault_args.begin(), "--test-clock");
+    vault.Configure(vault_args);
+    vault.Start();
+    SetClock(vault, start_ms);
+    CreateSparseFile(disk, 4 * kBlock);
+    json token = AdminJson(vault, {"enroll-token", "create", "--expires", "1h"});
+    json info = json::parse(ReadWhole(vault.data() + "/vault.json"));
+    auto r =
+        Agent({"enroll", "--vault", vault.url(), "--ca-fingerprint", info["ca_fingerprint_sha256"],
+               "--token", token["token"], "--name", name, "--disk", disk, "--config",
+               tmp / "agent.json", "--state-dir", tmp / "enroll-state", "--json"});
+    INFO("enroll: " << r.err);
+    REQUIRE(r.exit_code == 0);
+  }
+
+  // Backs the image up at vault time `at_ms` and keeps a copy of it.
+  std::string Backup(int64_t at_ms) {
+    SetClock(vault, at_ms);
+    std::vector<std::string> args{"backup"};
+    auto c = vault.conn();
+    args.insert(args.end(), c.begin(), c.end());
+    args.insert(args.end(), {"--disk", disk, "--block-size", "16K", "--item", name, "--state-dir",
+                             tmp / "state", "--json"});
+    auto r = Agent(args);
+    INFO("backup: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    std::string rp = r.json()["recovery_point"];
+    std::filesystem::copy_file(disk, tmp / (rp + ".img"));
+    kept[rp] = tmp / (rp + ".img");
+    return rp;
+  }
+
+  uint64_t StoredBytes() {
+    json s = AdminJson(vault, {"storage", name});
+    REQUIRE(s["items"].size() == 1);
+    CHECK(s["items"][0]["stored_bytes"] == s["vault"]["stored_bytes"]);
+    return s["items"][0]["stored_bytes"];
+  }
+
+  std::vector<std::string> Points() {
+    std::vector<std::string> ids;
+    json list = AdminJson(vault, {"rp", "list", name});
+    for (const auto& p : list["recovery_points"]) ids.push_back(p["id"]);
+    return ids;
+  }
+
+  // Every remaining point restores exactly the image it was made from.
+  void CheckRestores() {
+    for (const auto& id : Points()) {
+      std::vector<std::string> args{"restore"};
+      auto c = vault.conn();
+      args.insert(args.end(), c.begin(), c.end());
+      std::string out = tmp / ("restored-" + id + ".img");
+      std::filesystem::remove(out);
+      args.insert(args.end(), {"--rp", id, "--to", out, "--json"});
+      auto r = Agent(args);
+      INFO("restore " << id << ": " << r.err);
+      REQUIRE(r.exit_code == 0);
+      REQUIRE(kept.count(id));
+      CHECK(FileSha256(out) == FileSha256(kept[id]));
+    }
+  }
+
+  void Policy(const std::string& policy, int daily, int weekly, int monthly) {
+    AdminJson(vault, {"policy", "create", policy, "--schedule", "daily 23:59", "--keep-daily",
+                      std::to_string(daily), "--keep-weekly", std::to_string(weekly),
+                      "--keep-monthly", std::to_string(monthly), "--keep-yearly", "0"});
+    AdminJson(vault, {"protect", name, "--policy", policy});
+  }
+};
+
+// Seed 002's three backups: RP1 = D1+D2 (blocks 0, 1; 2 and 3 zero), RP2 adds D3 (block 2),
+// RP3 changes D2 -> D2' and D3 -> D3'. Random data: every block is stored raw (16 KiB).
+std::vector<std::string> SeedBackups(SeedVm& s, int64_t t1, int64_t t2, int64_t t3) {
+  std::vector<std::string> rps;
+  WriteRandomBlocks(s.disk, kBlock, {0, 1}, 1);
+  rps.push_back(s.Backup(t1));
+  CHECK(s.StoredBytes() == 2 * kBlock);
+  WriteRandomBlocks(s.disk, kBlock, {2}, 2);
+  rps.push_back(s.Backup(t2));
+  CHECK(s.StoredBytes() == 3 * kBlock);
+  WriteRandomBlocks(s.disk, kBlock, {1, 2}, 3);
+  rps.push_back(s.Backup(t3));
+  CHECK(s.StoredBytes() == 5 * kBlock);
+  json list = AdminJson(s.vault, {"rp", "list", s.name})["recovery_points"];
+  REQUIRE(list.size() == 3);
+  CHECK(list[0]["full"] == true);
+  CHECK(list[0]["added_bytes"] == 2 * kBlock);
+  CHECK(list[1]["added_bytes"] == kBlock);
+  CHECK(list[2]["added_bytes"] == 2 * kBlock);
+  return rps;
+}
+
+json CleanupNow(const Vault& v) {
+  return AdminJson(v, {"cleanup", "--now"});
+}
+
+}  // namespace
+
+TEST_CASE("seed 002, case 1: the initial full expires and is merged into the next point") {
+  SeedVm s(kJan31 - 10 * kDay);
+  auto rps = SeedBackups(s, kJan31 - 10 * kDay + 3600000, kJan31 - 9 * kDay + 3600000,
+                         kJan31 - 8 * kDay + 3600000);
+  // Keep 2 daily points: at day 3, day 1's point (RP1) has expired.
+  s.Policy("two-days", 2, 0, 0);
+  LetBlocksAge();
+  json report = CleanupNow(s.vault);
+  CHECK(report["removed"] == json::array({rps[0]}));
+  CHECK(report["bytes_freed"] == 0);  // D1, D2 are still needed by RP2
+  CHECK(s.StoredBytes() == 5 * kBlock);
+  json list = AdminJson(s.vault, {"rp", "list", s.name})["recovery_points"];
+  REQUIRE(list.size() == 2);
+  CHECK(list[0]["id"] == rps[1]);
+  CHECK(list[0]["full"] == true);  // RP2 became the full
+  CHECK(list[0]["added_bytes"] == 3 * kBlock);
+  s.CheckRestores();
+  // Nothing else is due: a second cleanup changes nothing.
+  CHECK(CleanupNow(s.vault)["removed"].empty());
+}
+
+TEST_CASE("seed 002, case 2: a middle incremental expires and is merged into the next") {
+  SeedVm s(kJan31);
+  // RP1 on Jan 31 (the January point), RP2 Feb 1, RP3 Feb 2.
+  auto rps =
+      SeedBackups(s, kJan31 + 43200000, kJan31 + kDay + 43200000, kJan31 + 2 * kDay + 43200000);
+  s.Policy("daily-and-monthly", 1, 0, 12);
+  auto list = AdminJson(s.vault, {"rp", "list", s.name})["recovery_points"];
+  CHECK(list[0]["kept_by"] == json::array({"daily", "monthly"}));
+  CHECK(list[0]["expires_ms"] == kJan31 + 335LL * kDay);  // 2031-01-01
+  CHECK(list[1]["expires_ms"] == kJan31 + 2 * kDay);
+  LetBlocksAge();
+  json report = CleanupNow(s.vault);
+  CHECK(report["removed"] == json::array({rps[1]}));
+  CHECK(report["bytes_freed"] == kBlock);  // D3, replaced by D3' in RP3
+  CHECK(s.StoredBytes() == 4 * kBlock);
+  CHECK(s.Points() == std::vector<std::string>{rps[0], rps[2]});
+  s.CheckRestores();
+}
+
+TEST_CASE("seed 002, case 3: an on-demand point expires and is merged into the next") {
+  SeedVm s(kJan31 - 20 * kDay);
+  const int64_t d0 = kJan31 - 20 * kDay + 3600000;
+  WriteRandomBlocks(s.disk, kBlock, {0, 1}, 1);
+  std::string rp1 = s.Backup(d0);
+  WriteRandomBlocks(s.disk, kBlock, {2}, 2);
+  std::string rp2 = s.Backup(d0 + kDay);
+  // RP2 is on demand, kept until 12 hours after it was made.
+  AdminJson(s.vault, {"rp", "retain", rp2, "--until", Iso(d0 + kDay + 43200000)});
+  WriteRandomBlocks(s.disk, kBlock, {1, 2}, 3);
+  std::string rp3 = s.Backup(d0 + 2 * kDay);
+  CHECK(s.StoredBytes() == 5 * kBlock);
+  s.Policy("five-days", 5, 0, 0);
+  auto list = AdminJson(s.vault, {"rp", "list", s.name})["recovery_points"];
+  CHECK(list[1]["kept_by"] == json::array({"on-demand"}));
+  LetBlocksAge();
+  json report = CleanupNow(s.vault);
+  CHECK(report["removed"] == json::array({rp2}));
+  CHECK(report["bytes_freed"] == kBlock);
+  CHECK(s.StoredBytes() == 4 * kBlock);
+  CHECK(s.Points() == std::vector<std::string>{rp1, rp3});
+  s.CheckRestores();
+}
+
+TEST_CASE("stop protection: keep data, resume, soft delete, undelete, purge") {
+  const int64_t t0 = kJan31;
+  SeedVm s(t0, {"--soft-delete-days", "14"});
+  WriteRandomBlocks(s.disk, kBlock, {0, 1}, 11);
+  std::string rp1 = s.Backup(t0 + 3600000);
+  WriteRandomBlocks(s.disk, kBlock, {1}, 12);
+  std::string rp2 = s.Backup(t0 + kDay + 3600000);
+  s.Policy("one-day", 1, 0, 0);
+
+  // Keep data: nothing expires, however late it gets.
+  AdminJson(s.vault, {"unprotect", s.name, "--keep-data"});
+  SetClock(s.vault, t0 + 30 * kDay);
+  CHECK(CleanupNow(s.vault)["removed"].empty());
+  auto list = AdminJson(s.vault, {"rp", "list", s.name})["recovery_points"];
+  REQUIRE(list.size() == 2);
+  CHECK(list[0]["expires_ms"].is_null());
+  CHECK(list[0]["kept_by"] == json::array({"protection stopped"}));
+  json vms = AdminJson(s.vault, {"vm", "list"})["vms"];
+  CHECK(vms[0]["protection"] == "stopped");
+
+  // Protect again: retention applies again (keep 1 daily: RP1 goes, the newest stays).
+  AdminJson(s.vault, {"protect", s.name, "--policy", "one-day"});
+  CHECK(CleanupNow(s.vault)["removed"] == json::array({rp1}));
+  CHECK(s.Points() == std::vector<std::string>{rp2});
+
+  // Delete data: soft-deleted, not billable, kept past its expiry.
+  LetBlocksAge();
+  const int64_t deleted_at = t0 + 30 * kDay + 3600000;  // before the 23:59 slot
+  SetClock(s.vault, deleted_at);
+  json del = AdminJson(s.vault, {"unprotect", s.name, "--delete-data"});
+  CHECK(del["purge_after_ms"] == deleted_at + 14 * kDay);
+  json storage = AdminJson(s.vault, {"storage", s.name});
+  CHECK(storage["items"][0]["soft_deleted"] == true);
+  CHECK(storage["items"][0]["billable_bytes"] == 0);
+  CHECK(storage["items"][0]["stored_bytes"] == 2 * kBlock);
+  CHECK(Admin(s.vault, {"backup", s.name}).exit_code != 0);  // undelete first
+  SetClock(s.vault, deleted_at + 13 * kDay);
+  CHECK(CleanupNow(s.vault)["purged_items"].empty());
+  CHECK(s.Points() == std::vector<std::string>{rp2});
+
+  // Undelete within the window brings everything back.
+  json undel = AdminJson(s.vault, {"undelete", s.name});
+  CHECK(undel["recovery_points"] == 1);
+  CHECK(AdminJson(s.vault, {"storage", s.name})["items"][0]["billable_bytes"] == 2 * kBlock);
+  s.CheckRestores();
+  CHECK(Admin(s.vault, {"undelete", s.name}).exit_code != 0);  // not deleted any more
+
+  // Delete again and let the window pass: purged, blocks freed.
+  const int64_t deleted_again = deleted_at + 13 * kDay + 3600000;
+  SetClock(s.vault, deleted_again);
+  AdminJson(s.vault, {"unprotect", s.name, "--delete-data"});
+  SetClock(s.vault, deleted_again + 14 * kDay + 1);
+  json report = CleanupNow(s.vault);
+  // The scheduled cleanup of SetClock may already have purged it; either way it is gone.
+  CHECK(s.Points().empty());
+  json after = AdminJson(s.vault, {"storage"});
+  CHECK(after["vault"]["stored_bytes"] == 0);
+  CHECK(AdminJson(s.vault, {"vm", "list"})["vms"][0]["protection"] == "unprotected");
+  CHECK(Admin(s.vault, {"undelete", s.name}).exit_code != 0);
+  (void)report;
+}
+
+TEST_CASE("verify finds a corrupted and a missing block") {
+  SeedVm s(kJan31);
+  WriteRandomBlocks(s.disk, kBlock, {0, 1, 3}, 21);
+  std::string rp1 = s.Backup(kJan31 + 1000);
+  WriteRandomBlocks(s.disk, kBlock, {2}, 22);
+  std::string rp2 = s.Backup(kJan31 + 2000);
+  json ok = AdminJson(s.vault, {"verify", s.name});
+  CHECK(ok["ok"] == true);
+  CHECK(ok["blocks_checked"] == 4);
+
+  // Flip one byte of block 1's file (a block RP1 and RP2 both need).
+  std::string data = ReadWhole(s.kept[rp1]);
+  std::string_view block1(data.data() + kBlock, kBlock);
+  BlockId id = Sha256Block(std::as_bytes(std::span(block1.data(), block1.size())));
+  std::string hex = id.Hex();
+  std::string path = s.vault.data() + "/blocks/" + hex.substr(0, 2) + "/" + hex;
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    REQUIRE(f.good());
+    f.seekg(100);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(100);
+    f.write(&c, 1);
+  }
+  auto bad = Admin(s.vault, {"verify", s.name});
+  CHECK(bad.exit_code != 0);
+  json report = bad.json();
+  CHECK(report["ok"] == false);
+  CHECK(report["corrupt"] == 2);  // referenced by both points
+  CHECK(report["points"][0]["corrupt"] == json::array({hex}));
+  // One point only.
+  auto one = Admin(s.vault, {"verify", s.name, "--rp", rp2});
+  CHECK(one.exit_code != 0);
+  CHECK(one.json()["points"].size() == 1);
+
+  // A missing block is reported as missing.
+  std::string data2 = ReadWhole(s.kept[rp2]);
+  BlockId id2 = Sha256Block(std::as_bytes(std::span(data2.data() + 2 * kBlock, kBlock)));
+  std::filesystem::remove(s.vault.data() + "/blocks/" + id2.Hex().substr(0, 2) + "/" + id2.Hex());
+  json r2 = Admin(s.vault, {"verify", s.name, "--rp", rp2}).json();
+  CHECK(r2["points"][0]["missing"] == json::array({id2.Hex()}));
+  // Bad input: unknown point.
+  auto unknown = Admin(s.vault, {"verify", s.name, "--rp", "20300101T000000000Z-0000"});
+  CHECK(unknown.exit_code != 0);
+  CHECK(unknown.err.find("does not exist") != std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process tests: Catalog + BlockStore + Lifecycle with an injected clock.
+
+namespace {
+
+using vault::BlockStore;
+using vault::Catalog;
+using vault::ItemRules;
+using vault::ItemState;
+using vault::Lifecycle;
+using vault::LifecycleInputs;
+
+using Image = std::vector<std::string>;  // per block: content, empty = zero
+
+struct Lib {
+  TempDir tmp;
+  BlockStore store{tmp / "blocks"};
+  int64_t now = kJan31;
+  Catalog catalog{tmp.path(), &store, [this] { return now; }};
+  // Real clock ahead by a minute: every block not protected by an open session is "old".
+  Lifecycle lifecycle{&catalog, &store, [] {
+                        return std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count() +
+                               60000;
+                      }};
+  std::map<std::string, Image> kept;  // rp id -> image
+
+  Lib() {
+    REQUIRE(store.Open().ok());
+    REQUIRE(catalog.Open().ok());
+  }
+
+  static BlockId IdOf(const std::string& content) {
+    return Sha256Block(std::as_bytes(std::span(content.data(), content.size())));
+  }
+
+  void PutBlock(const std::string& content) {
+    BlockId id = IdOf(content);
+    auto enc = EncodeBlock(id, std::as_bytes(std::span(content.data(), content.size())));
+    REQUIRE(store.Put({enc}).ok());
+  }
+
+  // Uploads what changed since the item's latest point and commits; returns the rp id.
+  std::string Backup(const std::string& item, const Image& image, json origin = json::object()) {
+    auto session = catalog.CreateSession(item);
+    REQUIRE(session.ok());
+    Manifest m;
+    m.disk_size = image.size() * kBlock;
+    m.block_size = kBlock;
+    Image base(image.size());
+    if (auto latest = catalog.Latest(item); latest.ok()) {
+      m.parent = latest->id;
+      base = kept.at(latest->id);
+    }
+    for (uint64_t i = 0; i < image.size(); ++i) {
+      if (!m.parent.empty() && image[i] == base[i]) continue;
+      if (image[i].empty()) {
+        if (!m.parent.empty()) m.entries.push_back({i, std::nullopt});
+        continue;
+      }
+      if (!store.HasForUpload(IdOf(image[i]))) PutBlock(image[i]);
+      m.entries.push_back({i, IdOf(image[i])});
+    }
+    REQUIRE(catalog.PutManifest(*session, 0, EncodeManifest(m)).ok());
+    json body{{"consistency", "crash"},
+              {"disks", json::array({{{"index", 0}, {"key", "/dev/" + item}}})},
+              {"origin", origin}};
+    auto rp = catalog.Commit(*session, body);
+    INFO(rp.status().ToString());
+    REQUIRE(rp.ok());
+    kept[rp->id] = image;
+    return rp->id;
+  }
+
+  // Every remaining point restores its image; the store holds exactly their blocks.
+  void CheckAll() {
+    std::set<std::string> needed_hex;
+    for (const auto& rp : catalog.List("")) {
+      REQUIRE(kept.count(rp.id));
+      const Image& want = kept[rp.id];
+      auto m = catalog.ResolvedManifest(rp.id, 0);
+      INFO(rp.id << ": " << m.status().ToString());
+      REQUIRE(m.ok());
+      Image got(want.size());
+      std::vector<std::byte> plain;
+      for (const auto& e : m->entries) {
+        auto b = store.Get(*e.id);
+        REQUIRE(b.ok());
+        REQUIRE(DecodeBlock(*b, plain).ok());
+        got[e.index].assign(reinterpret_cast<const char*>(plain.data()), plain.size());
+        needed_hex.insert(e.id->Hex());
+      }
+      CHECK(got == want);
+    }
+    std::set<std::string> stored_hex;
+    uint64_t stored_bytes = 0, needed_bytes = 0;
+    store.ForEach([&](const BlockId& id, uint64_t bytes, int64_t) {
+      stored_hex.insert(id.Hex());
+      stored_bytes += bytes;
+    });
+    for (const auto& hex : needed_hex) needed_bytes += store.StoredBytes(*BlockId::FromHex(hex));
+    CHECK(stored_hex == needed_hex);
+    CHECK(stored_bytes == needed_bytes);
+  }
+};
+
+std::string RandomBlock(std::mt19937_64& rng) {
+  std::string s(kBlock, '\0');
+  for (size_t i = 0; i < s.size(); i += 8) {
+    uint64_t v = rng();
+    std::memcpy(s.data() + i, &v, 8);
+  }
+  return s;
+}
+
+void Backdate(const std::string& dir) {
+  struct timespec old[2];
+  clock_gettime(CLOCK_REALTIME, &old[0]);
+  old[0].tv_sec -= 3600;
+  old[1] = old[0];
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) ::utimensat(AT_FDCWD, e.path().c_str(), old, 0);
+}
+
+}  // namespace
+
+TEST_CASE("expiry rules: periods, several rules, the longest wins, the newest is kept") {
+  using vault::ComputeExpiry;
+  using vault::Period;
+  using vault::PeriodStart;
+  // 2030-01-31 is a Thursday; its ISO week starts Monday 2030-01-28.
+  CHECK(PeriodStart(Period::kDay, kJan31 + 5000, 1) == kJan31 + kDay);
+  CHECK(PeriodStart(Period::kWeek, kJan31 + 5000, 0) == kJan31 - 3 * kDay);
+  CHECK(PeriodStart(Period::kMonth, kJan31 + 5000, 1) == kJan31 + kDay);  // Feb 1
+  CHECK(PeriodStart(Period::kMonth, kJan31, 12) == kJan31 + kDay + 365LL * kDay - 31 * kDay);
+  CHECK(PeriodStart(Period::kYear, kJan31, 1) == kJan31 + 335LL * kDay);  // 2031-01-01
+  vault::Retention r;
+  r.daily = 2;
+  r.weekly = 1;
+  r.monthly = 0;
+  r.yearly = 0;
+  std::vector<vault::PointTimes> pts{{"a", kJan31 + 1000, std::nullopt},
+                                     {"b", kJan31 + 2000, std::nullopt},
+                                     {"c", kJan31 + kDay, 5 * kDay + kJan31},
+                                     {"d", kJan31 + 2 * kDay, std::nullopt}};
+  auto e = ComputeExpiry(pts, r);
+  CHECK(e[0].expires_ms == kJan31 + 1000);  // not the newest of any period: expired at once
+  CHECK(e[0].kept_by.empty());
+  CHECK(e[1].expires_ms == kJan31 + 2 * kDay);  // daily point of Jan 31
+  CHECK(e[1].kept_by == std::vector<std::string>{"daily"});
+  CHECK(e[2].expires_ms == 5 * kDay + kJan31);  // on demand: its own retention
+  CHECK(e[3].expires_ms == vault::kNeverExpires);
+  CHECK(e[3].kept_by == std::vector<std::string>{"daily", "weekly", "newest"});
+  auto none = ComputeExpiry(pts, std::nullopt);
+  CHECK(none[0].expires_ms == vault::kNeverExpires);
+  CHECK(none[2].expires_ms == 5 * kDay + kJan31);
+}
+
+TEST_CASE("cleanup racing an upload never loses a block") {
+  Lib lib;
+  std::mt19937_64 rng(7);
+  std::string b0 = RandomBlock(rng), b1 = RandomBlock(rng), b1x = RandomBlock(rng),
+              b2 = RandomBlock(rng), fresh = RandomBlock(rng);
+  // Item A: RP1 {b0, b1, b2}, then RP2 replaces b1 and b2 -> b1 and b2 live only in RP1.
+  std::string a1 = lib.Backup("a", {b0, b1, b2, ""});
+  lib.now += kDay;
+  std::string a2 = lib.Backup("a", {b0, b1x, "", ""});
+  Backdate(lib.tmp / "blocks");
+
+  // Item B's backup is running: it opened a session, asked which blocks the vault is missing
+  // (b1 is present: it will not upload it) and uploaded a new block.
+  lib.now += kDay;
+  auto session = lib.catalog.CreateSession("b");
+  REQUIRE(session.ok());
+  CHECK(lib.store.HasForUpload(Lib::IdOf(b1)));
+  CHECK(!lib.store.HasForUpload(Lib::IdOf(fresh)));
+  lib.PutBlock(fresh);
+
+  // Cleanup now: A keeps one daily point, so RP1 expires and b1, b2 are unreferenced.
+  LifecycleInputs in;
+  ItemRules rules;
+  rules.state = ItemState::kProtected;
+  rules.retention = vault::Retention{1, 0, 0, 0};
+  in.items["a"] = rules;
+  auto report = lib.lifecycle.Cleanup(lib.now, in);
+  REQUIRE(report.ok());
+  CHECK(report->removed == std::vector<std::string>{a1});
+  CHECK(!lib.store.Has(Lib::IdOf(b2)));  // untouched: freed
+  CHECK(lib.store.Has(Lib::IdOf(b1)));   // the running backup relies on it
+  CHECK(lib.store.Has(Lib::IdOf(fresh)));
+  CHECK(report->blocks_freed == 1);
+
+  // B commits: it succeeds and restores exactly.
+  Manifest m;
+  m.disk_size = 4 * kBlock;
+  m.block_size = kBlock;
+  m.entries = {{0, Lib::IdOf(b1)}, {2, Lib::IdOf(fresh)}};
+  REQUIRE(lib.catalog.PutManifest(*session, 0, EncodeManifest(m)).ok());
+  auto rp = lib.catalog.Commit(*session, {{"consistency", "crash"},
+                                          {"disks", json::array({{{"index", 0}, {"key", "/b"}}})}});
+  REQUIRE(rp.ok());
+  lib.kept[rp->id] = {b1, "", fresh, ""};
+  lib.kept.erase(a1);
+  (void)a2;
+  // After commit and once the session is old, the store holds exactly what points need.
+  lib.now += 2 * kDay;
+  REQUIRE(lib.lifecycle.Cleanup(lib.now, in).ok());
+  lib.CheckAll();
+}
+
+TEST_CASE("a point is not expired while its item has an open session or a job") {
+  Lib lib;
+  std::mt19937_64 rng(9);
+  std::string a1 = lib.Backup("a", {RandomBlock(rng), ""});
+  lib.now += kDay;
+  lib.Backup("a", {RandomBlock(rng), ""});
+  lib.now += kDay;
+  LifecycleInputs in;
+  in.items["a"].state = ItemState::kProtected;
+  in.items["a"].retention = vault::Retention{1, 0, 0, 0};
+  in.items["a"].busy = true;
+  CHECK(lib.lifecycle.Cleanup(lib.now, in)->removed.empty());
+  in.items["a"].busy = false;
+  auto session = lib.catalog.CreateSession("a");
+  REQUIRE(session.ok());
+  CHECK(lib.lifecycle.Cleanup(lib.now, in)->removed.empty());
+  // The session is abandoned after 24 h (vault clock): deleted, and expiry proceeds.
+  lib.now += kDay + 1;
+  auto r = lib.lifecycle.Cleanup(lib.now, in);
+  REQUIRE(r.ok());
+  CHECK(r->removed == std::vector<std::string>{a1});
+  CHECK(r->sessions_deleted >= 1);
+  lib.kept.erase(a1);
+  lib.CheckAll();
+}
+
+TEST_CASE("long seeded random run: 60 days of backups, retention and daily cleanup") {
+  Lib lib;
+  std::mt19937_64 rng(20300131);
+  constexpr int kBlocks = 8;
+  Image image(kBlocks);
+  std::vector<std::string> history;  // contents seen (for dedup by reuse)
+  LifecycleInputs in;
+  in.items["vm"].state = ItemState::kProtected;
+  in.items["vm"].retention = vault::Retention{7, 4, 2, 0};
+  // A second VM with no policy shares some blocks (dedup across VMs) and keeps everything.
+  Image other(kBlocks);
+  uint64_t removed_total = 0;
+  for (int day = 0; day < 60; ++day) {
+    lib.now = kJan31 + day * kDay + 22 * 3600000;
+    int changes = 1 + static_cast<int>(rng() % 3);
+    for (int c = 0; c < changes; ++c) {
+      size_t idx = rng() % kBlocks;
+      int kind = static_cast<int>(rng() % 10);
+      if (kind == 0)
+        image[idx].clear();  // zeroed
+      else if (kind == 1 && !history.empty())
+        image[idx] = history[rng() % history.size()];  // old content again
+      else
+        image[idx] = RandomBlock(rng);
+      if (!image[idx].empty()) history.push_back(image[idx]);
+    }
+    lib.Backup("vm", image);
+    if (rng() % 5 == 0) {  // an on-demand point a few hours later, kept 1-20 days
+      lib.now += 3600000;
+      image[rng() % kBlocks] = RandomBlock(rng);
+      int64_t until = lib.now + static_cast<int64_t>(1 + rng() % 20) * kDay;
+      lib.Backup("vm", image, {{"trigger", "on-demand"}, {"retain_until_ms", until}});
+    }
+    if (day % 10 == 0) {
+      other[rng() % kBlocks] = image[rng() % kBlocks];
+      lib.Backup("other", other);
+    }
+    auto report = lib.lifecycle.Cleanup(lib.now + 3600000, in);
+    REQUIRE(report.ok());
+    removed_total += report->removed.size();
+    for (const auto& id : report->removed) lib.kept.erase(id);
+    if (day % 15 == 14) lib.CheckAll();
+  }
+  lib.CheckAll();
+  // Retention bounds what is left: at most 7 daily + 4 weekly + 2 monthly + the newest, plus
+  // on-demand points still inside their retention (at most 20 days of them).
+  auto left = lib.catalog.List("vm");
+  CHECK(removed_total > 0);
+  size_t policy_points = 0;
+  for (const auto& rp : left)
+    if (!rp.origin.contains("retain_until_ms")) policy_points++;
+  CHECK(policy_points <= 14);
+  CHECK(policy_points >= 7);
+  CHECK(lib.catalog.List("other").size() == 6);
+  json storage = lib.lifecycle.Storage("", in);
+  CHECK(storage["vault"]["referenced_bytes"] == storage["vault"]["stored_bytes"]);
+  CHECK(storage["vault"]["sum_of_items_bytes"].get<uint64_t>() -
+            storage["vault"]["dedup_saved_bytes"].get<uint64_t>() ==
+        storage["vault"]["stored_bytes"].get<uint64_t>());
+}

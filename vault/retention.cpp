@@ -1,0 +1,415 @@
+#include "vault/retention.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "common/block_codec.hpp"
+
+namespace vmsnap::vault {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr int64_t kDayMs = 86400000;
+// Block mtimes come from the kernel's coarse clock; compare with a margin.
+constexpr int64_t kMtimeMarginMs = 2000;
+
+int64_t FloorDiv(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
+}
+
+int64_t SystemNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int64_t MonthStart(int64_t year, int64_t month0) {  // month0 may be outside 0..11
+  int64_t total = year * 12 + month0;
+  std::tm tm{};
+  tm.tm_year = static_cast<int>(FloorDiv(total, 12) - 1900);
+  tm.tm_mon = static_cast<int>(total - FloorDiv(total, 12) * 12);
+  tm.tm_mday = 1;
+  return static_cast<int64_t>(timegm(&tm)) * 1000;
+}
+
+std::optional<int64_t> RetainUntil(const RecoveryPoint& rp, const LifecycleInputs& inputs) {
+  if (auto it = inputs.retain_overrides.find(rp.id); it != inputs.retain_overrides.end())
+    return it->second;
+  if (rp.origin.is_object()) {
+    const json& r = rp.origin.value("retain_until_ms", json());
+    if (r.is_number_integer() && r.get<int64_t>() > 0) return r.get<int64_t>();
+  }
+  return std::nullopt;
+}
+
+const ItemRules& RulesOf(const std::string& item, const LifecycleInputs& inputs) {
+  static const ItemRules kDefault;
+  auto it = inputs.items.find(item);
+  return it == inputs.items.end() ? kDefault : it->second;
+}
+
+std::map<std::string, std::vector<RecoveryPoint>> ByItem(std::vector<RecoveryPoint> all) {
+  std::map<std::string, std::vector<RecoveryPoint>> out;
+  for (auto& rp : all) out[rp.item].push_back(std::move(rp));
+  return out;
+}
+
+}  // namespace
+
+int64_t PeriodStart(Period p, int64_t ms, int n) {
+  const int64_t day = FloorDiv(ms, kDayMs);
+  switch (p) {
+    case Period::kDay:
+      return (day + n) * kDayMs;
+    case Period::kWeek: {
+      // Day 0 (1970-01-01) is a Thursday; ISO weeks start on Monday (day -3).
+      int64_t week = FloorDiv(day + 3, 7);
+      return ((week + n) * 7 - 3) * kDayMs;
+    }
+    case Period::kMonth:
+    case Period::kYear: {
+      std::time_t t = static_cast<std::time_t>(FloorDiv(ms, 1000));
+      std::tm tm{};
+      gmtime_r(&t, &tm);
+      int64_t year = tm.tm_year + 1900;
+      return p == Period::kMonth ? MonthStart(year, tm.tm_mon + n) : MonthStart(year + n, 0);
+    }
+  }
+  return 0;
+}
+
+std::vector<PointExpiry> ComputeExpiry(const std::vector<PointTimes>& points,
+                                       const std::optional<Retention>& rules) {
+  std::vector<PointExpiry> out(points.size());
+  struct Rule {
+    Period period;
+    int keep;
+    const char* name;
+  };
+  std::vector<Rule> active;
+  if (rules) {
+    for (Rule r :
+         {Rule{Period::kDay, rules->daily, "daily"}, Rule{Period::kWeek, rules->weekly, "weekly"},
+          Rule{Period::kMonth, rules->monthly, "monthly"},
+          Rule{Period::kYear, rules->yearly, "yearly"}})
+      if (r.keep > 0) active.push_back(r);
+  }
+  for (size_t i = 0; i < points.size(); ++i) {
+    const PointTimes& p = points[i];
+    PointExpiry& e = out[i];
+    if (p.retain_until_ms) {
+      e.expires_ms = *p.retain_until_ms;
+      e.kept_by.push_back("on-demand");
+    } else if (!rules) {
+      e.expires_ms = kNeverExpires;
+      e.kept_by.push_back("no policy");
+    } else {
+      e.expires_ms = p.created_ms;  // kept by no rule: expired at once
+      for (const Rule& r : active) {
+        const int64_t period = PeriodStart(r.period, p.created_ms, 0);
+        bool newest_of_period = true;
+        for (size_t j = i + 1; j < points.size() && newest_of_period; ++j)
+          if (!points[j].retain_until_ms &&
+              PeriodStart(r.period, points[j].created_ms, 0) == period)
+            newest_of_period = false;
+        if (!newest_of_period) continue;
+        e.expires_ms = std::max(e.expires_ms, PeriodStart(r.period, p.created_ms, r.keep));
+        e.kept_by.push_back(r.name);
+      }
+    }
+  }
+  if (!out.empty()) {
+    out.back().expires_ms = kNeverExpires;
+    out.back().kept_by.push_back("newest");
+  }
+  return out;
+}
+
+json CleanupReport::ToJson() const {
+  return {{"removed", removed},
+          {"purged_items", purged_items},
+          {"sessions_deleted", sessions_deleted},
+          {"blocks_freed", blocks_freed},
+          {"bytes_freed", bytes_freed},
+          {"blocks_kept_young", blocks_kept_young}};
+}
+
+Lifecycle::Lifecycle(Catalog* catalog, BlockStore* store, NowFn real_now)
+    : catalog_(catalog), store_(store), real_now_(std::move(real_now)) {
+  if (!real_now_) real_now_ = SystemNowMs;
+}
+
+std::vector<PointExpiry> Lifecycle::ExpiryOf(const std::vector<RecoveryPoint>& points,
+                                             const ItemRules& rules,
+                                             const LifecycleInputs& inputs) {
+  if (rules.state == ItemState::kStopped || rules.state == ItemState::kDeleted) {
+    PointExpiry keep;
+    keep.kept_by.push_back(rules.state == ItemState::kStopped ? "protection stopped"
+                                                              : "soft-deleted");
+    return std::vector<PointExpiry>(points.size(), keep);
+  }
+  std::vector<PointTimes> times;
+  for (const auto& rp : points)
+    times.push_back({rp.id, rp.created_unix_ms, RetainUntil(rp, inputs)});
+  return ComputeExpiry(times,
+                       rules.state == ItemState::kProtected ? rules.retention : std::nullopt);
+}
+
+Result<CleanupReport> Lifecycle::Cleanup(int64_t now, const LifecycleInputs& inputs) {
+  std::lock_guard lock(mu_);
+  CleanupReport report;
+  std::set<std::string> open_items;
+  for (const auto& s : catalog_->ListSessions())
+    if (!s.committed && s.created_unix_ms > now - inputs.session_timeout_ms)
+      open_items.insert(s.item);
+
+  // 1. Soft-deleted items whose window ended: every point goes (newest first: no merges).
+  for (const auto& [item, rules] : inputs.items) {
+    if (rules.state != ItemState::kDeleted || now < rules.deleted_ms + inputs.soft_delete_ms)
+      continue;
+    auto points = catalog_->List(item);
+    for (auto it = points.rbegin(); it != points.rend(); ++it)
+      VMSNAP_RETURN_IF_ERROR(catalog_->RemovePoint(it->id).InPhase("cleanup"));
+    spdlog::info("cleanup: purged soft-deleted item {} ({} points)", item, points.size());
+    report.purged_items.push_back(item);
+  }
+
+  // 2. Expired points, oldest first; each is merged into the point that names it as parent.
+  for (const auto& [item, points] : ByItem(catalog_->List(""))) {
+    const ItemRules& rules = RulesOf(item, inputs);
+    if (rules.busy || open_items.count(item) || rules.state == ItemState::kDeleted) continue;
+    auto expiry = ExpiryOf(points, rules, inputs);
+    for (size_t i = 0; i < points.size(); ++i) {
+      if (expiry[i].expires_ms > now) continue;
+      VMSNAP_RETURN_IF_ERROR(catalog_->RemovePoint(points[i].id).InPhase("cleanup"));
+      spdlog::info("cleanup: recovery point {} of {} expired and was removed", points[i].id, item);
+      report.removed.push_back(points[i].id);
+    }
+  }
+
+  // 3. Sessions: committed or abandoned ones older than the timeout.
+  for (const auto& s : catalog_->ListSessions()) {
+    if (s.created_unix_ms > now - inputs.session_timeout_ms) continue;
+    VMSNAP_RETURN_IF_ERROR(catalog_->DeleteSession(s.id).InPhase("cleanup"));
+    report.sessions_deleted++;
+  }
+
+  // 4. Garbage collection.
+  VMSNAP_RETURN_IF_ERROR(CollectGarbage(now, inputs, report).InPhase("garbage collection"));
+  return report;
+}
+
+Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
+                                 CleanupReport& report) {
+  // The cutoff is fixed before the references are read: a backup whose session is open now
+  // (or starts later) wrote or touched each block it uses at or after its session started.
+  int64_t cutoff = real_now_() - kMtimeMarginMs;
+  for (const auto& s : catalog_->ListSessions()) {
+    if (s.committed || s.created_unix_ms <= now - inputs.session_timeout_ms) continue;
+    cutoff =
+        std::min(cutoff, s.created_real_ms == 0 ? INT64_MIN : s.created_real_ms - kMtimeMarginMs);
+  }
+  // Mark: every entry of every stored manifest is in its own point's resolved view, so the
+  // union of the stored manifests is the union of what the remaining points restore.
+  std::unordered_set<BlockId, BlockIdHash> live;
+  for (const auto& rp : catalog_->List("")) {
+    for (const auto& d : rp.disks) {
+      auto m = catalog_->LoadManifest(rp.id, d.index);
+      if (!m.ok())  // unknown references: sweeping now could free a needed block
+        return Status::Corruption("manifest of disk " + std::to_string(d.index) + " of " + rp.id +
+                                      " cannot be read (" + m.status().cause() +
+                                      "); nothing was swept",
+                                  "run 'vmsnap verify' on that VM and restore it from elsewhere");
+      for (const auto& e : m->entries)
+        if (e.id) live.insert(*e.id);
+    }
+  }
+  std::vector<BlockId> candidates;
+  store_->ForEach([&](const BlockId& id, uint64_t, int64_t mtime) {
+    if (live.count(id)) return;
+    if (mtime >= cutoff) {
+      report.blocks_kept_young++;
+      return;
+    }
+    candidates.push_back(id);
+  });
+  for (const auto& id : candidates) {
+    auto freed = store_->RemoveIfUntouchedSince(id, cutoff);
+    if (!freed.ok()) return freed.take_status();
+    if (*freed > 0 || !store_->Has(id)) {
+      report.blocks_freed++;
+      report.bytes_freed += *freed;
+    }
+  }
+  if (report.blocks_freed)
+    spdlog::info("garbage collection: freed {} blocks ({} bytes)", report.blocks_freed,
+                 report.bytes_freed);
+  return Status::Ok();
+}
+
+json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInputs& inputs) {
+  (void)now;
+  auto points = catalog_->List(item);
+  auto expiry = ExpiryOf(points, RulesOf(item, inputs), inputs);
+  std::unordered_set<BlockId, BlockIdHash> seen;
+  json out = json::array();
+  for (size_t i = 0; i < points.size(); ++i) {
+    const RecoveryPoint& rp = points[i];
+    uint64_t added_bytes = 0, added_blocks = 0, size = 0;
+    bool full = true;
+    for (const auto& d : rp.disks) {
+      size += d.size_bytes;
+      full = full && d.parent.empty();
+      auto m = catalog_->LoadManifest(rp.id, d.index);
+      if (!m.ok()) continue;
+      for (const auto& e : m->entries)
+        if (e.id && seen.insert(*e.id).second) {
+          added_blocks++;
+          added_bytes += store_->StoredBytes(*e.id);
+        }
+    }
+    auto retain = RetainUntil(rp, inputs);
+    json entry = rp.ToJson();  // every recovery point field but the (large) report
+    entry.erase("report");
+    entry.update(json{
+        {"full", full},
+        {"size_bytes", size},
+        {"trigger", rp.origin.is_object() ? rp.origin.value("trigger", json()) : json()},
+        {"retain_until_ms", retain ? json(*retain) : json()},
+        {"expires_ms", expiry[i].expires_ms == kNeverExpires ? json() : json(expiry[i].expires_ms)},
+        {"kept_by", expiry[i].kept_by},
+        {"added_bytes", added_bytes},
+        {"added_blocks", added_blocks}});
+    out.push_back(std::move(entry));
+  }
+  return out;
+}
+
+json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) {
+  std::unordered_map<BlockId, uint64_t, BlockIdHash> size_of;
+  auto stored = [&](const BlockId& id) {
+    auto [it, fresh] = size_of.try_emplace(id, 0);
+    if (fresh) it->second = store_->StoredBytes(id);
+    return it->second;
+  };
+  json items = json::array();
+  std::unordered_set<BlockId, BlockIdHash> all_live;
+  uint64_t sum_items = 0, billable = 0;
+  for (const auto& [name, points] : ByItem(catalog_->List(""))) {
+    std::unordered_set<BlockId, BlockIdHash> blocks;
+    for (const auto& rp : points)
+      for (const auto& d : rp.disks)
+        if (auto m = catalog_->LoadManifest(rp.id, d.index); m.ok())
+          for (const auto& e : m->entries)
+            if (e.id) blocks.insert(*e.id);
+    uint64_t bytes = 0;
+    for (const auto& id : blocks) {
+      bytes += stored(id);
+      all_live.insert(id);
+    }
+    const ItemRules& rules = RulesOf(name, inputs);
+    const bool deleted = rules.state == ItemState::kDeleted;
+    sum_items += bytes;
+    if (!deleted) billable += bytes;
+    if (!item.empty() && name != item) continue;
+    json entry{{"item", name},
+               {"points", points.size()},
+               {"blocks", blocks.size()},
+               {"stored_bytes", bytes},
+               {"billable_bytes", deleted ? 0 : bytes},
+               {"soft_deleted", deleted}};
+    if (deleted) entry["purge_after_ms"] = rules.deleted_ms + inputs.soft_delete_ms;
+    items.push_back(entry);
+  }
+  uint64_t live_bytes = 0;
+  for (const auto& id : all_live) live_bytes += stored(id);
+  uint64_t on_disk = 0, on_disk_blocks = 0;
+  store_->ForEach([&](const BlockId&, uint64_t bytes, int64_t) {
+    on_disk += bytes;
+    on_disk_blocks++;
+  });
+  return {{"items", items},
+          {"vault",
+           {{"stored_bytes", on_disk},
+            {"stored_blocks", on_disk_blocks},
+            {"referenced_bytes", live_bytes},
+            {"referenced_blocks", all_live.size()},
+            {"unreferenced_bytes", on_disk >= live_bytes ? on_disk - live_bytes : 0},
+            {"sum_of_items_bytes", sum_items},
+            {"dedup_saved_bytes", sum_items - live_bytes},
+            {"billable_bytes", billable}}}};
+}
+
+Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id) {
+  std::vector<RecoveryPoint> points;
+  if (rp_id.empty()) {
+    points = catalog_->List(item);
+    if (points.empty())
+      return Status::NotFound("VM '" + item + "' has no recovery point",
+                              "list recovery points with 'vmsnap rp list VM'");
+  } else {
+    auto rp = catalog_->Get(rp_id);
+    if (!rp.ok() || rp->item != item)
+      return Status::NotFound("recovery point '" + rp_id + "' of VM '" + item + "' does not exist",
+                              "list recovery points with 'vmsnap rp list " + item + "'");
+    points.push_back(std::move(*rp));
+  }
+  enum class BlockState { kOk, kMissing, kCorrupt };
+  std::unordered_map<BlockId, BlockState, BlockIdHash> checked;
+  std::vector<std::byte> plain;
+  uint64_t total_missing = 0, total_corrupt = 0, total_errors = 0;
+  json out_points = json::array();
+  for (const auto& rp : points) {
+    json missing = json::array(), corrupt = json::array(), errors = json::array();
+    uint64_t blocks = 0;
+    for (const auto& d : rp.disks) {
+      auto m = catalog_->ResolvedManifest(rp.id, d.index);
+      if (!m.ok()) {
+        errors.push_back("disk " + std::to_string(d.index) + ": " + m.status().cause());
+        continue;
+      }
+      for (const auto& e : m->entries) {
+        if (!e.id) continue;
+        blocks++;
+        auto [it, fresh] = checked.try_emplace(*e.id, BlockState::kOk);
+        if (fresh) {
+          auto b = store_->Get(*e.id);
+          if (!b.ok())
+            it->second =
+                b.status().code() == Code::kNotFound ? BlockState::kMissing : BlockState::kCorrupt;
+          else if (!DecodeBlock(*b, plain).ok())
+            it->second = BlockState::kCorrupt;
+        }
+        if (it->second == BlockState::kMissing) missing.push_back(e.id->Hex());
+        if (it->second == BlockState::kCorrupt) corrupt.push_back(e.id->Hex());
+      }
+    }
+    total_missing += missing.size();
+    total_corrupt += corrupt.size();
+    total_errors += errors.size();
+    out_points.push_back({{"id", rp.id},
+                          {"blocks", blocks},
+                          {"missing", missing},
+                          {"corrupt", corrupt},
+                          {"errors", errors},
+                          {"ok", missing.empty() && corrupt.empty() && errors.empty()}});
+  }
+  return json{{"item", item},
+              {"points", out_points},
+              {"blocks_checked", checked.size()},
+              {"missing", total_missing},
+              {"corrupt", total_corrupt},
+              {"errors", total_errors},
+              {"ok", total_missing + total_corrupt + total_errors == 0}};
+}
+
+}  // namespace vmsnap::vault

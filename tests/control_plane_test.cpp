@@ -246,6 +246,15 @@ TEST_CASE("agents are isolated; a replaced credential is refused") {
   REQUIRE(WaitJob(vault, job["id"])["state"] == "completed");
   std::string b_rp = AdminJson(vault, {"rp", "list", "vm-b"})["recovery_points"][0]["id"];
 
+  // A restore job run by B's own agent: the disk comes back identical.
+  auto restored =
+      Admin(vault, {"restore", "vm-b", "--rp", b_rp, "--to", tmp / "b-restored.img", "--follow"});
+  INFO("restore: " << restored.out << restored.err);
+  CHECK(restored.exit_code == 0);
+  CHECK(FileSha256(tmp / "b-restored.img") == FileSha256(b.disk));
+  CHECK(Admin(vault, {"restore", "vm-b", "--rp", "20990101T000000000Z-0000", "--to", tmp / "x.img"})
+            .exit_code == 6);
+
   std::vector<std::string> as_a{"--vault", vault.url(), "--ca", a.Ca(), "--token", a.Credential()};
   auto with = [](std::vector<std::string> base, std::vector<std::string> more) {
     base.insert(base.begin(), more.begin(), more.end());

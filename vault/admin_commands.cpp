@@ -137,6 +137,15 @@ class AdminCommandsImpl final : public AdminCommands {
     backup->add_option("--retain-until", retain_until_, "Keep this point until DATE (YYYY-MM-DD)");
     backup->add_flag("--follow", follow_, "Wait for the job and show its progress");
 
+    auto* restore = add(&app, "restore", "Restore a VM's disks through its agent (a restore job)",
+                        [this] { return Restore(); });
+    restore->add_option("vm", vm_, "VM name")->required();
+    restore->add_option("--rp", rp_, "Recovery point id")->required();
+    restore->add_option("--to", targets_, "Target device or file in the VM (one per disk)")
+        ->required();
+    restore->add_option("--disk", disk_, "Only this disk (index from 0)");
+    restore->add_flag("--follow", follow_, "Wait for the job and show its progress");
+
     auto* job = app.add_subcommand("job", "Jobs");
     job->require_subcommand(1)->fallthrough();
     auto* jl = add(job, "list", "List jobs, newest first", [this] { return JobList(); });
@@ -318,6 +327,18 @@ class AdminCommandsImpl final : public AdminCommands {
     if (as_json_) return std::cout << r->dump() << std::endl, code;
     std::cout << "job " << job_id_ << ": backup of " << vm_ << " " << Str((*r)["state"])
               << ((*r)["error"].is_string() ? " (" + Str((*r)["error"]) + ")" : "") << "\n";
+    return code;
+  }
+
+  int Restore() {
+    auto r = Call("POST", "/v1/admin/vms/" + vm_ + "/restore",
+                  {{"recovery_point", rp_}, {"disk", disk_}, {"targets", targets_}});
+    if (!r.ok()) return Fail(std::move(r.take_status()).InPhase("restore"));
+    job_id_ = (*r)["id"];
+    if (follow_) return Follow();
+    const int code = (*r)["state"] == "failed" ? 11 : 0;
+    if (as_json_) return std::cout << r->dump() << std::endl, code;
+    std::cout << "job " << job_id_ << ": restore of " << vm_ << " " << Str((*r)["state"]) << "\n";
     return code;
   }
 
@@ -549,6 +570,9 @@ class AdminCommandsImpl final : public AdminCommands {
   int keep_daily_ = 7, keep_weekly_ = 4, keep_monthly_ = 12, keep_yearly_ = 0;
   int limit_ = 50;
   int64_t job_id_ = 0;
+  std::string rp_;
+  std::vector<std::string> targets_;
+  int disk_ = -1;
 };
 
 }  // namespace

@@ -213,7 +213,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
 Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
   static const std::regex kPolicy(R"(^/v1/admin/policies/([^/]+)$)");
   static const std::regex kVmAction(
-      R"(^/v1/admin/vms/([^/]+)/(protect|backup|unprotect|undelete|verify)$)");
+      R"(^/v1/admin/vms/([^/]+)/(protect|backup|restore|unprotect|undelete|verify)$)");
   static const std::regex kRpRetain(R"(^/v1/admin/rps/([^/]+)/retain$)");
   static const std::regex kJob(R"(^/v1/admin/jobs/([0-9]+)$)");
   static const std::regex kJobCancel(R"(^/v1/admin/jobs/([0-9]+)/cancel$)");
@@ -250,6 +250,14 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
       return reply(control_->Unprotect(m[1], mode.get<bool>()));
     }
     if (m[2] == "undelete") return reply(control_->Undelete(m[1]));
+    if (m[2] == "restore") {
+      const json& targets = body.value("targets", json::array());
+      if (!targets.is_array() || !body.value("recovery_point", json()).is_string())
+        return Status::InvalidArgument("restore needs 'recovery_point' and a 'targets' list");
+      return reply(control_->StartRestore(m[1], body["recovery_point"], body.value("disk", -1),
+                                          targets.get<std::vector<std::string>>()),
+                   201);
+    }
     if (m[2] == "verify") {
       auto r = control_->Verify(m[1], body.value("rp", ""));
       if (!r.ok()) return std::move(r.take_status()).InPhase("verify");

@@ -343,6 +343,36 @@ Result<int64_t> ControlPlane::InsertJob(const std::string& vm, const std::string
   return (*r)[0].Int(0);
 }
 
+Result<json> ControlPlane::StartRestore(const std::string& vm, const std::string& rp_id, int disk,
+                                        const std::vector<std::string>& targets) {
+  std::lock_guard lock(mu_);
+  auto rp = catalog_->Get(rp_id);
+  if (!rp.ok() || rp->item != vm)
+    return Status::NotFound("VM '" + vm + "' has no recovery point '" + rp_id + "'",
+                            "list its points with 'vmsnap rp list " + vm + "'");
+  if (targets.empty())
+    return Status::InvalidArgument("a restore needs at least one target",
+                                   "pass --to DEVICE_OR_FILE (one per disk, or --disk N)");
+  auto a = db_->Query("SELECT last_seen_ms FROM agents WHERE name=?1", {vm});
+  if (!a.ok()) return a.take_status();
+  if (a->empty()) return UnknownVm(vm);
+  auto active = ActiveJob(vm);
+  if (!active.ok()) return active.take_status();
+  if (*active)
+    return Status::Error(
+        Code::kConflict,
+        "another operation is in progress on this item (job " + std::to_string(**active) + ")",
+        "wait for it to finish or cancel it ('vmsnap job cancel " + std::to_string(**active) +
+            "')");
+  int64_t last_seen = (*a)[0].Int(0);
+  bool reachable = now_() - last_seen <= opts_.agent_timeout_ms;
+  auto id = InsertJob(vm, "restore", "on-demand", reachable ? "queued" : "failed",
+                      {{"recovery_point", rp_id}, {"disk", disk}, {"targets", targets}},
+                      reachable ? "" : NotReachable(last_seen));
+  if (!id.ok()) return id.take_status();
+  return JobJson(*id);
+}
+
 Result<json> ControlPlane::StartBackupLocked(const std::string& vm, const std::string& trigger,
                                              int64_t retain_until_ms) {
   auto a = db_->Query("SELECT last_seen_ms, protection FROM agents WHERE name=?1", {vm});
@@ -655,8 +685,8 @@ Result<json> ControlPlane::Unprotect(const std::string& vm, bool delete_data) {
                        {std::string(delete_data ? "deleted" : "stopped"),
                         delete_data ? DbValue(now) : DbValue(nullptr), vm});
   if (!up.ok()) return up.take_status();
-  auto job = InsertJob(vm, "configure-protection", "admin", "completed",
-                       {{"unprotect", delete_data ? "delete-data" : "keep-data"}}, "");
+  auto job = InsertJob(vm, delete_data ? "delete-data" : "configure-protection", "admin",
+                       "completed", {{"unprotect", delete_data ? "delete-data" : "keep-data"}}, "");
   if (!job.ok()) return job.take_status();
   json out{{"vm", vm}, {"protection", delete_data ? "deleted" : "stopped"}, {"job", *job}};
   if (delete_data) {

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/status.hpp"
 #include "vault/catalog.hpp"
@@ -55,6 +56,10 @@ class ControlPlane {
   Result<nlohmann::json> Protect(const std::string& vm, const std::string& policy);
   Result<nlohmann::json> ListVms();
   Result<nlohmann::json> StartBackup(const std::string& vm, int64_t retain_until_ms);
+  // Queues a restore of `rp_id` (a point of `vm`) by the VM's agent to `targets` (devices or
+  // files inside the VM; disk -1: every disk, one target each). Same one-operation rule.
+  Result<nlohmann::json> StartRestore(const std::string& vm, const std::string& rp_id, int disk,
+                                      const std::vector<std::string>& targets);
   Result<nlohmann::json> ListJobs(const std::string& vm, int limit);
   Result<nlohmann::json> GetJob(int64_t id);
   Result<nlohmann::json> CancelJob(int64_t id);

@@ -317,6 +317,17 @@ std::string ControlPlane::NotReachable(int64_t last_seen_ms) const {
   return "VM not found / agent not reachable since " + IsoTime(last_seen_ms);
 }
 
+Status ControlPlane::RequireNoActiveJob(const std::string& vm) {
+  auto active = ActiveJob(vm);
+  if (!active.ok()) return active.take_status();
+  if (!*active) return Status::Ok();
+  const std::string id = std::to_string(**active);
+  return Status::Error(Code::kConflict,
+                       "another operation is in progress on this item (job " + id + ")",
+                       "wait for job " + id + " to finish ('vmsnap job show " + id +
+                           " --follow') or cancel it ('vmsnap job cancel " + id + "')");
+}
+
 Result<std::optional<int64_t>> ControlPlane::ActiveJob(const std::string& vm) {
   auto rows = db_->Query(
       "SELECT id FROM jobs WHERE item=?1 AND state IN ('queued','in_progress') ORDER BY id LIMIT 1",
@@ -356,14 +367,7 @@ Result<json> ControlPlane::StartRestore(const std::string& vm, const std::string
   auto a = db_->Query("SELECT last_seen_ms FROM agents WHERE name=?1", {vm});
   if (!a.ok()) return a.take_status();
   if (a->empty()) return UnknownVm(vm);
-  auto active = ActiveJob(vm);
-  if (!active.ok()) return active.take_status();
-  if (*active)
-    return Status::Error(
-        Code::kConflict,
-        "another operation is in progress on this item (job " + std::to_string(**active) + ")",
-        "wait for it to finish or cancel it ('vmsnap job cancel " + std::to_string(**active) +
-            "')");
+  VMSNAP_RETURN_IF_ERROR(RequireNoActiveJob(vm));
   int64_t last_seen = (*a)[0].Int(0);
   bool reachable = now_() - last_seen <= opts_.agent_timeout_ms;
   auto id = InsertJob(vm, "restore", "on-demand", reachable ? "queued" : "failed",
@@ -381,15 +385,7 @@ Result<json> ControlPlane::StartBackupLocked(const std::string& vm, const std::s
   if ((*a)[0].Text(1) == "deleted")
     return Status::Error(Code::kConflict, "VM '" + vm + "' was deleted with its data",
                          "undelete it first: 'vmsnap undelete " + vm + "'");
-  auto active = ActiveJob(vm);
-  if (!active.ok()) return active.take_status();
-  if (*active)
-    return Status::Error(
-        Code::kConflict,
-        "another operation is in progress on this item (job " + std::to_string(**active) + ")",
-        "wait for job " + std::to_string(**active) + " to finish ('vmsnap job show " +
-            std::to_string(**active) + " --follow') or cancel it ('vmsnap job cancel " +
-            std::to_string(**active) + "')");
+  VMSNAP_RETURN_IF_ERROR(RequireNoActiveJob(vm));
   json params{{"retain_until_ms", retain_until_ms > 0 ? json(retain_until_ms) : json()}};
   int64_t last_seen = (*a)[0].Int(0);
   bool reachable = now_() - last_seen <= opts_.agent_timeout_ms;
@@ -671,14 +667,7 @@ Result<json> ControlPlane::Unprotect(const std::string& vm, bool delete_data) {
     return Status::Error(Code::kConflict, "VM '" + vm + "' is already deleted with its data",
                          "undelete it with 'vmsnap undelete " + vm + "'");
   if (delete_data) {
-    auto active = ActiveJob(vm);
-    if (!active.ok()) return active.take_status();
-    if (*active)
-      return Status::Error(
-          Code::kConflict,
-          "another operation is in progress on this item (job " + std::to_string(**active) + ")",
-          "wait for it to finish or cancel it ('vmsnap job cancel " + std::to_string(**active) +
-              "')");
+    VMSNAP_RETURN_IF_ERROR(RequireNoActiveJob(vm));
   }
   const int64_t now = now_();
   auto up = db_->Query("UPDATE agents SET protection=?1, policy=NULL, deleted_ms=?2 WHERE name=?3",

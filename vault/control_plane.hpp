@@ -94,6 +94,9 @@ class ControlPlane {
  private:
   Result<nlohmann::json> JobJson(int64_t id);
   Result<std::optional<int64_t>> ActiveJob(const std::string& vm);
+  // kConflict "another operation is in progress on this item (job N)" when one is queued or
+  // running. Called with mu_ held.
+  Status RequireNoActiveJob(const std::string& vm);
   Result<int64_t> InsertJob(const std::string& vm, const std::string& type,
                             const std::string& trigger, const std::string& state,
                             const nlohmann::json& params, const std::string& error);

@@ -357,6 +357,62 @@ TEST_CASE("verify finds a corrupted and a missing block") {
   CHECK(unknown.err.find("does not exist") != std::string::npos);
 }
 
+TEST_CASE("scheduled verify runs on the vault's clock and records the damage it finds") {
+  // The vault's clock starts at the real time; the test keeps it there until it moves it a day,
+  // so the verifier's first look (which starts the interval) cannot see a jump.
+  const int64_t t0 = std::chrono::duration_cast<std::chrono::milliseconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count();
+  SeedVm s(t0, {"--verify-interval", "86400"});
+  WriteRandomBlocks(s.disk, kBlock, {0, 2}, 31);
+  std::string rp1 = s.Backup(t0 + 1000);
+  auto history = [&] { return AdminJson(s.vault, {"verify-history", s.name})["verifications"]; };
+  auto scheduled_runs = [&] {
+    int n = 0;
+    for (const auto& v : history()) n += v["trigger"] == "scheduled";
+    return n;
+  };
+  CHECK(scheduled_runs() == 0);  // a new vault does not read everything at start-up
+
+  // Damage one block file, then let a day pass on the vault's clock.
+  std::string data = ReadWhole(s.kept[rp1]);
+  BlockId id = Sha256Block(std::as_bytes(std::span(data.data() + 2 * kBlock, kBlock)));
+  std::string path = s.vault.data() + "/blocks/" + id.Hex().substr(0, 2) + "/" + id.Hex();
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    REQUIRE(f.good());
+    f.seekp(200);
+    f.write("XYZ", 3);
+  }
+  SetClock(s.vault, t0 + kDay + 2000);
+  for (int i = 0; i < 100 && scheduled_runs() == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  json runs = history();
+  REQUIRE(runs.size() == 1);
+  CHECK(runs[0]["trigger"] == "scheduled");
+  CHECK(runs[0]["vm"] == s.name);
+  CHECK(runs[0]["ok"] == false);
+  CHECK(runs[0]["corrupt"] == 1);
+  CHECK(runs[0]["missing"] == 0);
+  CHECK(runs[0]["blocks_checked"] == 2);
+  CHECK(AdminJson(s.vault, {"dashboard"})["verify_runs_damaged_7d"] == 1);
+
+  // Half a day later: not due again. An on-demand verify is recorded as such.
+  SetClock(s.vault, t0 + kDay + kDay / 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  CHECK(scheduled_runs() == 1);
+  CHECK(Admin(s.vault, {"verify", s.name}).exit_code != 0);
+  runs = history();
+  REQUIRE(runs.size() == 2);
+  CHECK(runs[0]["trigger"] == "on-demand");
+  CHECK(runs[0]["corrupt"] == 1);
+  // The table form names the damage.
+  auto table = Run(
+      {VMSNAP_ADMIN_BINARY, "verify-history", "--vault-config", s.vault.data() + "/vault.json"});
+  CHECK(table.exit_code == 0);
+  CHECK(table.out.find("DAMAGED") != std::string::npos);
+}
+
 // ---------------------------------------------------------------------------------------------
 // In-process tests: Catalog + BlockStore + Lifecycle with an injected clock.
 

@@ -193,6 +193,11 @@ class AdminCommandsImpl final : public AdminCommands {
                        [this] { return Verify(); });
     verify->add_option("vm", vm_, "VM name")->required();
     verify->add_option("--rp", rp_id_, "Only this recovery point");
+    auto* history =
+        add(&app, "verify-history", "Past verify runs (scheduled and on demand), newest first",
+            [this] { return VerifyHistory(); });
+    history->add_option("vm", vm_, "Only this VM");
+    history->add_option("--limit", limit_, "At most this many runs")->capture_default_str();
 
     add(&app, "dashboard", "Protected VMs and jobs of the last 24 h",
         [this] { return Dashboard(); });
@@ -546,6 +551,23 @@ class AdminCommandsImpl final : public AdminCommands {
     return 0;
   }
 
+  int VerifyHistory() {
+    auto r = Call("GET", "/v1/admin/verifications?limit=" + std::to_string(limit_) +
+                             (vm_.empty() ? "" : "&vm=" + vm_));
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << json{{"verifications", *r}}.dump() << std::endl, 0;
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& v : *r)
+      rows.push_back({Str(v["id"]), Str(v["vm"]), Str(v["rp"]).empty() ? "all" : Str(v["rp"]),
+                      Str(v["trigger"]), TimeOrDash(v["started_ms"]), Str(v["blocks_checked"]),
+                      v["ok"].get<bool>() ? "ok" : "DAMAGED", Str(v["missing"]),
+                      Str(v["corrupt"])});
+    PrintTable(
+        {"RUN", "VM", "POINTS", "TRIGGER", "STARTED", "BLOCKS", "RESULT", "MISSING", "CORRUPT"},
+        rows);
+    return 0;
+  }
+
   int Dashboard() {
     auto r = Call("GET", "/v1/admin/dashboard");
     if (!r.ok()) return Fail(r.take_status());
@@ -556,7 +578,9 @@ class AdminCommandsImpl final : public AdminCommands {
               << d["jobs_failed_24h"] << " failed\n"
               << "jobs now: " << d["jobs_in_progress"] << " in progress, " << d["jobs_queued"]
               << " queued\n"
-              << "recovery points: " << d["recovery_points"] << "\n";
+              << "recovery points: " << d["recovery_points"] << "\n"
+              << "verify runs that found damage, last 7 days: " << d["verify_runs_damaged_7d"]
+              << "\n";
     return 0;
   }
 

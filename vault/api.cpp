@@ -276,6 +276,13 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
   if (post && std::regex_match(p, m, kJobCancel))
     return reply(control_->CancelJob(std::stoll(m[1])));
   if (get && p == "/v1/admin/dashboard") return reply(control_->Dashboard());
+  if (get && p == "/v1/admin/verifications") {
+    auto vm = req.query.find("vm");
+    auto limit = req.query.find("limit");
+    int n = 100;
+    if (limit != req.query.end()) n = std::atoi(limit->second.c_str());
+    return reply(control_->Verifications(vm == req.query.end() ? "" : vm->second, n));
+  }
   if (post && p == "/v1/admin/cleanup") {
     auto r = control_->Cleanup();
     if (!r.ok()) return std::move(r.take_status()).InPhase("cleanup");

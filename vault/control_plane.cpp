@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <ctime>
+#include <set>
 
 #include "common/block_codec.hpp"
 #include "vault/schedule.hpp"
@@ -33,6 +34,12 @@ CREATE TABLE IF NOT EXISTS jobs(
   error TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0, progress TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_item ON jobs(item, state);
 CREATE TABLE IF NOT EXISTS rp_retention(id TEXT PRIMARY KEY, retain_until_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS verifications(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, item TEXT NOT NULL, rp TEXT NOT NULL DEFAULT '',
+  trigger TEXT NOT NULL, started_ms INTEGER NOT NULL, ended_ms INTEGER NOT NULL,
+  ok INTEGER NOT NULL, blocks_checked INTEGER NOT NULL, missing INTEGER NOT NULL,
+  corrupt INTEGER NOT NULL, errors INTEGER NOT NULL, report TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS verifications_by_item ON verifications(item, id);
 )sql";
 
 const char* kJobColumns =
@@ -473,6 +480,9 @@ Result<json> ControlPlane::Dashboard() {
       {"jobs_in_progress", one("SELECT COUNT(*) FROM jobs WHERE state='in_progress'")},
       {"jobs_queued", one("SELECT COUNT(*) FROM jobs WHERE state='queued'")},
       {"recovery_points", static_cast<int64_t>(catalog_->List("").size())},
+      {"verify_runs_damaged_7d",
+       one("SELECT COUNT(*) FROM verifications WHERE ok=0 AND started_ms >= ?1",
+           {since - 6LL * 24 * 3600 * 1000})},
       {"now", IsoTime(now_())}};
 }
 
@@ -752,8 +762,97 @@ Result<json> ControlPlane::Storage(const std::string& vm) {
 }
 
 Result<json> ControlPlane::Verify(const std::string& vm, const std::string& rp) {
+  return VerifyAndRecord(vm, rp, "on-demand");
+}
+
+Result<json> ControlPlane::VerifyAndRecord(const std::string& vm, const std::string& rp,
+                                           const std::string& trigger) {
   if (!lifecycle_) return NoLifecycle();
-  return lifecycle_->Verify(vm, rp);
+  int64_t started = 0;
+  {
+    std::lock_guard lock(mu_);
+    started = now_();
+  }
+  auto report = lifecycle_->Verify(vm, rp);
+  if (!report.ok()) return report;
+  std::lock_guard lock(mu_);
+  const json& r = *report;
+  auto count = [&](const char* key) { return r.value(key, int64_t{0}); };
+  auto row = db_->Query(
+      "INSERT INTO verifications(item, rp, trigger, started_ms, ended_ms, ok, blocks_checked, "
+      "missing, corrupt, errors, report) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) RETURNING id",
+      {vm, rp, trigger, started, now_(), int64_t{r.value("ok", false) ? 1 : 0},
+       count("blocks_checked"), count("missing"), count("corrupt"), count("errors"), r.dump()});
+  if (!row.ok()) return std::move(row.take_status()).InPhase("verify");
+  json out = r;
+  out["verification"] = (*row)[0].Int(0);
+  out["trigger"] = trigger;
+  return out;
+}
+
+void ControlPlane::VerifyTick() {
+  if (!lifecycle_ || opts_.verify_interval_ms <= 0) return;
+  std::lock_guard one(verify_mu_);
+  {
+    std::lock_guard lock(mu_);
+    const int64_t now = now_();
+    if (verify_anchor_ms_ == 0) {
+      auto last = db_->Query("SELECT MAX(started_ms) FROM verifications WHERE trigger='scheduled'");
+      verify_anchor_ms_ =
+          last.ok() && !last->empty() && !(*last)[0].IsNull(0) ? (*last)[0].Int(0) : now;
+    }
+    if (now < verify_anchor_ms_) {  // the clock went back: count the interval from now
+      verify_anchor_ms_ = now;
+      return;
+    }
+    if (now - verify_anchor_ms_ < opts_.verify_interval_ms) return;
+    verify_anchor_ms_ = now;
+  }
+  std::set<std::string> items;
+  for (const auto& rp : catalog_->List("")) items.insert(rp.item);
+  spdlog::info("scheduled verify of {} VM(s)", items.size());
+  for (const auto& item : items) {
+    auto r = VerifyAndRecord(item, "", "scheduled");
+    if (!r.ok()) {
+      // The VM's last point may have expired since the listing: nothing left to verify.
+      if (r.status().code() != Code::kNotFound)
+        spdlog::error("scheduled verify of {} failed: {}", item, r.status().ToString());
+      continue;
+    }
+    if (!(*r)["ok"].get<bool>())
+      spdlog::error(
+          "scheduled verify of {}: {} missing and {} corrupt block references; run 'vmsnap "
+          "verify {}' for the list",
+          item, (*r)["missing"].get<int64_t>(), (*r)["corrupt"].get<int64_t>(), item);
+  }
+}
+
+Result<json> ControlPlane::Verifications(const std::string& vm, int limit) {
+  std::lock_guard lock(mu_);
+  if (limit <= 0 || limit > 10000) limit = 100;
+  const char* cols =
+      "SELECT id, item, rp, trigger, started_ms, ended_ms, ok, blocks_checked, missing, corrupt, "
+      "errors FROM verifications ";
+  auto rows = vm.empty()
+                  ? db_->Query(std::string(cols) + "ORDER BY id DESC LIMIT ?1", {int64_t{limit}})
+                  : db_->Query(std::string(cols) + "WHERE item=?1 ORDER BY id DESC LIMIT ?2",
+                               {vm, int64_t{limit}});
+  if (!rows.ok()) return rows.take_status();
+  json out = json::array();
+  for (const auto& r : *rows)
+    out.push_back({{"id", r.Int(0)},
+                   {"vm", r.Text(1)},
+                   {"rp", r.Text(2)},
+                   {"trigger", r.Text(3)},
+                   {"started", IsoTime(r.Int(4))},
+                   {"started_ms", r.Int(4)},
+                   {"ended_ms", r.Int(5)},
+                   {"ok", r.Int(6) != 0},
+                   {"blocks_checked", r.Int(7)},
+                   {"missing", r.Int(8)},
+                   {"corrupt", r.Int(9)},
+                   {"errors", r.Int(10)}});
+  return out;
 }
 
 }  // namespace vmsnap::vault

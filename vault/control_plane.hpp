@@ -34,6 +34,7 @@ struct ControlPlaneOptions {
   int64_t poll_wait_ms = 20 * 1000;              // how long Poll holds an idle agent's request
   int64_t cleanup_interval_ms = 3600 * 1000;     // Tick runs a cleanup when this much has passed
   int64_t soft_delete_ms = 14LL * 86400 * 1000;  // unprotect --delete-data keeps data this long
+  int64_t verify_interval_ms = 7LL * 86400 * 1000;  // scheduled verify of every VM; 0: never
 };
 
 class ControlPlane {
@@ -89,7 +90,16 @@ class ControlPlane {
   Result<nlohmann::json> RetainPoint(const std::string& rp, int64_t until_ms);
   Result<nlohmann::json> RecoveryPoints(const std::string& vm);
   Result<nlohmann::json> Storage(const std::string& vm);
+  // Verifies `vm` (one point when `rp` is set) now and records the run (trigger "on-demand").
   Result<nlohmann::json> Verify(const std::string& vm, const std::string& rp);
+  // Scheduled verify: when verify_interval_ms (> 0) has passed on the injected clock since the
+  // last scheduled run (or since the first call, so a new vault does not read everything at
+  // start-up), verifies every VM that has recovery points and records one run per VM (trigger
+  // "scheduled"); damage is logged as an error. Blocking for as long as reading every block
+  // takes: call it from its own thread, never from the scheduler's (Tick).
+  void VerifyTick();
+  // Recorded verify runs, newest first (of `vm`, or of every VM when empty).
+  Result<nlohmann::json> Verifications(const std::string& vm, int limit);
 
  private:
   Result<nlohmann::json> JobJson(int64_t id);
@@ -109,6 +119,11 @@ class ControlPlane {
   Lifecycle* lifecycle_ = nullptr;
   std::mutex cleanup_mu_;  // one cleanup at a time; never held together with mu_ first
   int64_t last_cleanup_ms_ = 0;
+  // Runs a verify of `vm` and stores it in the verifications table.
+  Result<nlohmann::json> VerifyAndRecord(const std::string& vm, const std::string& rp,
+                                         const std::string& trigger);
+  std::mutex verify_mu_;          // one VerifyTick at a time
+  int64_t verify_anchor_ms_ = 0;  // the last scheduled verify (0: not known yet)
 
   std::unique_ptr<Db> db_;
   Catalog* catalog_;

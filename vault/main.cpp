@@ -72,6 +72,7 @@ struct ServeOptions {
   int agent_timeout_s = 600;
   int poll_wait_s = 20;
   int cleanup_interval_s = 3600;
+  int64_t verify_interval_s = 7 * 86400;
   int soft_delete_days = 14;
 };
 
@@ -121,6 +122,7 @@ int Serve(const ServeOptions& so) {
   cpo.agent_timeout_ms = int64_t{so.agent_timeout_s} * 1000;
   cpo.poll_wait_ms = int64_t{so.poll_wait_s} * 1000;
   cpo.cleanup_interval_ms = int64_t{so.cleanup_interval_s} * 1000;
+  cpo.verify_interval_ms = so.verify_interval_s * 1000;
   cpo.soft_delete_ms = int64_t{so.soft_delete_days} * 86400 * 1000;
   vault::ControlPlane control(std::move(*db), &catalog, vault_now, cpo);
   if (Status st = control.Init(); !st.ok()) return fail(st, "open control plane");
@@ -177,10 +179,19 @@ int Serve(const ServeOptions& so) {
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   });
+  // Scheduled verify reads every block: its own thread, so it never delays scheduled backups.
+  std::thread verifier([&] {
+    while (!stopping) {
+      control.VerifyTick();
+      for (int i = 0; i < 10 && !stopping; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
   int sig = 0;
   sigwait(&signals, &sig);
   stopping = true;
   scheduler.join();
+  verifier.join();
   spdlog::info("received {}, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   (*server)->Stop(std::chrono::milliseconds(10000));
   spdlog::info("stopped cleanly");
@@ -219,6 +230,11 @@ int main(int argc, char** argv) {
                    "Days 'unprotect --delete-data' keeps a VM's data before purging it")
       ->capture_default_str()
       ->check(CLI::Range(0, 3650));
+  serve
+      ->add_option("--verify-interval", so.verify_interval_s,
+                   "Seconds between scheduled verifies of every VM's blocks (0: never)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{86400} * 365));
   serve->add_flag("--test-clock", so.test_clock,
                   "Let the admin API set the clock (for tests; never in production)");
   CLI11_PARSE(app, argc, argv);

@@ -367,7 +367,7 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
   std::unordered_map<BlockId, BlockState, BlockIdHash> checked;
   std::vector<std::byte> plain;
   uint64_t total_missing = 0, total_corrupt = 0, total_errors = 0;
-  json out_points = json::array();
+  json out_points = json::array(), removed_meanwhile = json::array();
   for (const auto& rp : points) {
     json missing = json::array(), corrupt = json::array(), errors = json::array();
     uint64_t blocks = 0;
@@ -393,6 +393,13 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
         if (it->second == BlockState::kCorrupt) corrupt.push_back(e.id->Hex());
       }
     }
+    // A cleanup running meanwhile may have merged this point away and freed blocks only it
+    // needed: that is not damage. Points still in the catalog are reported as found.
+    const bool damaged = !missing.empty() || !corrupt.empty() || !errors.empty();
+    if (damaged && !catalog_->Get(rp.id).ok()) {
+      removed_meanwhile.push_back(rp.id);
+      continue;
+    }
     total_missing += missing.size();
     total_corrupt += corrupt.size();
     total_errors += errors.size();
@@ -409,6 +416,7 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
               {"missing", total_missing},
               {"corrupt", total_corrupt},
               {"errors", total_errors},
+              {"removed_during_verify", removed_meanwhile},
               {"ok", total_missing + total_corrupt + total_errors == 0}};
 }
 

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "platform/env.hpp"
+#include "platform/vss.hpp"
 
 namespace vmsnap::agent {
 
@@ -36,8 +37,15 @@ Result<AgentConfig> AgentConfig::Load(const std::string& path) {
     c.snapshot_command = j.value("snapshot_command", c.snapshot_command);
     c.allow_inconsistent = j.value("allow_inconsistent", false);
     c.freeze_only_under = j.value("freeze_only_under", std::vector<std::string>{});
+    c.vss_backup_type = j.value("vss_backup_type", c.vss_backup_type);
+    c.vss_excluded_writers = j.value("vss_excluded_writers", std::vector<std::string>{});
+    c.vss_snapshot_timeout_s = j.value("vss_snapshot_timeout_s", c.vss_snapshot_timeout_s);
     if (c.freeze_deadline_s < 1 || c.freeze_deadline_s > 60)
       throw std::out_of_range("freeze_deadline_s must be 1 to 60");
+    if (c.vss_snapshot_timeout_s < 1 || c.vss_snapshot_timeout_s > 60)
+      throw std::out_of_range("vss_snapshot_timeout_s must be 1 to 60");
+    if (!platform::ParseVssBackupType(c.vss_backup_type).ok())
+      throw std::out_of_range("vss_backup_type must be \"copy\" or \"full\"");
   } catch (const std::exception& e) {
     return Status::InvalidArgument("agent config " + path + " is invalid: " + e.what(),
                                    "enroll again to rewrite it")
@@ -65,7 +73,10 @@ Status AgentConfig::Save(const std::string& path) const {
          {"snapshot_provider", snapshot_provider},
          {"snapshot_command", snapshot_command},
          {"allow_inconsistent", allow_inconsistent},
-         {"freeze_only_under", freeze_only_under}};
+         {"freeze_only_under", freeze_only_under},
+         {"vss_backup_type", vss_backup_type},
+         {"vss_excluded_writers", vss_excluded_writers},
+         {"vss_snapshot_timeout_s", vss_snapshot_timeout_s}};
   return platform::Env::Default()->WriteFileAtomic(path, j.dump(2) + "\n", 0600);
 }
 

@@ -17,6 +17,7 @@
 #include "common/manifest.hpp"
 #include "platform/env.hpp"
 #include "platform/quiesce.hpp"
+#include "platform/vss.hpp"
 
 namespace vmsnap::agent {
 
@@ -503,7 +504,23 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     d->index = static_cast<int>(i);
     d->path = opt.disks[i];
     auto reader = env->OpenDiskForRead(d->path);
-    if (!reader.ok()) return std::move(reader.take_status()).InPhase("open disk");
+    if (!reader.ok()) {
+      // A volume or physical drive is only ever read through a VSS shadow copy, never live:
+      // when VSS cannot be used at all (e.g. under Wine), that is the cause to report.
+      if (!platform::VolumeNameOfDisk(d->path).empty() || platform::IsPhysicalDrivePath(d->path))
+        if (auto vss = platform::OpenSystemVss(); !vss.ok())
+          return Status::Error(vss.status().code(),
+                               "VSS unavailable: disk " + d->path +
+                                   " is read only through a VSS shadow copy, and VSS cannot "
+                                   "be used here (" +
+                                   vss.status().cause() +
+                                   "); refusing a live read (opening the device also failed: " +
+                                   reader.status().cause() + ")",
+                               "run the agent on Windows as Administrator or SYSTEM with the "
+                               "Volume Shadow Copy service enabled")
+              .InPhase("open disk");
+      return std::move(reader.take_status()).InPhase("open disk");
+    }
     d->size = (*reader)->size();
     if (d->size == 0)
       return Status::InvalidArgument("disk " + d->path + " is empty (0 bytes)",
@@ -613,11 +630,18 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   report.evidence = view->evidence();
   report.evidence["leftover_freeze"] = leftover_evidence;
   report.evidence["guarded_reads"] = guarded_reads;
-  Status cleanup = view->Cleanup();
-  if (!cleanup.ok()) {
-    spdlog::warn("{}", cleanup.ToString());
-    report.evidence["snapshot_cleanup_error"] = cleanup.ToString();
-  }
+  // VSS: Cleanup() is BackupComplete, after which writers of a full backup may truncate their
+  // logs, so it waits for the vault's commit (step 6); a backup that ends before it leaves the
+  // view to its destructor, which aborts the VSS backup. Other snapshots go now.
+  const bool complete_after_commit = view->evidence().contains("vss");
+  auto release_view = [&] {
+    Status cleanup = view->Cleanup();
+    if (!cleanup.ok()) {
+      spdlog::warn("{}", cleanup.ToString());
+      report.evidence["snapshot_cleanup_error"] = cleanup.ToString();
+    }
+  };
+  if (!complete_after_commit) release_view();
   const std::string consistency = report.consistency;
   const uint32_t bs = opt.block_size;
 
@@ -664,6 +688,11 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   auto rp = (*control)->Commit(*session, commit);
   if (!rp.ok()) return std::move(rp.take_status()).InPhase("commit recovery point");
   report.recovery_point = rp->value("id", "");
+  if (complete_after_commit) {
+    release_view();
+    // The writers' states after BackupComplete: in this report, not in the committed one.
+    report.evidence["vss"] = view->evidence()["vss"];
+  }
 
   // 7. Remember what was backed up, for the next incremental.
   for (auto& d : disks) {

@@ -34,6 +34,7 @@
 #include "common/block_codec.hpp"
 #include "common/https_client.hpp"
 #include "common/status.hpp"
+#include "platform/env.hpp"
 
 namespace vmsnap::agent {
 
@@ -42,7 +43,7 @@ struct BackupOptions {
   std::string item;                // the protected machine's name in the vault
   std::vector<std::string> disks;  // block devices or image files
   uint32_t block_size = kDefaultBlockSize;
-  std::string state_dir = "/var/lib/vmsnap";
+  std::string state_dir = platform::DefaultAgentPaths().state_dir;
   int workers = 0;  // 0: one per core
   int uploaders = 2;
   uint64_t max_rate_bytes_per_s = 0;   // 0: unlimited

@@ -23,6 +23,16 @@ const char* ConsistencyLevelName(ConsistencyLevel level) {
   return "failed";
 }
 
+namespace {
+
+std::string JoinNames(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+}  // namespace
+
 LevelDecision ComputeConsistencyLevel(const ConsistencyFacts& f) {
   auto fail_or_none = [&](std::string why) {
     if (f.allow_none)
@@ -32,6 +42,28 @@ LevelDecision ComputeConsistencyLevel(const ConsistencyFacts& f) {
   if (f.pre_failure_fatal)
     return {ConsistencyLevel::kFailed,
             "a pre script failed and its policy does not allow continuing the backup"};
+  if (f.vss_used) {
+    if (!f.snapshot_taken) return fail_or_none("no VSS shadow copy could be created");
+    if (!f.vss_failed_writers.empty())
+      return {ConsistencyLevel::kFileSystem,
+              "the VSS shadow copy succeeded but VSS writers failed: " +
+                  JoinNames(f.vss_failed_writers)};
+    if (!f.vss_excluded_writers.empty())
+      return {ConsistencyLevel::kFileSystem,
+              "the VSS shadow copy succeeded; VSS writers excluded by configuration: " +
+                  JoinNames(f.vss_excluded_writers)};
+    if (f.scripts_configured && !f.pre_scripts_all_ok)
+      return {ConsistencyLevel::kFileSystem,
+              "the VSS shadow copy succeeded and every VSS writer stayed stable, but a pre "
+              "script failed"};
+    if (f.vss_writers_total == 0)
+      return {ConsistencyLevel::kFileSystem,
+              "the VSS shadow copy succeeded but no VSS writer took part"};
+    return {ConsistencyLevel::kApplication,
+            "every VSS writer (" + std::to_string(f.vss_writers_total) +
+                ") stayed stable through PrepareForBackup and DoSnapshotSet and the shadow copy "
+                "succeeded"};
+  }
   if (!f.snapshot_taken) return fail_or_none("no snapshot could be taken");
   if (f.deadline_hit)
     return fail_or_none("the freeze deadline forced a thaw before the snapshot was confirmed");
@@ -69,15 +101,204 @@ LevelDecision ComputeConsistencyLevel(const ConsistencyFacts& f) {
   return fail_or_none("several disks read live cannot be consistent with each other");
 }
 
-Status ConsistentView::Cleanup() {
-  if (!snapshot_) return Status::Ok();
-  Status s = snapshot_->Delete();
-  snapshot_.reset();
+Status ConsistentView::Release(bool transfer_done) {
+  Status s;
+  if (snapshot_) {
+    s = snapshot_->Delete();
+    snapshot_.reset();
+  }
+  if (vss_) {
+    Status v = transfer_done ? vss_->Complete() : vss_->Abort();
+    try {
+      evidence_["vss"] = vss_->evidence();
+    } catch (...) {  // never throws (called from the destructor): the evidence stays as it was
+    }
+    vss_.reset();
+    if (s.ok()) s = std::move(v);
+  }
   return s;
+}
+
+bool UsesVss(const ConsistencyOptions& options) {
+  if (options.snapshot.provider == "vss") return true;
+  if (options.snapshot.provider != "auto") return false;
+  return std::any_of(options.disks.begin(), options.disks.end(), [](const std::string& d) {
+    return !platform::VolumeNameOfDisk(d).empty() || platform::IsPhysicalDrivePath(d);
+  });
+}
+
+// The VSS path: pre scripts -> VSS snapshot set -> post scripts, level from the writers.
+Result<ConsistentView> PrepareVssView(const ConsistencyOptions& options, json* evidence_out) {
+  json evidence = {{"disks", json::array()},
+                   {"scripts", json::array()},
+                   {"filesystems", json::array()},
+                   {"freeze",
+                    {{"enabled", false},
+                     {"attempted", false},
+                     {"why_not",
+                      "VSS: the writers freeze their applications and the "
+                      "VSS provider flushes and holds writes"}}},
+                   {"snapshot", {{"provider", "vss"}, {"ok", false}}},
+                   {"vss", json::object()}};
+  auto finish = [&](Status s) -> Result<ConsistentView> {
+    if (!s.ok()) {
+      evidence["level"] = "failed";
+      evidence["error"] = s.ToString();
+    }
+    if (evidence_out) *evidence_out = evidence;
+    return s;
+  };
+
+  if (options.disks.empty())
+    return finish(Status::InvalidArgument("no disks given", "name the disks to back up")
+                      .InPhase("consistency"));
+
+  // 1. Disks -> volumes (no OS call for volumes; physical drives ask the system).
+  struct DiskVolumes {
+    std::string disk;
+    std::vector<platform::VssDiskVolume> volumes;  // a volume disk: one, without extents
+  };
+  std::vector<DiskVolumes> plan;
+  std::vector<std::string> volumes;
+  for (const auto& d : options.disks) {
+    DiskVolumes dv{d, {}};
+    if (std::string v = platform::VolumeNameOfDisk(d); !v.empty()) {
+      dv.volumes.push_back({v, {}});
+    } else if (platform::IsPhysicalDrivePath(d)) {
+      if (!options.reader_composes_volume_shadows)
+        return finish(Status::InvalidArgument(
+                          "physical drive " + d +
+                              " would have to be read through its volumes' shadow copies, "
+                              "which this backup reader does not do yet",
+                          "back up the volumes instead (\\\\.\\C: ...)")
+                          .InPhase("consistency"));
+      auto found =
+          options.vss_disk_volumes
+              ? options.vss_disk_volumes(d)
+              : Result<std::vector<platform::VssDiskVolume>>(Status::Internal("no volume lister"));
+      if (!found.ok()) return finish(found.take_status());
+      if (found->empty())
+        return finish(Status::InvalidArgument(
+                          "physical drive " + d + " holds no Windows volume VSS could snapshot",
+                          "back up this disk with its VM powered off")
+                          .InPhase("consistency"));
+      dv.volumes = std::move(*found);
+    } else {
+      return finish(Status::InvalidArgument(
+                        "the vss snapshot provider covers Windows volumes and physical drives, "
+                        "not " +
+                            d,
+                        "name volumes (\\\\.\\C:) or physical drives (\\\\.\\PhysicalDrive0), or "
+                        "back up image files with the file provider")
+                        .InPhase("consistency"));
+    }
+    for (const auto& v : dv.volumes)
+      if (std::find(volumes.begin(), volumes.end(), v.volume) == volumes.end())
+        volumes.push_back(v.volume);
+    plan.push_back(std::move(dv));
+  }
+
+  // 2. Pre scripts (the same hooks and report fields as on Linux).
+  ScriptHooks hooks = ScriptHooks::Load(options.hooks);
+  PreScriptsOutcome pre = hooks.RunPre();
+  if (!pre.continue_backup) {
+    hooks.RunPost();
+    evidence["scripts"] = hooks.ToJson();
+    return finish(Status::Error(Code::kIoError, "pre script failed: " + pre.failure_summary,
+                                "fix the script, or allow the backup to continue on failure "
+                                "(continueBackupOnFailure)")
+                      .InPhase("pre scripts"));
+  }
+
+  // 3. The snapshot set; 4. post scripts whatever happened.
+  json vss_evidence;
+  auto set =
+      platform::VssSnapshotSet::Create(options.vss_factory, volumes, options.vss, &vss_evidence);
+  hooks.RunPost();
+  evidence["scripts"] = hooks.ToJson();
+  evidence["vss"] = vss_evidence;
+
+  // 5. Level from the evidence.
+  ConsistencyFacts facts;
+  facts.disk_count = options.disks.size();
+  facts.scripts_configured = pre.any_configured;
+  facts.pre_scripts_all_ok = pre.all_succeeded;
+  facts.allow_none = options.allow_none;
+  facts.vss_used = true;
+  json& snap_ev = evidence["snapshot"];
+  snap_ev["ok"] = set.ok();
+  if (set.ok()) {
+    const auto& s = **set;
+    facts.snapshot_taken = true;
+    facts.snapshot_point_in_time = true;
+    facts.snapshot_atomic = true;  // one snapshot set: every volume at one instant
+    facts.snapshot_before_thaw = true;
+    facts.vss_writers_total = s.writer_count();
+    facts.vss_failed_writers = s.failed_writers();
+    for (const auto& w : vss_evidence.value("writers", json::array()))
+      if (w.value("excluded", false))
+        facts.vss_excluded_writers.push_back(w.value("name", "") + " " + w.value("writer_id", ""));
+    snap_ev["atomic"] = true;
+    snap_ev["snapshot_set_id"] = s.snapshot_set_id();
+  } else {
+    snap_ev["error"] = set.status().ToString();
+  }
+  LevelDecision decision = ComputeConsistencyLevel(facts);
+  evidence["level"] = ConsistencyLevelName(decision.level);
+  evidence["reason"] = decision.reason;
+  if (decision.level == ConsistencyLevel::kFailed) {
+    Status cause = set.ok() ? Status::Error(Code::kConflict, decision.reason) : set.take_status();
+    return finish(
+        Status::Error(
+            cause.code(),
+            "no consistent view of the disks: " + decision.reason + " (" + cause.ToString() + ")",
+            cause.fix().empty() ? "pass --allow-inconsistent to accept a live read with "
+                                  "consistency none"
+                                : cause.fix() + "; or pass --allow-inconsistent to accept a live "
+                                                "read with consistency none")
+            .InPhase("consistency"));
+  }
+
+  ConsistentView view;
+  view.level_ = decision.level;
+  if (set.ok()) {
+    const platform::VssSnapshotSet& s = **set;
+    for (const auto& dv : plan) {
+      DiskToRead r{dv.disk, dv.disk, false, {}};
+      json vols = json::array();
+      const bool physical = platform::IsPhysicalDrivePath(dv.disk);
+      for (const auto& v : dv.volumes) {
+        const std::string device = s.DeviceFor(v.volume);
+        if (physical)
+          r.volume_shadows.push_back({v.volume, device, v.extents});
+        else
+          r.read_path = device;
+        vols.push_back({{"volume", v.volume}, {"device", device}});
+      }
+      evidence["disks"].push_back(
+          {{"disk", r.disk},
+           {"read_path", r.read_path},
+           {"provider", "vss"},
+           {"point_in_time", true},
+           {"volumes", vols},
+           {"note", physical ? "volumes from their shadow copies, the rest from the disk" : ""}});
+      view.disks_.push_back(std::move(r));
+    }
+    view.vss_ = std::move(*set);
+  } else {  // kNone: the operator allowed reading the live disks
+    for (const auto& d : options.disks) {
+      view.disks_.push_back({d, d, false, {}});
+      evidence["disks"].push_back({{"disk", d}, {"read_path", d}, {"provider", "none"}});
+    }
+  }
+  view.evidence_ = evidence;
+  if (evidence_out) *evidence_out = evidence;
+  return view;
 }
 
 Result<ConsistentView> PrepareConsistentView(const ConsistencyOptions& options,
                                              json* evidence_out) {
+  if (UsesVss(options)) return PrepareVssView(options, evidence_out);
   json evidence = {{"disks", json::array()},
                    {"scripts", json::array()},
                    {"filesystems", json::array()},

@@ -2,6 +2,13 @@
 //   discover filesystems -> pre scripts -> freeze -> snapshot -> thaw -> post scripts,
 // and the consistency level computed from what actually happened (the evidence).
 //
+// Windows volumes and physical drives (issue 8) take the VSS path instead (snapshot provider
+// "vss", or "auto" when a disk is "\\.\C:", "\\?\Volume{...}" or "\\.\PhysicalDriveN"):
+//   pre scripts -> VSS snapshot set (writers freeze, the provider flushes and holds writes,
+//   shadow copies) -> post scripts; the caller reads the shadow copy devices; Cleanup() then
+//   completes the VSS backup (BackupComplete) and deletes the shadow copies. Destroying the
+//   view without Cleanup() aborts the VSS backup (AbortBackup) and deletes them.
+//
 // Use from the backup pipeline:
 //   nlohmann::json evidence;
 //   auto view = PrepareConsistentView(options, &evidence);   // before opening any disk
@@ -17,6 +24,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -24,8 +32,10 @@
 
 #include "agent/hooks.hpp"
 #include "common/status.hpp"
+#include "platform/env.hpp"
 #include "platform/quiesce.hpp"
 #include "platform/snapshot.hpp"
+#include "platform/vss.hpp"
 
 namespace vmsnap::agent {
 
@@ -54,6 +64,11 @@ struct ConsistencyFacts {
   // as they were at one instant.
   bool every_disk_guarded = false;
   bool allow_none = false;  // the operator allows a none-consistency read
+  // VSS (Windows): a VSS snapshot set was attempted (the freeze facts above do not apply).
+  bool vss_used = false;
+  size_t vss_writers_total = 0;                   // writers that took part (not excluded)
+  std::vector<std::string> vss_failed_writers;    // "Name (state: failure, after Call)"
+  std::vector<std::string> vss_excluded_writers;  // excluded by configuration and present
 };
 
 struct LevelDecision {
@@ -68,24 +83,54 @@ struct LevelDecision {
 //   or guarded reads of image files only (the reader must verify that every file was
 //   unchanged over one window covering all reads); a mix of snapshots and guarded reads is not.
 // Otherwise failed, or none when allow_none. A fatal pre-script failure is always failed.
+// VSS (vss_used): application when the shadow copy succeeded, at least one writer took part,
+//   no writer was excluded, every writer stayed out of the failed states after
+//   PrepareForBackup and DoSnapshotSet, and no configured pre script failed; file-system when
+//   the shadow copy succeeded otherwise (the failed or excluded writers named in the reason);
+//   no shadow copy: failed, or none when allow_none.
 LevelDecision ComputeConsistencyLevel(const ConsistencyFacts& facts);
 
 struct ConsistencyOptions {
   std::vector<std::string> disks;  // block devices or image files, as the backup names them
   HookOptions hooks;
-  std::string runtime_dir = platform::kDefaultRuntimeDir;
+  std::string runtime_dir = platform::DefaultAgentPaths().runtime_dir;
   std::chrono::milliseconds freeze_deadline = platform::kDefaultFreezeDeadline;  // <= 60 s
   std::string guard_binary = "/usr/libexec/vmsnap/vmsnap-freeze-guard";
   platform::SnapshotOptions snapshot;  // provider choice ("auto" by default)
   bool allow_none = false;             // no snapshot possible: read the live disks as `none`
   std::vector<std::string> freeze_only_under;  // safety restriction (tests)
   platform::DiscoveryOptions discovery;
+  // VSS: backup type (copy by default), excluded writers, timeouts, StartSnapshotSet retries.
+  platform::VssRequesterOptions vss;
+  // Opens the system's VSS; tests inject a fake. Called by the VSS path only.
+  platform::VssFactory vss_factory = &platform::OpenSystemVss;
+  // The volumes of a physical drive (VSS path, "\\.\PhysicalDriveN").
+  std::function<Result<std::vector<platform::VssDiskVolume>>(const std::string&)> vss_disk_volumes =
+      &platform::VolumesOnDisk;
+  // A physical drive is read through its volumes' shadow copies plus the disk itself outside
+  // them (DiskToRead::volume_shadows). Until the reader does that composition, physical
+  // drives are refused on the VSS path rather than read live.
+  bool reader_composes_volume_shadows = false;
+};
+
+// True when `options` take the VSS path (provider "vss", or "auto" with a Windows volume or
+// physical drive among the disks).
+bool UsesVss(const ConsistencyOptions& options);
+
+// A volume's shadow copy, and where the volume lies on its physical drive.
+struct VolumeShadowToRead {
+  std::string volume;                                    // "\\?\Volume{...}\"
+  std::string device_path;                               // the shadow copy device
+  std::vector<platform::VssDiskVolume::Extent> extents;  // on the disk
 };
 
 struct DiskToRead {
   std::string disk;       // as in ConsistencyOptions::disks
   std::string read_path;  // the snapshot to read (or the disk itself for guarded/none reads)
   bool guarded_read = false;
+  // VSS, physical drives only: read these ranges from the shadow devices, the rest of the
+  // disk (partition table, gaps) from read_path (the disk itself).
+  std::vector<VolumeShadowToRead> volume_shadows;
 };
 
 // The result of a successful preparation: what to read, the level and its evidence. Owns the
@@ -95,21 +140,28 @@ class ConsistentView {
   ConsistentView() = default;
   ConsistentView(ConsistentView&&) noexcept = default;
   ConsistentView& operator=(ConsistentView&&) noexcept = default;
-  ~ConsistentView() { (void)Cleanup(); }
+  ~ConsistentView() { (void)Release(/*transfer_done=*/false); }
 
   const std::vector<DiskToRead>& disks() const { return disks_; }
   ConsistencyLevel level() const { return level_; }
   const char* level_name() const { return ConsistencyLevelName(level_); }
   const nlohmann::json& evidence() const { return evidence_; }
-  // Deletes the snapshot. Idempotent.
-  Status Cleanup();
+  // Call once every block was read: deletes the snapshot; for VSS completes the backup
+  // (BackupComplete, writer status after it in evidence()["vss"], shadow copies deleted).
+  // Idempotent.
+  Status Cleanup() { return Release(/*transfer_done=*/true); }
 
  private:
   friend Result<ConsistentView> PrepareConsistentView(const ConsistencyOptions&, nlohmann::json*);
+  friend Result<ConsistentView> PrepareVssView(const ConsistencyOptions&, nlohmann::json*);
   std::vector<DiskToRead> disks_;
   ConsistencyLevel level_ = ConsistencyLevel::kFailed;
   nlohmann::json evidence_;
   std::unique_ptr<platform::Snapshot> snapshot_;
+  std::unique_ptr<platform::VssSnapshotSet> vss_;
+
+  // Deletes the snapshot; VSS: BackupComplete when the transfer is done, else AbortBackup.
+  Status Release(bool transfer_done);
 };
 
 // Runs the whole sequence. Fails (Status naming the phase, cause and fix) when the level is

@@ -1,8 +1,7 @@
 #include "agent/daemon.hpp"
 
-#include <signal.h>
+#include <spdlog/sinks/rotating_file_sink.h>
 #include <spdlog/spdlog.h>
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
@@ -20,7 +19,7 @@
 #include "agent/vault_client.hpp"
 #include "common/cli_output.hpp"
 #include "platform/env.hpp"
-#include "platform/quiesce.hpp"
+#include "platform/service.hpp"
 
 namespace vmsnap::agent {
 
@@ -29,16 +28,29 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// The service's name: the systemd unit vmsnap-agent.service, the Windows service vmsnap-agent
+// (registered by the MSI, installer/windows/vmsnap-agent.wxs).
+constexpr const char* kServiceName = "vmsnap-agent";
+
 int Fail(const Status& st, bool as_json) {
   return ReportFailure("vmsnap-agent", st, as_json);
 }
 
+// The daemon's fatal errors: on stderr as for every command, and in the log too under a
+// service manager, where nothing reads stderr.
+int FailDaemon(const Status& st, platform::RunMode mode) {
+  if (mode == platform::RunMode::kServiceManager) spdlog::error("{}", st.ToString());
+  return Fail(st, false);
+}
+
 class Daemon {
  public:
-  explicit Daemon(AgentConfig cfg)
-      : cfg_(std::move(cfg)), results_dir_(cfg_.state_dir + "/results") {}
+  // `stop` is the process's stop token (platform/service.hpp); it outlives the daemon.
+  Daemon(AgentConfig cfg, const platform::StopToken& stop, platform::RunMode mode)
+      : stop_(stop), mode_(mode), cfg_(std::move(cfg)), results_dir_(cfg_.state_dir + "/results") {}
 
-  std::atomic<bool> stop{false};
+  // True while a job runs: a stop request then cancels it at its next safe point instead of
+  // ending the process.
   std::atomic<bool> busy{false};
   std::atomic<bool> cancel_job{false};
 
@@ -49,13 +61,13 @@ class Daemon {
     co.max_attempts = 1;  // the loop below does its own backoff
     co.io_timeout = std::chrono::seconds(60);
     auto client = VaultClient::Create(co);
-    if (!client.ok()) return Fail(client.status(), false);
+    if (!client.ok()) return FailDaemon(client.status(), mode_);
     client_ = std::move(*client);
     auto backoff = std::chrono::seconds(1);
     bool was_down = false;
     fs::remove(JobMarker(), ec);  // a marker left by a crash names no running job
     spdlog::info("agent {} running; vault {}", cfg_.name, cfg_.vault_url);
-    while (!stop) {
+    while (!stop_.stop_requested()) {
       Status st = ResendPendingResults();
       Result<json> r = st;
       if (st.ok())
@@ -64,7 +76,7 @@ class Daemon {
         if (r.status().code() == Code::kUnauthenticated) {
           Status s = r.take_status();
           s.WithFix("this agent's credential was revoked or replaced; enroll it again");
-          return Fail(std::move(s).InPhase("poll control plane"), false);
+          return FailDaemon(std::move(s).InPhase("poll control plane"), mode_);
         }
         spdlog::warn("vault not reachable ({}); retrying in {} s", r.status().ToString(),
                      backoff.count());
@@ -84,7 +96,9 @@ class Daemon {
         fs::create_directories(cfg_.runtime_dir, ec);
         platform::Env::Default()->WriteFileAtomic(
             JobMarker(),
-            json{{"pid", ::getpid()}, {"job", job["id"]}, {"type", job["type"]}}.dump(), 0644);
+            json{{"pid", platform::CurrentProcessId()}, {"job", job["id"]}, {"type", job["type"]}}
+                .dump(),
+            0644);
         RunJob(job);
         fs::remove(JobMarker(), ec);
         busy = false;
@@ -95,11 +109,7 @@ class Daemon {
   }
 
  private:
-  void SleepUnlessStopped(std::chrono::seconds d) {
-    auto until = std::chrono::steady_clock::now() + d;
-    while (!stop && std::chrono::steady_clock::now() < until)
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  void SleepUnlessStopped(std::chrono::seconds d) { stop_.SleepFor(d); }
 
   std::string JobMarker() const { return cfg_.runtime_dir + "/job.json"; }
 
@@ -135,7 +145,7 @@ class Daemon {
     const int64_t id = job["id"];
     const std::string type = job["type"];
     spdlog::info("job {}: {} started", id, type);
-    cancel_job = stop.load();
+    cancel_job = stop_.stop_requested();  // a stop requested before the job cancels it too
     ClientOptions pco = cfg_.Client();
     pco.max_attempts = 1;
     pco.io_timeout = std::chrono::seconds(10);
@@ -190,6 +200,10 @@ class Daemon {
       copt.snapshot.command_path = cfg_.snapshot_command;
       copt.allow_none = cfg_.allow_inconsistent;
       copt.freeze_only_under = cfg_.freeze_only_under;
+      if (auto type = platform::ParseVssBackupType(cfg_.vss_backup_type); type.ok())
+        copt.vss.backup_type = *type;  // Load() validated it
+      copt.vss.excluded_writers = cfg_.vss_excluded_writers;
+      copt.vss.snapshot_timeout = std::chrono::seconds(cfg_.vss_snapshot_timeout_s);
       bo.on_progress = report_progress;
       const json& params = job.value("params", json::object());
       bo.origin = {{"job", id},
@@ -231,6 +245,8 @@ class Daemon {
       spdlog::warn("result of job {} not delivered yet ({}); it will be re-sent", id, s.ToString());
   }
 
+  const platform::StopToken& stop_;
+  const platform::RunMode mode_;
   AgentConfig cfg_;
   std::string results_dir_;
   std::unique_ptr<VaultClient> client_;
@@ -312,22 +328,14 @@ class DaemonCommandsImpl final : public DaemonCommands {
     cfg.credential = r->value("credential", "");
     if (Status st = cfg.Save(config_); !st.ok())
       return Fail(std::move(st).InPhase("register: write config"), as_json_);
-    // Installed from the package (default config path) under systemd: start the daemon now,
-    // and restart it after a re-enrollment so it uses the new credential.
+    // Installed from the package (default config path) under a service manager: start the
+    // daemon now, and restart it after a re-enrollment so it uses the new credential.
+    // Linux: systemctl enable + restart when systemd runs. Windows: the MSI registered the
+    // service; it is set to start automatically and (re)started through the SCM. Without a
+    // service manager (or the service), the note is empty and the user starts `run` by hand.
     std::string service_note;
-    if (config_ == kDefaultConfigPath && fs::exists("/run/systemd/system", ec)) {
-      platform::ProcessSpec enable;
-      enable.path = "/bin/systemctl";
-      enable.args = {"enable", "vmsnap-agent.service"};
-      auto e = platform::RunProcess(enable);
-      platform::ProcessSpec restart = enable;
-      restart.args = {"restart", "vmsnap-agent.service"};
-      auto r2 = platform::RunProcess(restart);
-      service_note = e.ok() && e->succeeded() && r2.ok() && r2->succeeded()
-                         ? "vmsnap-agent.service enabled and (re)started"
-                         : "could not enable vmsnap-agent.service; run: systemctl enable --now "
-                           "vmsnap-agent";
-    }
+    if (config_ == kDefaultConfigPath)
+      service_note = platform::EnableAndRestartService(kServiceName);
     json out{{"name", cfg.name},
              {"config", config_},
              {"ca_file", ca_file},
@@ -346,36 +354,90 @@ class DaemonCommandsImpl final : public DaemonCommands {
   }
 
   int RunDaemon() {
-    auto cfg = AgentConfig::Load(config_);
-    if (!cfg.ok()) return Fail(cfg.status(), false);
-    // Signals are taken by a dedicated thread; block them before any other thread starts.
-    sigset_t signals;
-    sigemptyset(&signals);
-    sigaddset(&signals, SIGTERM);
-    sigaddset(&signals, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-    auto daemon = std::make_unique<Daemon>(std::move(*cfg));
-    Daemon* d = daemon.get();
-    std::thread([d, signals] {
-      int sig = 0;
-      sigwait(&signals, &sig);
-      if (!d->busy) {
+    platform::ServiceSpec spec;
+    spec.name = kServiceName;
+    // The daemon of this run, while one exists; guarded by mu (read by on_stop on the
+    // platform's stop thread).
+    std::mutex mu;
+    Daemon* current = nullptr;
+    spec.run = [&](platform::StopToken& stop, platform::RunMode mode) -> int {
+      if (mode == platform::RunMode::kServiceManager) LogToFileUnderServiceManager();
+      auto cfg = LoadConfig(stop, mode);
+      if (!cfg.ok()) return FailDaemon(cfg.status(), mode);
+      if (stop.stop_requested()) return 0;  // stopped while waiting for enrollment
+      Daemon daemon(std::move(*cfg), stop, mode);
+      {
+        std::lock_guard lock(mu);
+        current = &daemon;
+      }
+      int rc = daemon.Run();
+      std::lock_guard lock(mu);
+      current = nullptr;
+      return rc;
+    };
+    spec.on_stop = [&]() {
+      std::lock_guard lock(mu);
+      if (current == nullptr || !current->busy) {
         spdlog::info("stop requested while idle: exiting");
-        std::_Exit(0);
+        return platform::StopResponse::kExitNow;
       }
       spdlog::info("stop requested during a job: cancelling at the next safe point");
-      d->stop = true;
-      d->cancel_job = true;
-    }).detach();
-    return d->Run();
+      current->cancel_job = true;
+      return platform::StopResponse::kStopAtSafePoint;
+    };
+    return platform::RunServiceOrConsole(spec);
+  }
+
+  // Reads the agent config. Under a service manager that started us before enrollment (the
+  // Windows MSI starts the service at install time), waits for `vmsnap-agent enroll` to write
+  // it instead of failing: the service stays running and idle, checking every 5 s. From a
+  // console, or for a config that exists but cannot be read, fails at once.
+  Result<AgentConfig> LoadConfig(const platform::StopToken& stop, platform::RunMode mode) {
+    bool told = false;
+    while (true) {
+      auto cfg = AgentConfig::Load(config_);
+      std::error_code ec;
+      if (cfg.ok() || mode != platform::RunMode::kServiceManager || fs::exists(config_, ec))
+        return cfg;
+      if (!told)
+        spdlog::info(
+            "not enrolled yet: waiting for {} (run: vmsnap-agent enroll --vault URL "
+            "--ca-fingerprint FP --token TOKEN)",
+            config_);
+      told = true;
+      if (!stop.SleepFor(std::chrono::seconds(5))) return AgentConfig{};
+    }
+  }
+
+  // Under a service manager nothing reads stdout/stderr: the log goes to
+  // STATE_DIR/logs/vmsnap-agent.log (default state dir), 3 files of at most 5 MiB, at the
+  // level and under the name InitLogging gave the default logger (which it replaces).
+  static void LogToFileUnderServiceManager() {
+    fs::path file = fs::path(AgentConfig{}.state_dir) / "logs" / "vmsnap-agent.log";
+    std::error_code ec;
+    fs::create_directories(file.parent_path(), ec);
+    try {
+      auto previous = spdlog::default_logger();
+      auto sink =
+          std::make_shared<spdlog::sinks::rotating_file_sink_mt>(file.string(), 5 * 1024 * 1024, 3);
+      auto logger = std::make_shared<spdlog::logger>(previous->name(), std::move(sink));
+      logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %l [%n] %v");
+      logger->set_level(previous->level());
+      logger->flush_on(spdlog::level::info);
+      spdlog::set_default_logger(std::move(logger));
+    } catch (const spdlog::spdlog_ex& e) {
+      // Keep the default (stderr) logger; the service still runs.
+      spdlog::warn("cannot log to {}: {}", file.string(), e.what());
+    }
   }
 
   CLI::App* enroll_ = nullptr;
   CLI::App* run_ = nullptr;
+  // Defaults come from agent/agent_config.hpp (platform-specific paths).
   std::string vault_, fingerprint_, token_, name_, config_ = kDefaultConfigPath,
-                                                   state_dir_ = "/var/lib/vmsnap";
+                                                   state_dir_ = AgentConfig{}.state_dir;
   std::vector<std::string> disks_, freeze_only_under_;
-  std::string hooks_dir_ = "/etc/vmsnap/hooks.d", runtime_dir_ = "/run/vmsnap";
+  std::string hooks_dir_ = AgentConfig{}.hooks_dir, runtime_dir_ = AgentConfig{}.runtime_dir;
   bool allow_inconsistent_ = false;
   uint64_t max_rate_ = 0;
   bool as_json_ = false;

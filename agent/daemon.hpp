@@ -6,8 +6,11 @@
 // STATE_DIR/results/<job>.json before they are sent and deleted only once the vault
 // acknowledged them, so a lost connection or a vault restart never loses one; the vault
 // counts a re-sent result once. A lost connection is retried with backoff (1 s to 30 s).
-// SIGTERM while idle exits at once; during a job the job is cancelled at its next safe point
-// (never inside a freeze: the consistency engine thaws first), reported, and the daemon exits.
+// `run` runs under the OS's service manager or as a console program (platform/service.hpp). A
+// stop request (SIGTERM/SIGINT; on Windows the SCM's STOP/SHUTDOWN or Ctrl-C) while idle exits
+// at once; during a job the job is cancelled at its next safe point (never inside a freeze or
+// a shadow copy: the consistency engine thaws first), reported, and the daemon exits. Started
+// by the Windows SCM before enrollment, `run` waits for the config instead of failing.
 #pragma once
 
 #include <memory>

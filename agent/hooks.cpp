@@ -12,18 +12,20 @@ using json = nlohmann::json;
 
 namespace {
 
+// A path as UTF-8 (fs::path::string() is the ANSI code page on Windows).
+std::string PathText(const fs::path& p) {
+  auto u8 = p.u8string();
+  return std::string(u8.begin(), u8.end());
+}
+
+// A UTF-8 string as a path.
+fs::path PathOf(const std::string& utf8) {
+  return fs::path(std::u8string(utf8.begin(), utf8.end()));
+}
+
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-bool IsExecutableFile(const fs::path& p) {
-  std::error_code ec;
-  auto st = fs::status(p, ec);
-  if (ec || !fs::is_regular_file(st)) return false;
-  using fs::perms;
-  return (st.permissions() & (perms::owner_exec | perms::group_exec | perms::others_exec)) !=
-         perms::none;
 }
 
 }  // namespace
@@ -54,17 +56,18 @@ ScriptHooks ScriptHooks::Load(const HookOptions& options) {
   ScriptHooks h;
   h.options_ = options;
   std::error_code ec;
-  if (!options.hooks_dir.empty() && fs::is_directory(options.hooks_dir, ec)) {
-    for (const auto& e : fs::directory_iterator(options.hooks_dir, ec)) {
-      const std::string name = e.path().filename().string();
-      if (IsSkippedHookName(name) || !IsExecutableFile(e.path())) continue;
-      h.native_hooks_.push_back(e.path().string());
+  if (!options.hooks_dir.empty() && fs::is_directory(PathOf(options.hooks_dir), ec)) {
+    for (const auto& e : fs::directory_iterator(PathOf(options.hooks_dir), ec)) {
+      const std::string name = PathText(e.path().filename());
+      const std::string path = PathText(e.path());
+      if (IsSkippedHookName(name) || !platform::IsProgramFile(path)) continue;
+      h.native_hooks_.push_back(path);
     }
     std::sort(h.native_hooks_.begin(), h.native_hooks_.end());
   }
 
   AzureConfig& az = h.azure_;
-  if (!options.azure_config_path.empty() && fs::exists(options.azure_config_path, ec)) {
+  if (!options.azure_config_path.empty() && fs::exists(PathOf(options.azure_config_path), ec)) {
     az.present = true;
     const std::string& cfg = options.azure_config_path;
     Status trusted = platform::CheckTrustedFile(cfg, "Azure script config");

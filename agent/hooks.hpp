@@ -1,8 +1,10 @@
 // Pre/post scripts around the freeze (issue 3, "Scripts").
 //
 // Two sources, both optional and both configurable (tests use their own paths):
-//  - Native hooks: every executable regular file in hooks_dir (default /etc/vmsnap/hooks.d),
-//    in lexical order, called with the argument "freeze" before the freeze and "thaw" after
+//  - Native hooks: every executable regular file in hooks_dir (default /etc/vmsnap/hooks.d;
+//    Windows: %ProgramData%\vmsnap\hooks.d, where any .exe/.cmd/.bat/.ps1 file is a program,
+//    see platform::IsProgramFile), in lexical order, called with the argument "freeze" before
+//    the freeze and "thaw" after
 //    (QEMU guest agent fsfreeze-hook.d convention). Skipped: *.sample *~ *.bak *.orig *.rpm*
 //    *.dpkg-*, hidden files and non-executables. "thaw" runs for every hook whose "freeze"
 //    ran, in reverse order, even when a later step failed.
@@ -29,12 +31,13 @@
 #include <vector>
 
 #include "common/status.hpp"
+#include "platform/env.hpp"
 
 namespace vmsnap::agent {
 
 struct HookOptions {
-  std::string hooks_dir = "/etc/vmsnap/hooks.d";
-  std::string azure_config_path = "/etc/azure/VMSnapshotScriptPluginConfig.json";
+  std::string hooks_dir = platform::DefaultAgentPaths().hooks_dir;
+  std::string azure_config_path = platform::DefaultAgentPaths().azure_config;  // "" on Windows
   std::chrono::seconds native_timeout{30};  // per native hook call
   // A failing native "freeze" hook: true = keep going (the backup is at most file-system
   // consistent), false = stop running further freeze hooks and fail the backup.

@@ -145,7 +145,6 @@ int main(int argc, char** argv) {
   bconn.AddTo(backup);
   BackupOptions bopt;
   std::string block_size = "64K";
-  bopt.state_dir = "/var/lib/vmsnap";
   backup->add_option("--disk", bopt.disks, "Block device or image file (repeatable)")->required();
   backup->add_option("--block-size", block_size, "Block size, power of two 16K..4M")
       ->capture_default_str();
@@ -162,6 +161,7 @@ int main(int argc, char** argv) {
   int freeze_deadline_s = 10;
   std::string hook_failure = "continue";
   copt.guard_binary = DefaultFreezeGuardPath();
+  copt.runtime_dir = platform::DefaultAgentPaths().runtime_dir;
   backup
       ->add_option("--hooks-dir", copt.hooks.hooks_dir,
                    "Hook scripts, called with freeze / thaw (lexical order)")
@@ -177,7 +177,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   backup
       ->add_option("--runtime-dir", copt.runtime_dir,
-                   "Frozen marker and lock; must be on a filesystem never frozen (/run)")
+                   "Frozen marker and lock; must be on a filesystem never frozen")
       ->capture_default_str();
   backup
       ->add_option("--freeze-deadline", freeze_deadline_s,
@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 60));
   backup->add_option("--snapshot", copt.snapshot.provider, "Snapshot provider")
       ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "file", "loop-reflink", "command", "lvm"}));
+      ->check(CLI::IsMember({"auto", "file", "loop-reflink", "command", "lvm", "vss"}));
   backup->add_option("--snapshot-command", copt.snapshot.command_path,
                      "--snapshot command: executable run inside the freeze window with the disk "
                      "paths; prints one path to read per disk");
@@ -198,6 +198,22 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   backup->add_option("--freeze-only-under", copt.freeze_only_under,
                      "Safety restriction: freeze only mount points below DIR (repeatable)");
+  // VSS (Windows volumes, --snapshot vss or auto with \\.\C:): docs/WINDOWS.md.
+  std::string vss_backup_type = "copy";
+  int vss_snapshot_timeout_s = 60;
+  backup
+      ->add_option("--vss-backup-type", vss_backup_type,
+                   "copy (keeps other products' log chains) or full (writers truncate logs)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"copy", "full"}));
+  backup->add_option("--vss-exclude-writer", copt.vss.excluded_writers,
+                     "Leave a VSS writer out, by name or class id (repeatable; at most "
+                     "file-system consistency when it is present)");
+  backup
+      ->add_option("--vss-snapshot-timeout", vss_snapshot_timeout_s,
+                   "Seconds DoSnapshotSet may take before the backup is aborted")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 60));
 
   // restore
   auto* restore = app.add_subcommand("restore", "Restore disks of a recovery point");
@@ -222,7 +238,11 @@ int main(int argc, char** argv) {
 
   // enroll and run (the daemon), issue 4.
   auto daemon = DaemonCommands::Add(app);
-  CLI11_PARSE(app, argc, argv);
+  // UTF-8 arguments on every platform (paths with non-ASCII characters on Windows).
+  std::vector<std::string> args = platform::CommandLineArguments(argc, argv);
+  std::vector<char*> args_utf8;
+  for (auto& a : args) args_utf8.push_back(a.data());
+  CLI11_PARSE(app, static_cast<int>(args_utf8.size()), args_utf8.data());
   InitLogging("vmsnap-agent", log_level);
   if (daemon->Handles()) return daemon->Execute();
 
@@ -232,6 +252,9 @@ int main(int argc, char** argv) {
     bopt.block_size = *size;
     copt.freeze_deadline = std::chrono::seconds(freeze_deadline_s);
     copt.hooks.native_continue_on_failure = hook_failure == "continue";
+    if (auto type = platform::ParseVssBackupType(vss_backup_type); type.ok())
+      copt.vss.backup_type = *type;  // CLI11 checked the value
+    copt.vss.snapshot_timeout = std::chrono::seconds(vss_snapshot_timeout_s);
     if (copt.snapshot.provider == "command" && copt.snapshot.command_path.empty())
       return Fail(Status::InvalidArgument("--snapshot command needs an executable",
                                           "pass --snapshot-command PATH")

@@ -29,3 +29,20 @@ if(VMSNAP_SANITIZE)
   target_link_options(vmsnap_settings INTERFACE -fsanitize=address,undefined)
 endif()
 target_include_directories(vmsnap_settings INTERFACE ${PROJECT_SOURCE_DIR})
+
+# Windows (mingw-w64 cross build, cmake/Toolchain-mingw-w64.cmake): Windows 10 API level,
+# lean <windows.h>, UTF-16 Win32 API (the platform layer converts from UTF-8), and a fully
+# static executable (libgcc, libstdc++, winpthreads) that runs without extra DLLs.
+if(VMSNAP_PLATFORM STREQUAL "windows")
+  # _POSIX_THREAD_SAFE_FUNCTIONS: mingw-w64's gmtime_r/localtime_r.
+  target_compile_definitions(vmsnap_settings INTERFACE _WIN32_WINNT=0x0A00 WINVER=0x0A00
+                                                       WIN32_LEAN_AND_MEAN NOMINMAX UNICODE
+                                                       _UNICODE _POSIX_THREAD_SAFE_FUNCTIONS=200112L)
+  # Boost.Beast objects exceed COFF's default section count.
+  target_compile_options(vmsnap_settings INTERFACE -Wa,-mbig-obj)
+  target_link_options(vmsnap_settings INTERFACE -static -static-libgcc -static-libstdc++)
+  if(VMSNAP_SANITIZE)
+    message(FATAL_ERROR "VMSNAP_SANITIZE is not available in the Windows cross build. "
+                        "Fix: configure without -DVMSNAP_SANITIZE=ON")
+  endif()
+endif()

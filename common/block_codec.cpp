@@ -9,6 +9,8 @@
 #include <cctype>
 #include <charconv>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "common/bytes.hpp"
 
@@ -109,14 +111,65 @@ bool IsAllZero(std::span<const std::byte> data) {
   return true;
 }
 
+namespace {
+
+// zstd contexts are reused through a pool rather than thread_local objects: destructors of
+// thread_local objects are unreliable with mingw-w64's emulated TLS (a Windows thread's TLS
+// storage can be freed before they run). Thread-safe; idle contexts are freed at exit.
+template <class Ctx, Ctx* (*Create)(), size_t (*Free)(Ctx*)>
+class ContextPool {
+ public:
+  struct Deleter {
+    void operator()(Ctx* c) const { Free(c); }
+  };
+  using Owned = std::unique_ptr<Ctx, Deleter>;
+
+  // A context for the caller's exclusive use until the lease ends.
+  class Lease {
+   public:
+    explicit Lease(ContextPool& pool) : pool_(pool), ctx_(pool.Take()) {}
+    ~Lease() { pool_.Give(std::move(ctx_)); }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    Ctx* get() const { return ctx_.get(); }
+
+   private:
+    ContextPool& pool_;
+    Owned ctx_;
+  };
+
+ private:
+  Owned Take() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!idle_.empty()) {
+        Owned c = std::move(idle_.back());
+        idle_.pop_back();
+        return c;
+      }
+    }
+    return Owned(Create());
+  }
+  void Give(Owned c) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (c && idle_.size() < 64) idle_.push_back(std::move(c));
+  }
+
+  std::mutex mu_;
+  std::vector<Owned> idle_;
+};
+
+ContextPool<ZSTD_CCtx, &ZSTD_createCCtx, &ZSTD_freeCCtx> compress_contexts;
+ContextPool<ZSTD_DCtx, &ZSTD_createDCtx, &ZSTD_freeDCtx> decompress_contexts;
+
+}  // namespace
+
 EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   EncodedBlock out;
   out.id = id;
   out.plain_size = static_cast<uint32_t>(plain.size());
-  // One compression context per thread, freed when the thread ends.
-  thread_local std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> cctx_owner(ZSTD_createCCtx(),
-                                                                               &ZSTD_freeCCtx);
-  ZSTD_CCtx* cctx = cctx_owner.get();
+  decltype(compress_contexts)::Lease lease(compress_contexts);
+  ZSTD_CCtx* cctx = lease.get();
   size_t bound = ZSTD_compressBound(plain.size());
   out.payload.resize(bound);
   size_t n = ZSTD_compressCCtx(cctx, out.payload.data(), bound, plain.data(), plain.size(), 1);
@@ -137,9 +190,8 @@ Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out) {
       return Status::Corruption("block " + block.id.Hex() + " has a raw payload of wrong size");
     std::memcpy(out.data(), block.payload.data(), block.plain_size);
   } else if (block.codec == BlockCodec::kZstd) {
-    thread_local std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> dctx_owner(ZSTD_createDCtx(),
-                                                                                 &ZSTD_freeDCtx);
-    ZSTD_DCtx* dctx = dctx_owner.get();
+    decltype(decompress_contexts)::Lease lease(decompress_contexts);
+    ZSTD_DCtx* dctx = lease.get();
     size_t n = ZSTD_decompressDCtx(dctx, out.data(), out.size(), block.payload.data(),
                                    block.payload.size());
     if (ZSTD_isError(n) || n != block.plain_size)

@@ -68,6 +68,21 @@ class DiskWriter {
   virtual Status Sync() = 0;
 };
 
+// Where the agent keeps its files by default on this platform.
+struct AgentPaths {
+  std::string config_file;  // Linux /etc/vmsnap/agent.json; Windows %ProgramData%\vmsnap\agent.json
+  std::string state_dir;    // /var/lib/vmsnap; %ProgramData%\vmsnap\state
+  std::string hooks_dir;    // /etc/vmsnap/hooks.d; %ProgramData%\vmsnap\hooks.d
+  std::string runtime_dir;  // /run/vmsnap; %ProgramData%\vmsnap\run
+  std::string azure_config;  // /etc/azure/VMSnapshotScriptPluginConfig.json; "" (Linux only)
+};
+// Computed once (Windows: the ProgramData known folder, default C:\ProgramData); thread-safe.
+const AgentPaths& DefaultAgentPaths();
+
+// The program's arguments as UTF-8, argv[0] first. Linux: argv as given. Windows: from the
+// UTF-16 command line (main's argv there is in the ANSI code page, which loses characters).
+std::vector<std::string> CommandLineArguments(int argc, char** argv);
+
 class Env {
  public:
   virtual ~Env() = default;

@@ -65,6 +65,10 @@ Result<ProcessOutcome> RunProcess(const ProcessSpec& spec);
 // names `what`, the file and the exact chown/chmod command that fixes it.
 Status CheckTrustedFile(const std::string& path, const std::string& what);
 
+// True when `path` is a regular file this platform can run as a program: Linux: any execute
+// bit set; Windows (no execute bit): a .exe, .com, .cmd, .bat or .ps1 file (case-insensitive).
+bool IsProgramFile(const std::string& path);
+
 // ---------------------------------------------------------------------------------------------
 // Mount discovery.
 
@@ -201,12 +205,12 @@ class RuntimeDirLock {
   ~RuntimeDirLock();
   // False when the runtime dir could not be created or opened for lack of permission (an
   // unprivileged agent, which cannot freeze anything either); why_not says so.
-  bool held() const { return fd_ >= 0; }
+  bool held() const { return handle_ != -1; }
   const std::string& why_not() const { return why_not_; }
 
  private:
   friend Result<RuntimeDirLock> LockRuntimeDir(const std::string&, std::chrono::milliseconds);
-  int fd_ = -1;
+  intptr_t handle_ = -1;  // the OS lock object (Linux: a descriptor; Windows: a HANDLE); -1: none
   std::string why_not_;
 };
 

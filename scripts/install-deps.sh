@@ -16,6 +16,9 @@ PACKAGES=(
   restic borgbackup zstd time
   # Debian packaging and its checks (scripts/package.sh, tests/packaging_test.sh)
   dpkg-dev lintian
+  # the Windows agent: cross compilers (posix threads), Wine to run it, the MSI tools
+  # (scripts/build-windows.sh, scripts/windows-test.sh, scripts/build-msi.sh)
+  mingw-w64 g++-mingw-w64-x86-64-posix gcc-mingw-w64-x86-64-posix wine wine64 msitools wixl
 )
 
 missing=()

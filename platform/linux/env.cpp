@@ -276,6 +276,16 @@ class LinuxEnv final : public Env {
 
 }  // namespace
 
+std::vector<std::string> CommandLineArguments(int argc, char** argv) {
+  return std::vector<std::string>(argv, argv + argc);
+}
+
+const AgentPaths& DefaultAgentPaths() {
+  static const AgentPaths paths{"/etc/vmsnap/agent.json", "/var/lib/vmsnap", "/etc/vmsnap/hooks.d",
+                                "/run/vmsnap", "/etc/azure/VMSnapshotScriptPluginConfig.json"};
+  return paths;
+}
+
 Env* Env::Default() {
   static LinuxEnv env;
   return &env;

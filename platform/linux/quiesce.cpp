@@ -301,6 +301,12 @@ Status CheckTrustedFile(const std::string& path, const std::string& what) {
   return Status::Ok();
 }
 
+bool IsProgramFile(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  return (st.st_mode & (S_IXUSR | S_IXGRP | S_IXOTH)) != 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Discovery
 
@@ -952,19 +958,19 @@ Result<std::unique_ptr<FreezeSession>> FreezeSession::Start(
 }
 
 RuntimeDirLock::RuntimeDirLock(RuntimeDirLock&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)), why_not_(std::move(other.why_not_)) {}
+    : handle_(std::exchange(other.handle_, -1)), why_not_(std::move(other.why_not_)) {}
 
 RuntimeDirLock& RuntimeDirLock::operator=(RuntimeDirLock&& other) noexcept {
   if (this != &other) {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = std::exchange(other.fd_, -1);
+    if (handle_ >= 0) ::close(static_cast<int>(handle_));
+    handle_ = std::exchange(other.handle_, -1);
     why_not_ = std::move(other.why_not_);
   }
   return *this;
 }
 
 RuntimeDirLock::~RuntimeDirLock() {
-  if (fd_ >= 0) ::close(fd_);  // releases the flock
+  if (handle_ >= 0) ::close(static_cast<int>(handle_));  // releases the flock
 }
 
 Result<RuntimeDirLock> LockRuntimeDir(const std::string& runtime_dir,
@@ -1014,7 +1020,7 @@ Result<RuntimeDirLock> LockRuntimeDir(const std::string& runtime_dir,
   }
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd.get(), 0) == 0) (void)!::pwrite(fd.get(), pid.data(), pid.size(), 0);
-  lock.fd_ = fd.Release();
+  lock.handle_ = fd.Release();
   return lock;
 }
 

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "common/block_codec.hpp"
 #include "platform/env.hpp"
 #include "platform/vss.hpp"
 
@@ -40,6 +41,8 @@ Result<AgentConfig> AgentConfig::Load(const std::string& path) {
     c.vss_backup_type = j.value("vss_backup_type", c.vss_backup_type);
     c.vss_excluded_writers = j.value("vss_excluded_writers", std::vector<std::string>{});
     c.vss_snapshot_timeout_s = j.value("vss_snapshot_timeout_s", c.vss_snapshot_timeout_s);
+    if (c.block_size != 0 && !ValidateBlockSize(c.block_size).ok())
+      throw std::out_of_range("block_size must be 0 (automatic) or a power of two 16K..4M");
     if (c.freeze_deadline_s < 1 || c.freeze_deadline_s > 60)
       throw std::out_of_range("freeze_deadline_s must be 1 to 60");
     if (c.vss_snapshot_timeout_s < 1 || c.vss_snapshot_timeout_s > 60)

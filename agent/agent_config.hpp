@@ -23,7 +23,7 @@ struct AgentConfig {
   std::string credential;  // the agent's own token (secret)
   std::vector<std::string> disks;
   std::string state_dir = platform::DefaultAgentPaths().state_dir;
-  uint32_t block_size = 64 * 1024;
+  uint32_t block_size = 0;  // 0: the latest point's, or the default (BackupOptions)
   uint64_t max_rate_bytes_per_s = 0;
   // Consistency (issue 3), as the `backup` command's flags of the same names.
   std::string hooks_dir = platform::DefaultAgentPaths().hooks_dir;

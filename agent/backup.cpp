@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -188,6 +189,18 @@ Status PlanDisk(DiskJob& d, const BackupOptions& opt, const std::optional<json>&
   return Status::Ok();
 }
 
+// No --block-size: the block size the latest point used for one of these disks, so that a
+// changed default never turns the next incremental into a full backup; else the default.
+uint32_t BlockSizeOfLatest(const std::optional<json>& latest,
+                           const std::vector<std::unique_ptr<DiskJob>>& disks) {
+  if (latest)
+    for (const auto& pd : (*latest)["disks"])
+      for (const auto& d : disks)
+        if (pd.value("key", "") == DiskKey(d->path))
+          if (uint32_t bs = pd.value("block_size", 0u); ValidateBlockSize(bs).ok()) return bs;
+  return kDefaultBlockSize;
+}
+
 void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf,
                     std::vector<char>& has_data, BoundedQueue<UploadItem>& queue,
                     std::mutex& dedup_mu, std::unordered_set<BlockId, BlockIdHash>& dedup,
@@ -356,13 +369,24 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
   std::unordered_set<BlockId, BlockIdHash> dedup;
   std::atomic<size_t> next_segment{0};
   std::vector<std::thread> uploaders, workers;
-  std::atomic<int> uploaders_running{static_cast<int>(upload_clients.size())};
+  // The watcher below wakes when a worker or uploader ends (not only every 200 ms), so the
+  // last upload is followed at once by the commit.
+  std::mutex running_mu;
+  std::condition_variable running_cv;
+  int uploaders_running = static_cast<int>(upload_clients.size());
+  int workers_running = opt.workers;
+  auto finished = [&](int& running) {
+    {
+      std::lock_guard lock(running_mu);
+      --running;
+    }
+    running_cv.notify_all();
+  };
   for (auto& c : upload_clients)
     uploaders.emplace_back([&, client = c.get()] {
       UploadLoop(opt, *client, queue, limiter, failure);
-      uploaders_running--;
+      finished(uploaders_running);
     });
-  std::atomic<int> workers_running{opt.workers};
   for (int w = 0; w < opt.workers; ++w) {
     workers.emplace_back([&] {
       std::vector<std::byte> buf(seg_blocks * bs);
@@ -370,7 +394,7 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
       for (size_t s; !failure.failed() && (s = next_segment++) < segments.size();)
         ProcessSegment(segments[s], bs, buf, has_data, queue, dedup_mu, dedup, failure);
       if (failure.failed()) queue.Cancel();  // release everyone blocked on the queue
-      workers_running--;
+      finished(workers_running);
     });
   }
   uint64_t total_bytes = 0;
@@ -378,9 +402,18 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
   auto last_progress = Clock::now();
   // Progress and cancellation are watched until the last upload is done, not only the reads.
   bool queue_closed = false;
-  while (workers_running.load() > 0 || uploaders_running.load() > 0) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    if (!queue_closed && workers_running.load() == 0) {
+  for (;;) {
+    int workers_left = 0;
+    {
+      std::unique_lock lock(running_mu);
+      const int workers_before = workers_running, uploaders_before = uploaders_running;
+      running_cv.wait_for(lock, std::chrono::milliseconds(200), [&] {
+        return workers_running != workers_before || uploaders_running != uploaders_before;
+      });
+      if (workers_running == 0 && uploaders_running == 0) break;
+      workers_left = workers_running;
+    }
+    if (!queue_closed && workers_left == 0) {
       queue.Close();  // everything is read: uploaders drain what is left, then stop
       queue_closed = true;
     }
@@ -486,7 +519,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   if (opt.disks.empty())
     return Status::InvalidArgument("no disk to back up", "pass --disk PATH (repeatable)")
         .InPhase("prepare");
-  VMSNAP_RETURN_IF_ERROR(ValidateBlockSize(opt.block_size).InPhase("prepare"));
+  if (opt.block_size != 0)
+    VMSNAP_RETURN_IF_ERROR(ValidateBlockSize(opt.block_size).InPhase("prepare"));
   if (opt.workers <= 0)
     opt.workers = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
   opt.uploaders = std::max(1, opt.uploaders);
@@ -526,8 +560,6 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
       return Status::InvalidArgument("disk " + d->path + " is empty (0 bytes)",
                                      "pass a disk or image that holds data")
           .InPhase("open disk");
-    d->blocks = (d->size + opt.block_size - 1) / opt.block_size;
-    d->new_hashes.resize(d->blocks);
     d->state_path = DiskStatePath(opt.state_dir, opt.client.url, opt.item, DiskKey(d->path));
     disks.push_back(std::move(d));
   }
@@ -537,7 +569,12 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   if (!control.ok()) return std::move(control.take_status()).InPhase("connect to vault");
   auto latest = (*control)->LatestRecoveryPoint(opt.item);
   if (!latest.ok()) return std::move(latest.take_status()).InPhase("connect to vault");
-  for (auto& d : disks) VMSNAP_RETURN_IF_ERROR(PlanDisk(*d, opt, *latest, **control));
+  if (opt.block_size == 0) opt.block_size = BlockSizeOfLatest(*latest, disks);
+  for (auto& d : disks) {
+    d->blocks = (d->size + opt.block_size - 1) / opt.block_size;
+    d->new_hashes.resize(d->blocks);
+    VMSNAP_RETURN_IF_ERROR(PlanDisk(*d, opt, *latest, **control));
+  }
 
   // 3. A consistent view: leftover recovery, scripts, freeze, snapshot, thaw. `view` owns
   // the snapshot and deletes it when it goes out of scope (any failure below) or at step 5.

@@ -42,7 +42,9 @@ struct BackupOptions {
   ClientOptions client;
   std::string item;                // the protected machine's name in the vault
   std::vector<std::string> disks;  // block devices or image files
-  uint32_t block_size = kDefaultBlockSize;
+  // 0: the block size of the machine's latest recovery point (so an incremental stays
+  // incremental), or kDefaultBlockSize when it has none. Another size forces a full backup.
+  uint32_t block_size = 0;
   std::string state_dir = platform::DefaultAgentPaths().state_dir;
   int workers = 0;  // 0: one per core
   int uploaders = 2;

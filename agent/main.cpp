@@ -144,10 +144,11 @@ int main(int argc, char** argv) {
   Connection bconn;
   bconn.AddTo(backup);
   BackupOptions bopt;
-  std::string block_size = "64K";
+  std::string block_size;
   backup->add_option("--disk", bopt.disks, "Block device or image file (repeatable)")->required();
-  backup->add_option("--block-size", block_size, "Block size, power of two 16K..4M")
-      ->capture_default_str();
+  backup->add_option("--block-size", block_size,
+                     "Block size, power of two 16K..4M (default: the latest recovery point's, "
+                     "32K for a first backup; a different size makes a full backup)");
   backup->add_option("--item", bopt.item, "Name of this machine in the vault (default: host name)");
   backup->add_option("--state-dir", bopt.state_dir, "Where change-tracking state is kept")
       ->capture_default_str();
@@ -247,9 +248,11 @@ int main(int argc, char** argv) {
   if (daemon->Handles()) return daemon->Execute();
 
   if (*backup) {
-    auto size = ParseBlockSize(block_size);
-    if (!size.ok()) return Fail(std::move(size.take_status()).InPhase("prepare"), as_json);
-    bopt.block_size = *size;
+    if (!block_size.empty()) {  // else 0: the latest point's, or the default
+      auto size = ParseBlockSize(block_size);
+      if (!size.ok()) return Fail(std::move(size.take_status()).InPhase("prepare"), as_json);
+      bopt.block_size = *size;
+    }
     copt.freeze_deadline = std::chrono::seconds(freeze_deadline_s);
     copt.hooks.native_continue_on_failure = hook_failure == "continue";
     if (auto type = platform::ParseVssBackupType(vss_backup_type); type.ok())

@@ -2,8 +2,9 @@
 # vmsnap's benchmark against restic and borg on the same disk images (issue 6).
 # docs/PERFORMANCE.md explains the method and records results.
 #
-#   bench/bench.sh [--size MIB] [--runs N] [--tools vmsnap,restic,borg] [--block-size 64K]
-#                  [--churn PERCENT] [--scaling] [--bin BUILD_DIR] [--json FILE]
+#   bench/bench.sh [--size MIB] [--runs N] [--tools vmsnap,restic,borg] [--block-size SIZE]
+#                  [--sweep 16K,32K,...] [--churn PERCENT] [--scaling] [--bin BUILD_DIR]
+#                  [--json FILE]
 #   bench/bench.sh --smoke --bin BUILD_DIR     # tiny run that only checks the harness works
 #
 # Per run: a fresh image (half holes, a quarter compressible, a quarter random), the machine's
@@ -13,13 +14,14 @@
 # stored in the repository or vault, bytes sent (vmsnap), medians over the runs, and ratios.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SIZE_MIB=4096 RUNS=3 TOOLS="vmsnap,restic,borg" BLOCK=64K CHURN=2 SCALING=0 SMOKE=0 BIN="" JSON_OUT=""
+SIZE_MIB=4096 RUNS=3 TOOLS="vmsnap,restic,borg" BLOCK="" SWEEP="" CHURN=2 SCALING=0 SMOKE=0 BIN="" JSON_OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) SIZE_MIB=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --tools) TOOLS=$2; shift 2 ;;
     --block-size) BLOCK=$2; shift 2 ;;
+    --sweep) SWEEP=$2; shift 2 ;;
     --churn) CHURN=$2; shift 2 ;;
     --scaling) SCALING=1; shift ;;
     --bin) BIN=$2; shift 2 ;;
@@ -29,7 +31,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "$SMOKE" = 1 ]; then
-  SIZE_MIB=64 RUNS=1
+  SIZE_MIB=64 RUNS=1 SWEEP=${SWEEP:-32K,1M}
   t=vmsnap
   command -v restic >/dev/null && t="$t,restic"
   command -v borg >/dev/null && t="$t,borg"
@@ -95,7 +97,13 @@ limits() {
   local run=$1 sample="$W/sample.img" mib=$((SIZE_MIB / 2 < 256 ? SIZE_MIB / 2 : 256))
   "$IMAGE" sample "$sample" "$mib" 7
   cat "$W/base.img" >/dev/null
-  measure "$run" limit read '{}' -- dd if="$W/base.img" of=/dev/null bs=4M status=none
+  # The image's data (not its holes): what the throughput ratios below are computed on.
+  local data_bytes; data_bytes=$(du -B1 "$W/base.img" | awk '{print $1}')
+  measure "$run" limit read "{\"data_bytes\": $data_bytes}" -- dd if="$W/base.img" of=/dev/null bs=4M status=none
+  # Sequential write of as many bytes as the image holds data, flushed (restores flush too).
+  measure "$run" limit write "{\"data_bytes\": $data_bytes}" -- dd if=/dev/zero of="$W/write.img" bs=4M \
+    count=$(( (data_bytes + 4194303) / 4194304 )) conv=fsync status=none
+  rm -f "$W/write.img"
   for threads in 1 2; do
     local multi=() kb
     [ "$threads" = 2 ] && multi=(-multi 2)
@@ -108,23 +116,25 @@ limits() {
   rm -f "$sample"
 }
 
+# run_vmsnap RUN [LABEL BLOCK]: LABEL "vmsnap" (default) or "vmsnap@16K" for the sweep.
 run_vmsnap() {
-  local run=$1 d="$W/vmsnap" img="$W/vmsnap/disk.img"
+  local run=$1 tool=${2:-vmsnap} block=${3:-$BLOCK} d="$W/vmsnap" img="$W/vmsnap/disk.img"
   mkdir -p "$d/hooks" "$d/run"
   cp --sparse=always "$W/base.img" "$img"
   start_vault "$d/vault"
   local conn=(--vault "$(jq -r .url "$d/vault/vault.json")" --ca "$d/vault/tls/ca.pem" --token-file "$d/vault/token")
-  local common=(--disk "$img" --state-dir "$d/state" --item bench --block-size "$BLOCK" --hooks-dir "$d/hooks" --runtime-dir "$d/run" --json)
-  measure "$run" vmsnap full '{}' -- "$AGENT" backup "${conn[@]}" "${common[@]}"
+  local common=(--disk "$img" --state-dir "$d/state" --item bench --hooks-dir "$d/hooks" --runtime-dir "$d/run" --json)
+  [ -n "$block" ] && common+=(--block-size "$block")
+  measure "$run" "$tool" full '{}' -- "$AGENT" backup "${conn[@]}" "${common[@]}"
   local sent stored
   sent=$(jq .bytes_sent "$W/cmd.out"); stored=$(bytes_of "$d/vault/blocks" "$d/vault/rps")
-  record "$run" vmsnap full_bytes "{\"sent_bytes\": $sent, \"stored_bytes\": $stored}"
+  record "$run" "$tool" full_bytes "{\"sent_bytes\": $sent, \"stored_bytes\": $stored}"
   "$IMAGE" churn "$img" "$CHURN" 11 >"$W/churn.txt"
-  measure "$run" vmsnap incremental '{}' -- "$AGENT" backup "${conn[@]}" "${common[@]}"
+  measure "$run" "$tool" incremental '{}' -- "$AGENT" backup "${conn[@]}" "${common[@]}"
   local rp; rp=$(jq -r .recovery_point "$W/cmd.out"); sent=$(jq .bytes_sent "$W/cmd.out")
   local stored2; stored2=$(bytes_of "$d/vault/blocks" "$d/vault/rps")
-  record "$run" vmsnap incremental_bytes "{\"sent_bytes\": $sent, \"stored_bytes\": $((stored2 - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
-  measure "$run" vmsnap restore '{}' -- "$AGENT" restore "${conn[@]}" --rp "$rp" --to "$d/restored.img" --json
+  record "$run" "$tool" incremental_bytes "{\"sent_bytes\": $sent, \"stored_bytes\": $((stored2 - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
+  measure "$run" "$tool" restore '{}' -- "$AGENT" restore "${conn[@]}" --rp "$rp" --to "$d/restored.img" --json
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/restored.img")" ] || { echo "bench: vmsnap restore differs" >&2; exit 1; }
   stop_vault
   rm -rf "$d"
@@ -171,6 +181,10 @@ for run in $(seq 1 "$RUNS"); do
     echo "bench: run $run: $tool" >&2
     "run_$tool" "$run"
   done
+  for b in ${SWEEP//,/ }; do
+    echo "bench: run $run: vmsnap, block size $b" >&2
+    run_vmsnap "$run" "vmsnap@$b" "$b"
+  done
   rm -f "$W/base.img"
 done
 
@@ -205,7 +219,7 @@ SUMMARY=$(jq -s --argjson size_mib "$SIZE_MIB" --arg block "$BLOCK" --argjson ch
   (group_by(.tool + "/" + .phase) | map({key: (.[0].tool + "/" + .[0].phase),
      value: {wall_s: med(.wall_s), cpu_s: med(.cpu_s), max_rss_kib: med(.max_rss_kib),
              mb_per_s: med(.mb_per_s), sent_bytes: med(.sent_bytes), stored_bytes: med(.stored_bytes),
-             changed_bytes: med(.changed_bytes)}}) | from_entries) as $m
+             changed_bytes: med(.changed_bytes), data_bytes: med(.data_bytes)}}) | from_entries) as $m
   | {image_mib: $size_mib, block_size: $block, churn_percent: $churn, runs: (map(.run) | max),
      medians: $m,
      ratios: ({} + (if $m["restic/full"] then {
@@ -217,6 +231,13 @@ SUMMARY=$(jq -s --argjson size_mib "$SIZE_MIB" --arg block "$BLOCK" --argjson ch
         full_speedup_vs_borg: ($m["borg/full"].wall_s / $m["vmsnap/full"].wall_s),
         incremental_speedup_vs_borg: ($m["borg/incremental"].wall_s / $m["vmsnap/incremental"].wall_s),
         restore_speedup_vs_borg: ($m["borg/restore"].wall_s / $m["vmsnap/restore"].wall_s)} else {} end)
+      + (if $m["vmsnap/full"] and $m["limit/sha256_2t"] then {
+        full_vs_sha256_2t_limit: (($m["limit/read"].data_bytes / 1e6 / $m["vmsnap/full"].wall_s) / $m["limit/sha256_2t"].mb_per_s),
+        restore_vs_write_limit: ($m["limit/write"].wall_s / $m["vmsnap/restore"].wall_s),
+        agent_peak_rss_mib: ([$m["vmsnap/full"].max_rss_kib, $m["vmsnap/incremental"].max_rss_kib, $m["vmsnap/restore"].max_rss_kib] | max / 1024)} else {} end)
+      + ($m | to_entries | map(select(.key | test("^vmsnap@[^/]+/incremental_bytes$")))
+         | map({key: ("incremental_stored_vs_changed@" + (.key | capture("@(?<b>[^/]+)/").b)),
+                value: (.value.stored_bytes / .value.changed_bytes)}) | from_entries)
       + (if $m["vmsnap/incremental_bytes"] then {
         incremental_stored_vs_changed: ($m["vmsnap/incremental_bytes"].stored_bytes / $m["vmsnap/incremental_bytes"].changed_bytes),
         incremental_sent_vs_changed: ($m["vmsnap/incremental_bytes"].sent_bytes / $m["vmsnap/incremental_bytes"].changed_bytes)} else {} end)),

@@ -174,7 +174,9 @@ EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   out.payload.resize(bound);
   size_t n = ZSTD_compressCCtx(cctx, out.payload.data(), bound, plain.data(), plain.size(), 1);
   if (!ZSTD_isError(n) && n < plain.size()) {
-    out.payload.resize(n);
+    // A copy of exactly n bytes, not resize(n): the bound-sized buffer would stay allocated,
+    // and queues that budget memory by payload size would hold several times their budget.
+    out.payload = std::string(out.payload.data(), n);
     out.codec = BlockCodec::kZstd;
   } else {
     out.payload.assign(reinterpret_cast<const char*>(plain.data()), plain.size());

@@ -34,6 +34,9 @@ json Backup(const Vault& v, const TempDir& dir, const std::vector<std::string>& 
     args.push_back(d);
   }
   args.insert(args.end(), {"--state-dir", dir / "state", "--item", "test-vm", "--json"});
+  // The block counts below are in 64 KiB blocks unless a test gives its own --block-size.
+  if (std::find(extra.begin(), extra.end(), "--block-size") == extra.end())
+    args.insert(args.end(), {"--block-size", "64K"});
   args.insert(args.end(), extra.begin(), extra.end());
   auto r = Agent(args);
   INFO("stderr: " << r.err);
@@ -186,8 +189,9 @@ TEST_CASE("vault killed mid-upload: rerun uploads only the missing blocks, nothi
   auto c = vault.conn();
   std::vector<std::string> argv{AgentBinary(), "backup"};
   argv.insert(argv.end(), c.begin(), c.end());
-  argv.insert(argv.end(), {"--disk", img, "--state-dir", dir / "state", "--item", "test-vm",
-                           "--json", "--max-rate", "8000000", "--uploaders", "1"});
+  argv.insert(argv.end(),
+              {"--disk", img, "--state-dir", dir / "state", "--item", "test-vm", "--json",
+               "--max-rate", "8000000", "--uploaders", "1", "--block-size", "64K"});
   Child agent(argv, dir / "agent.out", dir / "agent.err");
   size_t stored = 0;
   for (int i = 0; i < 400 && stored < 100; ++i) {
@@ -365,4 +369,35 @@ TEST_CASE("a live block device: refused without a snapshot, consistency none whe
   auto r = Restore(vault, j["recovery_point"], {dir / "r.img"});
   REQUIRE(r.exit_code == 0);
   CHECK(FileSha256(dir / "r.img") == FileSha256(img));
+}
+
+TEST_CASE("without --block-size: 32 KiB for a first backup, then the latest point's block size") {
+  TempDir dir;
+  Vault vault(dir / "vault");
+  vault.Start();
+  auto c = vault.conn();
+  auto backup_without_size = [&](const std::string& img, const std::string& item) {
+    auto r = Agent(Args(
+        {{"backup"}, c, {"--disk", img, "--state-dir", dir / "state", "--item", item, "--json"}}));
+    INFO("stderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    return r.json();
+  };
+  // A new machine gets the default, 32 KiB: its 8 random 64 KiB extents are 16 blocks.
+  json first = backup_without_size(MakeImage(dir, "new.img", 3), "new-vm");
+  CHECK(first["disks"][0]["block_size"] == 32 * 1024);
+  CHECK(first["disks"][0]["blocks_uploaded"] == 16);
+  // A machine backed up with 64 KiB blocks (e.g. before the default changed) stays
+  // incremental at 64 KiB: a changed default never forces a full backup.
+  std::string old_img = MakeImage(dir, "old.img", 4);
+  json old = Backup(vault, dir, {old_img});
+  REQUIRE(old["disks"][0]["block_size"] == 64 * 1024);
+  WriteRandomBlocks(old_img, kBlock, {7}, 5);
+  json inc = backup_without_size(old_img, "test-vm");
+  CHECK(inc["disks"][0]["block_size"] == 64 * 1024);
+  CHECK(inc["disks"][0]["mode"] == "incremental");
+  CHECK(inc["disks"][0]["blocks_uploaded"] == 1);
+  auto r = Restore(vault, inc["recovery_point"], {dir / "old-restored.img"});
+  REQUIRE(r.exit_code == 0);
+  CHECK(FileSha256(dir / "old-restored.img") == FileSha256(old_img));
 }

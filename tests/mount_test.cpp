@@ -209,7 +209,9 @@ std::string BackupDisks(const Vault& v, const TempDir& dir, const std::vector<st
   auto c = v.conn();
   args.insert(args.end(), c.begin(), c.end());
   for (const auto& d : disks) args.insert(args.end(), {"--disk", d});
-  args.insert(args.end(), {"--state-dir", dir / "agent-state", "--item", "test-vm", "--json"});
+  // Block counts and cache sizes in these tests are in 64 KiB blocks (kBlock).
+  args.insert(args.end(), {"--state-dir", dir / "agent-state", "--item", "test-vm", "--json",
+                           "--block-size", "64K"});
   auto r = Agent(args);
   INFO("backup stderr: " << r.err);
   REQUIRE(r.exit_code == 0);
@@ -566,7 +568,8 @@ TEST_CASE("vault down while mounted: reads fail with EIO in bounded time and rec
     std::vector<std::string> args{"backup"};
     auto c = vault.conn();
     args.insert(args.end(), c.begin(), c.end());
-    args.insert(args.end(), {"--disk", disk.image, "--state-dir", dir / "as", "--json"});
+    args.insert(args.end(),
+                {"--disk", disk.image, "--state-dir", dir / "as", "--json", "--block-size", "64K"});
     auto r = Agent(args);
     REQUIRE(r.exit_code == 0);
     std::string rp = r.json()["recovery_point"];
@@ -611,7 +614,8 @@ TEST_CASE("image reads without root: identical bytes, zero blocks cost nothing, 
   std::vector<std::string> args{"backup"};
   auto c = vault.conn();
   args.insert(args.end(), c.begin(), c.end());
-  args.insert(args.end(), {"--disk", img, "--state-dir", dir / "as", "--json"});
+  args.insert(args.end(),
+              {"--disk", img, "--state-dir", dir / "as", "--json", "--block-size", "64K"});
   auto r = Agent(args);
   REQUIRE(r.exit_code == 0);
 

@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -93,18 +96,39 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     d.fetched += enc.payload.size();
     plain.emplace(enc.id, std::move(out));
   }
-  for (size_t i = b.begin; i < b.end; ++i) {
-    const auto& e = d.map.entries[i];
-    auto it = plain.find(*e.id);
-    if (it == plain.end()) return Status::Unavailable("the vault left out block " + e.id->Hex());
-    uint64_t off = e.index * bs;
-    uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - off);
-    if (it->second.size() != len)
-      return Status::Corruption(
-          "block " + std::to_string(e.index) + " of disk " + std::to_string(d.report.index) +
-          " has " + std::to_string(it->second.size()) + " bytes, expected " + std::to_string(len));
-    VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, it->second));
-    d.data_done++;
+  // Runs of consecutive blocks go out as one write from an aligned buffer: large aligned writes
+  // may bypass the page cache (DiskWriter::kDirectAlignment), about twice as fast here as
+  // buffered writes and the final fsync (docs/PERFORMANCE.md).
+  constexpr size_t kAlign = platform::DiskWriter::kDirectAlignment;
+  std::unique_ptr<std::byte, decltype(&std::free)> run(nullptr, &std::free);
+  size_t run_capacity = 0;
+  for (size_t i = b.begin; i < b.end;) {
+    const uint64_t first = d.map.entries[i].index;
+    size_t j = i;
+    while (j < b.end && d.map.entries[j].index == first + (j - i)) ++j;
+    const uint64_t off = first * bs;
+    const uint64_t run_len = std::min<uint64_t>((j - i) * uint64_t{bs}, d.map.disk_size - off);
+    const size_t need = (run_len + kAlign - 1) / kAlign * kAlign;
+    if (need > run_capacity) {
+      run.reset(static_cast<std::byte*>(std::aligned_alloc(kAlign, need)));
+      if (!run) return Status::Error(Code::kInternal, "out of memory for a restore buffer");
+      run_capacity = need;
+    }
+    for (size_t k = i; k < j; ++k) {
+      const auto& e = d.map.entries[k];
+      auto it = plain.find(*e.id);
+      if (it == plain.end()) return Status::Unavailable("the vault left out block " + e.id->Hex());
+      const uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - e.index * bs);
+      if (it->second.size() != len)
+        return Status::Corruption("block " + std::to_string(e.index) + " of disk " +
+                                  std::to_string(d.report.index) + " has " +
+                                  std::to_string(it->second.size()) + " bytes, expected " +
+                                  std::to_string(len));
+      std::memcpy(run.get() + (k - i) * bs, it->second.data(), len);
+    }
+    VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(run.get(), run_len)));
+    d.data_done += j - i;
+    i = j;
   }
   return Status::Ok();
 }

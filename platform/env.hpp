@@ -64,8 +64,13 @@ class DiskWriter {
   // True when the target was created empty by OpenDiskForWrite: unwritten ranges read as
   // zero, so zero blocks need not be written.
   virtual bool starts_zeroed() const = 0;
+  // Thread-safe (positioned writes). A write whose offset, length and buffer address are all
+  // multiples of kDirectAlignment may bypass the page cache (Linux: O_DIRECT, when the
+  // filesystem supports it): callers that write much pass large aligned runs. Sync() makes
+  // every write durable either way.
   virtual Status WriteAt(uint64_t offset, std::span<const std::byte> data) = 0;
   virtual Status Sync() = 0;
+  static constexpr size_t kDirectAlignment = 4096;
 };
 
 // Where the agent keeps its files by default on this platform.

@@ -862,6 +862,7 @@ TEST_CASE("vss backup: BackupComplete only after the vault committed; no commit 
   o.disks = {"\\\\.\\C:"};
   o.state_dir = (dir.path / "state").string();
   o.progress = false;
+  o.block_size = 64 * 1024;  // the 4 blocks written above
   o.consistency = VssConsistency(w, dir, o.disks);
   o.consistency.runtime_dir = (dir.path / "run").string();
   std::atomic<bool> cancel{false};

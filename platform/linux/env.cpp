@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -107,13 +108,31 @@ class LinuxDiskReader final : public DiskReader {
 
 class LinuxDiskWriter final : public DiskWriter {
  public:
+  // Also opens the target a second time with O_DIRECT for aligned writes: large direct writes
+  // run at about twice the speed of buffered writes plus fsync (docs/PERFORMANCE.md). Where
+  // the filesystem refuses O_DIRECT (tmpfs), every write is buffered.
   LinuxDiskWriter(std::string path, Fd fd, uint64_t size, bool zeroed)
-      : path_(std::move(path)), fd_(std::move(fd)), size_(size), zeroed_(zeroed) {}
+      : path_(std::move(path)), fd_(std::move(fd)), size_(size), zeroed_(zeroed) {
+    direct_fd_ = Fd(::open(path_.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+    direct_ok_ = direct_fd_.valid();
+  }
   uint64_t size() const override { return size_; }
   bool starts_zeroed() const override { return zeroed_; }
   Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
-    return WriteAll(fd_.get(), reinterpret_cast<const char*>(data.data()), data.size(), offset,
-                    path_);
+    const auto* p = reinterpret_cast<const char*>(data.data());
+    const bool aligned = offset % kDirectAlignment == 0 && data.size() % kDirectAlignment == 0 &&
+                         reinterpret_cast<uintptr_t>(p) % kDirectAlignment == 0;
+    if (aligned && direct_ok_.load(std::memory_order_relaxed)) {
+      ssize_t w = ::pwrite(direct_fd_.get(), p, data.size(), static_cast<off_t>(offset));
+      if (w == static_cast<ssize_t>(data.size())) return Status::Ok();
+      const int err = w < 0 ? errno : 0;
+      if (err != 0 && err != EINVAL && err != EINTR)
+        return Status::FromErrno(err, "write " + path_, "check the restore target");
+      // EINVAL (a filesystem without direct I/O) or a short write: buffered from now on. In
+      // every case the buffered write below rewrites the whole range.
+      if (err != EINTR) direct_ok_ = false;
+    }
+    return WriteAll(fd_.get(), p, data.size(), offset, path_);
   }
   Status Sync() override {
     if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
@@ -123,6 +142,8 @@ class LinuxDiskWriter final : public DiskWriter {
  private:
   std::string path_;
   Fd fd_;
+  Fd direct_fd_;
+  std::atomic<bool> direct_ok_{false};
   uint64_t size_;
   bool zeroed_;
 };

@@ -50,7 +50,7 @@ struct BackupOptions {
   int uploaders = 2;
   uint64_t max_rate_bytes_per_s = 0;   // 0: unlimited
   uint64_t batch_bytes = 8ull << 20;   // upload batch size
-  uint64_t queue_bytes = 64ull << 20;  // encoded data in flight, bounds memory
+  uint64_t queue_bytes = 32ull << 20;  // encoded data in flight, bounds memory
   bool progress = true;                // progress lines on stderr for long jobs
   // Set by another thread to stop at the next safe point: nothing is committed and the job
   // ends with kCancelled. Not owned; may be null.

@@ -95,6 +95,7 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
           "the vault's copy of this block is damaged; restore another recovery point");
     d.fetched += enc.payload.size();
     plain.emplace(enc.id, std::move(out));
+    std::string().swap(enc.payload);  // memory: the encoded copy is not needed any more
   }
   // Runs of consecutive blocks go out as one write from an aligned buffer: large aligned writes
   // may bypass the page cache (DiskWriter::kDirectAlignment), about twice as fast here as
@@ -227,13 +228,14 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     disks.push_back(std::move(d));
   }
 
-  // Batches of about 8 MiB, interleaved across disks.
+  // Batches of about 4 MiB, interleaved across disks: each fetcher holds about four times
+  // that at its peak (response, decoded blocks, write buffer), which bounds restore memory.
   std::vector<Batch> batches;
   {
     std::vector<std::vector<Batch>> per;
     for (auto& d : disks) {
       per.emplace_back();
-      size_t step = std::max<size_t>(1, (8u << 20) / d->map.block_size);
+      size_t step = std::max<size_t>(1, (4u << 20) / d->map.block_size);
       for (size_t i = 0; i < d->map.entries.size(); i += step)
         per.back().push_back({d.get(), i, std::min(d->map.entries.size(), i + step)});
     }

@@ -83,7 +83,7 @@ measure() {
     '{run:$run, tool:$tool, phase:$phase, wall_s:$wall, cpu_s:($user+$sys), max_rss_kib:$rss} + $extra' >>"$RESULTS"
 }
 record() { jq -nc --argjson run "$1" --arg tool "$2" --arg phase "$3" --argjson extra "$4" '{run:$run, tool:$tool, phase:$phase} + $extra' >>"$RESULTS"; }
-bytes_of() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END {print s+0}'; }
+bytes_of() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END {printf "%.0f\n", s}'; }
 
 start_vault() {
   "$VAULT" serve --data "$1" --listen 127.0.0.1:0 >"$W/vault.out" 2>"$W/vault.log" &
@@ -178,7 +178,7 @@ run_borg() {
   rm -rf "$d"
 }
 
-echo "bench: ${SIZE_MIB} MiB image, ${RUNS} run(s), tools ${TOOLS}, block size ${BLOCK}, churn ${CHURN} %" >&2
+echo "bench: ${SIZE_MIB} MiB image, ${RUNS} run(s), tools ${TOOLS}, block size ${BLOCK:-default}, churn ${CHURN} %" >&2
 for run in $(seq 1 "$RUNS"); do
   "$IMAGE" create "$W/base.img" "$SIZE_MIB" "$run"
   limits "$run"

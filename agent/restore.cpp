@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <unordered_map>
 
@@ -101,7 +101,11 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
   // may bypass the page cache (DiskWriter::kDirectAlignment), about twice as fast here as
   // buffered writes and the final fsync (docs/PERFORMANCE.md).
   constexpr size_t kAlign = platform::DiskWriter::kDirectAlignment;
-  std::unique_ptr<std::byte, decltype(&std::free)> run(nullptr, &std::free);
+  // Aligned operator new/delete (std::aligned_alloc is missing from mingw-w64's C library).
+  struct AlignedDelete {
+    void operator()(std::byte* p) const { ::operator delete (p, std::align_val_t{kAlign}); }
+  };
+  std::unique_ptr<std::byte, AlignedDelete> run;
   size_t run_capacity = 0;
   for (size_t i = b.begin; i < b.end;) {
     const uint64_t first = d.map.entries[i].index;
@@ -111,8 +115,7 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     const uint64_t run_len = std::min<uint64_t>((j - i) * uint64_t{bs}, d.map.disk_size - off);
     const size_t need = (run_len + kAlign - 1) / kAlign * kAlign;
     if (need > run_capacity) {
-      run.reset(static_cast<std::byte*>(std::aligned_alloc(kAlign, need)));
-      if (!run) return Status::Error(Code::kInternal, "out of memory for a restore buffer");
+      run.reset(static_cast<std::byte*>(::operator new (need, std::align_val_t{kAlign})));
       run_capacity = need;
     }
     for (size_t k = i; k < j; ++k) {

@@ -136,6 +136,14 @@ unexpected=$(printf '%s\n' "$lintian_out" | grep '^W: ' |
   fail "lintian warnings not in the accepted list: $unexpected" "fix them, or accept them in docs/PACKAGING.md and this test"
 
 # --- install ---------------------------------------------------------------------------------
+# Files named *vmsnap* that exist before the packages do (e.g. the deb-src entry
+# scripts/build-windows-deps.sh adds) are not the packages' to remove.
+vmsnap_files() {
+  find /etc /lib/systemd /usr/bin /usr/libexec /usr/share/doc /var/lib -name '*vmsnap*' 2>/dev/null |
+    grep -v -E "^/var/lib/dpkg/|^$ROOT" | grep -v -E "^/var/lib/systemd/deb-systemd-helper-(enabled|masked)$" |
+    sort || true
+}
+BEFORE_INSTALL=$(vmsnap_files)
 PHASE="install $V1"
 log "dpkg -i both packages"
 dpkg -i "$AGENT_DEB" "$VAULT_DEB" > "$TMP/dpkg-install.log" 2>&1 ||
@@ -371,8 +379,7 @@ for f in /etc/vmsnap /etc/default/vmsnap-vault /var/lib/vmsnap-vault /var/lib/vm
          /var/lib/systemd/deb-systemd-helper-masked/vmsnap-agent.service; do
   [ ! -e "$f" ] && [ ! -L "$f" ] || fail "$f is left after purge" "delete it in the package's postrm purge"
 done
-left=$(find /etc /lib/systemd /usr/bin /usr/libexec /usr/share/doc /var/lib -name '*vmsnap*' 2>/dev/null |
-  grep -v -E "^/var/lib/dpkg/|^$ROOT" | grep -v -E "^/var/lib/systemd/deb-systemd-helper-(enabled|masked)$" || true)
+left=$(comm -13 <(printf '%s\n' "$BEFORE_INSTALL") <(vmsnap_files) | grep -v '^$' || true)
 [ -z "$left" ] || fail "files left after purge: $left" "delete them in the package's postrm purge"
 log "nothing left but the system user vmsnap-vault (kept by design, docs/PACKAGING.md)"
 getent passwd vmsnap-vault >/dev/null && log "user vmsnap-vault kept"

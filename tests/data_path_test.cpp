@@ -303,17 +303,18 @@ TEST_CASE("bad input: each a clear error and a non-zero exit") {
   }
   SUBCASE("corrupted block on the vault: restore names the block, leaves no target") {
     json full = Backup(vault, dir, {img});
-    // Flip one payload byte of every stored block file: whichever is read first is corrupt.
+    // Flip one payload byte of every stored block: whichever is read first is corrupt.
     size_t damaged = 0;
-    for (auto& e : fs::recursive_directory_iterator(vault.data() + "/blocks")) {
-      if (!e.is_regular_file()) continue;
-      std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
-      f.seekp(100);
+    for (const auto& rec : vault.StoredRecords()) {
+      REQUIRE(rec.payload_bytes > 60);
+      std::fstream f(rec.pack_path, std::ios::in | std::ios::out | std::ios::binary);
+      const auto at = static_cast<std::streamoff>(rec.payload_offset + 59);
       char ch = 0;
-      f.seekg(100);
+      f.seekg(at);
       f.get(ch);
-      f.seekp(100);
+      f.seekp(at);
       f.put(static_cast<char>(ch ^ 0x20));
+      REQUIRE(f.good());
       ++damaged;
     }
     REQUIRE(damaged == 8);

@@ -21,6 +21,7 @@
 #include "tests/support/test_support.hpp"
 #include "vault/block_store.hpp"
 #include "vault/catalog.hpp"
+#include "vault/db.hpp"
 #include "vault/retention.hpp"
 
 using namespace vmsnap;
@@ -29,7 +30,40 @@ using nlohmann::json;
 
 namespace {
 
+// The block index of a vault's block store (DATA/blocks/index.db), opened beside the store's
+// own connection (SQLite in WAL mode allows it), to damage or age blocks as a test needs.
+std::unique_ptr<vault::Db> BlockIndex(const std::string& blocks_dir) {
+  auto db = vault::Db::Open(blocks_dir + "/index.db");
+  REQUIRE(db.ok());
+  return std::move(*db);
+}
+
+// Overwrites bytes of a stored block's payload in its pack file.
+void CorruptStoredBlock(const std::string& blocks_dir, const BlockId& id, uint64_t at,
+                        std::string_view bytes) {
+  auto rows = BlockIndex(blocks_dir)
+                  ->Query("SELECT pack, offset FROM blocks WHERE id = x'" + id.Hex() + "'");
+  REQUIRE(rows.ok());
+  REQUIRE(rows->size() == 1);
+  char name[32];
+  std::snprintf(name, sizeof name, "%08lld.pack", static_cast<long long>((*rows)[0].Int(0)));
+  std::fstream f(blocks_dir + "/packs/" + name, std::ios::in | std::ios::out | std::ios::binary);
+  REQUIRE(f.good());
+  f.seekp(static_cast<std::streamoff>((*rows)[0].Int(1) + 41 + at));
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  REQUIRE(f.good());
+}
+
+// Removes a block from the index, as if its data had been lost.
+void LoseStoredBlock(const std::string& blocks_dir, const BlockId& id) {
+  auto db = BlockIndex(blocks_dir);
+  REQUIRE(db->Exec("DELETE FROM blocks WHERE id = x'" + id.Hex() + "'").ok());
+  REQUIRE(db->Changes() == 1);
+}
+
 constexpr uint64_t kBlock = 16 * 1024;
+// A pack of 16 blocks of kBlock random bytes (header 8, record header 41).
+constexpr uint64_t kSmallPack = 16 * (kBlock + 41) + 8;
 constexpr int64_t kDay = 86400000;
 // 2030-01-31T00:00:00Z: a month boundary follows one day later.
 constexpr int64_t kJan31 = 1896048000000;
@@ -323,17 +357,7 @@ TEST_CASE("verify finds a corrupted and a missing block") {
   std::string_view block1(data.data() + kBlock, kBlock);
   BlockId id = Sha256Block(std::as_bytes(std::span(block1.data(), block1.size())));
   std::string hex = id.Hex();
-  std::string path = s.vault.data() + "/blocks/" + hex.substr(0, 2) + "/" + hex;
-  {
-    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-    REQUIRE(f.good());
-    f.seekg(100);
-    char c = 0;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x5a);
-    f.seekp(100);
-    f.write(&c, 1);
-  }
+  CorruptStoredBlock(s.vault.data() + "/blocks", id, 100, "\x5a\xa5");
   auto bad = Admin(s.vault, {"verify", s.name});
   CHECK(bad.exit_code != 0);
   json report = bad.json();
@@ -348,7 +372,7 @@ TEST_CASE("verify finds a corrupted and a missing block") {
   // A missing block is reported as missing.
   std::string data2 = ReadWhole(s.kept[rp2]);
   BlockId id2 = Sha256Block(std::as_bytes(std::span(data2.data() + 2 * kBlock, kBlock)));
-  std::filesystem::remove(s.vault.data() + "/blocks/" + id2.Hex().substr(0, 2) + "/" + id2.Hex());
+  LoseStoredBlock(s.vault.data() + "/blocks", id2);
   json r2 = Admin(s.vault, {"verify", s.name, "--rp", rp2}).json();
   CHECK(r2["points"][0]["missing"] == json::array({id2.Hex()}));
   // Bad input: unknown point.
@@ -377,13 +401,7 @@ TEST_CASE("scheduled verify runs on the vault's clock and records the damage it 
   // Damage one block file, then let a day pass on the vault's clock.
   std::string data = ReadWhole(s.kept[rp1]);
   BlockId id = Sha256Block(std::as_bytes(std::span(data.data() + 2 * kBlock, kBlock)));
-  std::string path = s.vault.data() + "/blocks/" + id.Hex().substr(0, 2) + "/" + id.Hex();
-  {
-    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-    REQUIRE(f.good());
-    f.seekp(200);
-    f.write("XYZ", 3);
-  }
+  CorruptStoredBlock(s.vault.data() + "/blocks", id, 200, "XYZ");
   SetClock(s.vault, t0 + kDay + 2000);
   for (int i = 0; i < 100 && scheduled_runs() == 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -429,7 +447,8 @@ using Image = std::vector<std::string>;  // per block: content, empty = zero
 
 struct Lib {
   TempDir tmp;
-  BlockStore store{tmp / "blocks"};
+  // Small packs, so that cleanups exercise pack rewriting and deletion.
+  BlockStore store{tmp / "blocks", kSmallPack};
   int64_t now = kJan31;
   Catalog catalog{tmp.path(), &store, [this] { return now; }};
   // Real clock ahead by a minute: every block not protected by an open session is "old".
@@ -529,13 +548,9 @@ std::string RandomBlock(std::mt19937_64& rng) {
   return s;
 }
 
-void Backdate(const std::string& dir) {
-  struct timespec old[2];
-  clock_gettime(CLOCK_REALTIME, &old[0]);
-  old[0].tv_sec -= 3600;
-  old[1] = old[0];
-  for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
-    if (e.is_regular_file()) ::utimensat(AT_FDCWD, e.path().c_str(), old, 0);
+// Every block's last touch an hour earlier (as if written by an older backup).
+void Backdate(const std::string& blocks_dir) {
+  REQUIRE(BlockIndex(blocks_dir)->Exec("UPDATE blocks SET touched_ms = touched_ms - 3600000").ok());
 }
 
 }  // namespace
@@ -706,7 +721,218 @@ TEST_CASE("long seeded random run: 60 days of backups, retention and daily clean
   CHECK(lib.catalog.List("other").size() == 6);
   json storage = lib.lifecycle.Storage("", in);
   CHECK(storage["vault"]["referenced_bytes"] == storage["vault"]["stored_bytes"]);
+  // Compaction keeps every closed pack at least half live: the disk holds at most twice the
+  // live records plus the active pack.
+  auto usage = lib.store.Usage();
+  CHECK(usage.live_bytes > 0);
+  CHECK(usage.pack_bytes <= 2 * usage.live_bytes + kSmallPack);
   CHECK(storage["vault"]["sum_of_items_bytes"].get<uint64_t>() -
             storage["vault"]["dedup_saved_bytes"].get<uint64_t>() ==
         storage["vault"]["stored_bytes"].get<uint64_t>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The block store's pack files and index.
+
+namespace {
+
+EncodedBlock Encoded(const std::string& content) {
+  return EncodeBlock(Lib::IdOf(content), std::as_bytes(std::span(content.data(), content.size())));
+}
+
+std::string Plain(const EncodedBlock& b) {
+  std::vector<std::byte> out;
+  REQUIRE(DecodeBlock(b, out).ok());
+  return std::string(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+std::vector<std::string> PackFiles(const std::filesystem::path& blocks) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(blocks / "packs"))
+    names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("block store: many blocks per pack, durable across reopen, index rebuilt from packs") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(41);
+  std::vector<std::string> contents;
+  for (int i = 0; i < 40; ++i) contents.push_back(RandomBlock(rng));
+  {
+    BlockStore store{blocks};
+    REQUIRE(store.Open().ok());
+    for (int batch = 0; batch < 4; ++batch) {
+      std::vector<EncodedBlock> blocks;
+      for (int i = batch * 10; i < batch * 10 + 10; ++i) blocks.push_back(Encoded(contents[i]));
+      blocks.push_back(Encoded(contents[0]));  // present already (or twice in the batch)
+      auto stats = store.Put(blocks);
+      REQUIRE(stats.ok());
+      CHECK(stats->stored == 10);
+      CHECK(stats->already_present == 1);
+    }
+    CHECK(PackFiles(blocks) == std::vector<std::string>{"00000001.pack"});
+    for (const auto& c : contents) CHECK(Plain(*store.Get(Lib::IdOf(c))) == c);
+    CHECK(store.Get(Lib::IdOf(RandomBlock(rng))).status().code() == Code::kNotFound);
+  }
+  // A crash in the middle of an append leaves a torn record at the end of the pack.
+  {
+    std::ofstream f(tmp / "blocks/packs/00000001.pack", std::ios::app | std::ios::binary);
+    f << std::string(60, 'x');
+  }
+  {
+    BlockStore store{blocks};
+    REQUIRE(store.Open().ok());
+    for (const auto& c : contents) CHECK(store.Has(Lib::IdOf(c)));
+    // New blocks never go after a tail a crash may have torn: a new pack.
+    std::string extra = RandomBlock(rng);
+    REQUIRE(store.Put({Encoded(extra)}).ok());
+    CHECK(store.Locate(Lib::IdOf(extra))->pack_path.ends_with("/00000002.pack"));
+    contents.push_back(extra);
+  }
+  // The index is lost: the packs are read again, the torn record skipped.
+  for (const char* f : {"index.db", "index.db-wal", "index.db-shm"})
+    std::filesystem::remove(blocks / f);
+  BlockStore store{blocks};
+  REQUIRE(store.Open().ok());
+  uint64_t count = 0;
+  store.ForEach([&](const BlockId&, uint64_t bytes, int64_t) {
+    count++;
+    CHECK(bytes > 0);
+  });
+  CHECK(count == contents.size());
+  for (const auto& c : contents) CHECK(Plain(*store.Get(Lib::IdOf(c))) == c);
+}
+
+TEST_CASE("block store: a damaged record is reported as corruption, not served") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(43);
+  std::string a = RandomBlock(rng), b = RandomBlock(rng);
+  BlockStore store{blocks};
+  REQUIRE(store.Open().ok());
+  REQUIRE(store.Put({Encoded(a), Encoded(b)}).ok());
+  // Overwrite b's id inside its record: the index points at a record holding another id.
+  auto loc = store.Locate(Lib::IdOf(b));
+  REQUIRE(loc.ok());
+  {
+    std::fstream f(loc->pack_path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(loc->record_offset));
+    f.write("\0\0\0\0", 4);
+  }
+  auto got = store.Get(Lib::IdOf(b));
+  REQUIRE_FALSE(got.ok());
+  CHECK(got.status().code() == Code::kCorruption);
+  CHECK(got.status().cause().find(loc->pack_path) != std::string::npos);
+  CHECK(Plain(*store.Get(Lib::IdOf(a))) == a);
+  // A batch with a block that does not match its id stores nothing.
+  EncodedBlock lie = Encoded(RandomBlock(rng));
+  lie.id = Lib::IdOf(RandomBlock(rng));
+  std::string c = RandomBlock(rng);
+  auto put = store.Put({Encoded(c), lie});
+  REQUIRE_FALSE(put.ok());
+  CHECK(put.status().code() == Code::kCorruption);
+  CHECK_FALSE(store.Has(Lib::IdOf(c)));
+}
+
+TEST_CASE("block store: blocks of the old one-file-per-block layout move into packs") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(47);
+  std::vector<std::string> contents{RandomBlock(rng), RandomBlock(rng), RandomBlock(rng)};
+  std::filesystem::create_directories(blocks);
+  for (const auto& c : contents) {
+    EncodedBlock e = Encoded(c);
+    std::string hex = e.id.Hex();
+    std::filesystem::create_directories(blocks / hex.substr(0, 2));
+    std::ofstream(blocks / hex.substr(0, 2) / hex, std::ios::binary)
+        << EncodeBatch(std::span(&e, 1));
+  }
+  // Touched an hour ago: garbage collection must keep judging blocks by their last use.
+  const std::string first_hex = Lib::IdOf(contents[0]).Hex();
+  const auto first_file = blocks / first_hex.substr(0, 2) / first_hex;
+  struct timespec old[2];
+  clock_gettime(CLOCK_REALTIME, &old[0]);
+  old[0].tv_sec -= 3600;
+  old[1] = old[0];
+  REQUIRE(::utimensat(AT_FDCWD, first_file.c_str(), old, 0) == 0);
+  // An interrupted upload of the old layout and a damaged file.
+  std::ofstream(blocks / first_hex.substr(0, 2) / (first_hex + ".tmp123")) << "partial";
+  const std::string junk_hex(64, 'e');
+  std::filesystem::create_directories(blocks / "ee");
+  std::ofstream(blocks / "ee" / junk_hex) << "not a block";
+
+  BlockStore store{blocks};
+  REQUIRE(store.Open().ok());
+  for (const auto& c : contents) CHECK(Plain(*store.Get(Lib::IdOf(c))) == c);
+  CHECK_FALSE(std::filesystem::exists(first_file));
+  CHECK_FALSE(std::filesystem::exists(first_file.parent_path()));  // emptied and removed
+  CHECK(std::filesystem::exists(blocks / "ee" / junk_hex));        // left for the operator
+  int64_t touched = 0;
+  store.ForEach([&](const BlockId& id, uint64_t, int64_t t) {
+    if (id.Hex() == first_hex) touched = t;
+  });
+  const int64_t hour_ago_ms = int64_t{old[0].tv_sec} * 1000;
+  CHECK(touched >= hour_ago_ms);
+  CHECK(touched < hour_ago_ms + 2000);
+}
+
+TEST_CASE("block store: cleanup drops untouched blocks and compaction returns their space") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(53);
+  BlockStore store{blocks, kSmallPack};
+  REQUIRE(store.Open().ok());
+  std::vector<std::string> contents;
+  for (int i = 0; i < 64; ++i) {
+    contents.push_back(RandomBlock(rng));
+    REQUIRE(store.Put({Encoded(contents.back())}).ok());
+  }
+  const size_t packs_before = PackFiles(blocks).size();
+  CHECK(packs_before == 4);
+  const auto before = store.Usage();
+  // Drop three quarters of the blocks of the first three packs (blocks 0-47), all of the
+  // last pack's are kept; one dropped block was touched after the cutoff and survives.
+  Backdate(blocks.string());
+  std::vector<BlockId> drop;
+  for (int i = 0; i < 48; ++i)
+    if (i % 4 != 0) drop.push_back(Lib::IdOf(contents[i]));
+  CHECK(store.HasForUpload(Lib::IdOf(contents[1])));  // a backup relies on it now
+  const int64_t cutoff = std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count() -
+                         60000;
+  auto removed = store.RemoveUntouchedSince(drop, cutoff);
+  REQUIRE(removed.ok());
+  CHECK(removed->blocks == drop.size() - 1);
+  CHECK(removed->bytes == (drop.size() - 1) * kBlock);  // random data is stored raw
+  auto compacted = store.Compact();
+  REQUIRE(compacted.ok());
+  CHECK(compacted->packs_rewritten == 3);
+  CHECK(compacted->packs_deleted == 3);
+  CHECK(compacted->blocks_moved == 12 + 1);
+  const auto after = store.Usage();
+  CHECK(after.pack_bytes < before.pack_bytes);
+  CHECK(before.pack_bytes - after.pack_bytes ==
+        compacted->bytes_reclaimed - (13 * (kBlock + 41) + 8));
+  CHECK(after.live_bytes == (64 - 35) * (kBlock + 41));
+  for (int i = 0; i < 64; ++i) {
+    const bool dropped = i < 48 && i % 4 != 0 && i != 1;
+    auto got = store.Get(Lib::IdOf(contents[i]));
+    if (dropped) {
+      CHECK(got.status().code() == Code::kNotFound);
+    } else {
+      REQUIRE_MESSAGE(got.ok(), got.status().ToString());
+      CHECK(Plain(*got) == contents[i]);
+    }
+  }
+  // A second compaction finds nothing to do; after a reopen everything is still there.
+  CHECK(store.Compact()->packs_deleted == 0);
+  BlockStore reopened{blocks, kSmallPack};
+  REQUIRE(reopened.Open().ok());
+  CHECK(Plain(*reopened.Get(Lib::IdOf(contents[1]))) == contents[1]);
+  CHECK(Plain(*reopened.Get(Lib::IdOf(contents[63]))) == contents[63]);
 }

@@ -497,7 +497,9 @@ class AdminCommandsImpl final : public AdminCommands {
     std::cout << "cleanup: " << (*r)["removed"].size() << " expired points removed, "
               << (*r)["purged_items"].size() << " deleted VMs purged, " << (*r)["sessions_deleted"]
               << " old sessions deleted, " << (*r)["blocks_freed"] << " blocks ("
-              << agent::HumanBytes((*r)["bytes_freed"].get<uint64_t>()) << ") freed\n";
+              << agent::HumanBytes((*r)["bytes_freed"].get<uint64_t>()) << ") freed, "
+              << agent::HumanBytes((*r).value("pack_bytes_reclaimed", uint64_t{0}))
+              << " of pack files reclaimed\n";
     for (const auto& id : (*r)["removed"]) std::cout << "  removed " << Str(id) << "\n";
     for (const auto& vm : (*r)["purged_items"]) std::cout << "  purged " << Str(vm) << "\n";
     return 0;

@@ -97,8 +97,9 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     auto ids = DecodeIdList(req.body);
     if (!ids.ok()) return ids.take_status();
     std::vector<BlockId> missing;
-    for (const auto& id : *ids)
-      if (!store_->HasForUpload(id)) missing.push_back(id);
+    std::vector<bool> present = store_->HasForUpload(*ids);
+    for (size_t i = 0; i < ids->size(); ++i)
+      if (!present[i]) missing.push_back((*ids)[i]);
     return Binary(EncodeIdList(missing));
   }
   if (post && p == "/v1/blocks") {

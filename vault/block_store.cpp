@@ -1,115 +1,680 @@
 #include "vault/block_store.hpp"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
-
+#include <chrono>
+#include <cstring>
 #include <filesystem>
-#include <mutex>
-#include <random>
+#include <unordered_set>
 
+#include "common/bytes.hpp"
 #include "platform/env.hpp"
+#include "platform/linux/fd.hpp"
+#include "vault/db.hpp"
 
 namespace vmsnap::vault {
 
 namespace fs = std::filesystem;
+using platform::Fd;
 
-BlockStore::BlockStore(std::string root) : root_(std::move(root)) {}
+namespace {
 
-Status BlockStore::Open() {
-  std::error_code ec;
-  static const char* kHex = "0123456789abcdef";
-  for (int i = 0; i < 256; ++i) {
-    std::string shard = root_ + "/" + kHex[i >> 4] + kHex[i & 15];
-    fs::create_directories(shard, ec);
-    if (ec)
-      return Status::IoError("create " + shard + ": " + ec.message(),
-                             "check that the vault's data directory is writable");
-    for (auto it = fs::directory_iterator(shard, ec); !ec && it != fs::directory_iterator();
-         it.increment(ec)) {
-      if (it->path().filename().string().find(".tmp") != std::string::npos)
-        fs::remove(it->path(), ec);
-    }
+constexpr std::string_view kPackMagic = "VMPACK01";
+constexpr uint64_t kRecordHeader = 41;  // id 32, codec 1, plain size 4, payload size 4
+// Index rows and migrated files per transaction when many are written at once.
+constexpr size_t kRowsPerTransaction = 4096;
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+void AppendRecord(std::string& out, const EncodedBlock& b) {
+  ByteWriter w;
+  w.bytes(b.id.bytes.data(), 32);
+  w.u8(static_cast<uint8_t>(b.codec));
+  w.u32(b.plain_size);
+  w.u32(static_cast<uint32_t>(b.payload.size()));
+  out += w.take();
+  out += b.payload;
+}
+
+// Parses one record (header + payload) read from a pack.
+Result<EncodedBlock> ParseRecord(std::string_view data) {
+  ByteReader r(data);
+  EncodedBlock b;
+  uint8_t codec = 0;
+  uint32_t len = 0;
+  std::string_view payload;
+  if (!r.bytes(b.id.bytes.data(), 32) || !r.u8(codec) || !r.u32(b.plain_size) || !r.u32(len) ||
+      !r.view(len, payload) || r.remaining() != 0 || b.plain_size > kMaxBlockSize)
+    return Status::Corruption("bad record");
+  b.codec = static_cast<BlockCodec>(codec);
+  b.payload.assign(payload);
+  return b;
+}
+
+Status PreadAll(int fd, uint64_t offset, char* buf, size_t n, const std::string& what) {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t r = ::pread(fd, buf + done, n - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return Status::FromErrno(errno, "read " + what);
+    if (r == 0) return Status::Corruption(what + " ends early (truncated)");
+    done += static_cast<size_t>(r);
   }
   return Status::Ok();
 }
 
-std::string BlockStore::PathOf(const BlockId& id) const {
-  std::string hex = id.Hex();
-  return root_ + "/" + hex.substr(0, 2) + "/" + hex;
+Status PwriteAll(int fd, uint64_t offset, std::string_view data, const std::string& what) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t r =
+        ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return Status::FromErrno(errno, "write " + what);
+    done += static_cast<size_t>(r);
+  }
+  return Status::Ok();
 }
 
-bool BlockStore::Has(const BlockId& id) const {
-  std::error_code ec;
-  return fs::exists(PathOf(id), ec);
+Status SyncDir(const std::string& dir) {
+  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid() || ::fsync(fd.get()) != 0) return Status::FromErrno(errno, "sync " + dir);
+  return Status::Ok();
 }
 
-namespace {
-constexpr uint64_t kBatchFraming = 8 + 41;  // VMB1 header + one record header
-
-int64_t MtimeMs(const struct stat& st) {
-  return int64_t{st.st_mtim.tv_sec} * 1000 + st.st_mtim.tv_nsec / 1000000;
+// Pack number of "packs/<digits>.pack", or 0.
+int64_t PackNumberOf(const fs::path& p) {
+  if (p.extension() != ".pack") return 0;
+  std::string stem = p.stem().string();
+  if (stem.empty() || stem.size() > 12 ||
+      !std::all_of(stem.begin(), stem.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return 0;
+  return std::stoll(stem);
 }
+
+// A transaction on the index that rolls back unless committed.
+class Transaction {
+ public:
+  explicit Transaction(Db* db) : db_(db) { status_ = db_->Exec("BEGIN IMMEDIATE"); }
+  ~Transaction() {
+    if (status_.ok() && !done_) (void)db_->Exec("ROLLBACK");
+  }
+  const Status& status() const { return status_; }
+  Status Commit() {
+    done_ = true;
+    Status st = db_->Exec("COMMIT");
+    if (!st.ok()) (void)db_->Exec("ROLLBACK");
+    return st;
+  }
+
+ private:
+  Db* db_;
+  Status status_;
+  bool done_ = false;
+};
+
 }  // namespace
 
-bool BlockStore::HasForUploadLocked(const BlockId& id) {
-  // utimensat(NULL) sets mtime to now; it fails with ENOENT when the block is absent.
-  return ::utimensat(AT_FDCWD, PathOf(id).c_str(), nullptr, 0) == 0;
+struct BlockStore::Pack {
+  int64_t number = 0;
+  std::string path;
+  Fd fd;
+  uint64_t size = 0;  // active pack: bytes appended so far
+};
+
+BlockStore::BlockStore(std::string root, uint64_t pack_target_bytes)
+    : root_(std::move(root)), pack_target_bytes_(pack_target_bytes) {}
+BlockStore::~BlockStore() = default;
+
+std::string BlockStore::PackPath(int64_t number) const {
+  char name[32];
+  std::snprintf(name, sizeof name, "%08lld.pack", static_cast<long long>(number));
+  return root_ + "/packs/" + name;
+}
+
+Status BlockStore::OpenIndex() {
+  auto db = Db::Open(root_ + "/index.db");
+  if (!db.ok()) return db.take_status();
+  db_ = std::move(*db);
+  VMSNAP_RETURN_IF_ERROR(
+      db_->Exec("CREATE TABLE IF NOT EXISTS blocks (id BLOB PRIMARY KEY, pack INTEGER NOT NULL, "
+                "offset INTEGER NOT NULL, length INTEGER NOT NULL, payload INTEGER NOT NULL, "
+                "touched_ms INTEGER NOT NULL) WITHOUT ROWID;"
+                "CREATE INDEX IF NOT EXISTS blocks_by_pack ON blocks(pack, offset);"));
+  auto prepare = [&](std::unique_ptr<DbStatement>& out, const char* sql) -> Status {
+    auto st = db_->Prepare(sql);
+    if (!st.ok()) return st.take_status();
+    out = std::move(*st);
+    return Status::Ok();
+  };
+  VMSNAP_RETURN_IF_ERROR(
+      prepare(select_, "SELECT pack, offset, length, payload FROM blocks WHERE id = ?1"));
+  VMSNAP_RETURN_IF_ERROR(prepare(touch_, "UPDATE blocks SET touched_ms = ?2 WHERE id = ?1"));
+  VMSNAP_RETURN_IF_ERROR(prepare(insert_,
+                                 "INSERT OR IGNORE INTO blocks (id, pack, offset, length, "
+                                 "payload, touched_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
+  VMSNAP_RETURN_IF_ERROR(
+      prepare(remove_, "DELETE FROM blocks WHERE id = ?1 AND touched_ms < ?2 RETURNING payload"));
+  return Status::Ok();
+}
+
+Status BlockStore::Open() {
+  std::error_code ec;
+  fs::create_directories(root_ + "/packs", ec);
+  if (ec)
+    return Status::IoError("create " + root_ + "/packs: " + ec.message(),
+                           "check that the vault's data directory is writable")
+        .InPhase("open block store");
+  const bool had_index = fs::exists(root_ + "/index.db", ec);
+  if (Status st = OpenIndex(); !st.ok())
+    return std::move(st)
+        .InPhase("open block store")
+        .WithFix(
+            "check the vault's data directory; if " + root_ +
+            "/index.db is damaged, move it away: the vault rebuilds it from the packs at start");
+  for (auto it = fs::directory_iterator(root_ + "/packs", ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec))
+    next_pack_ = std::max(next_pack_, PackNumberOf(it->path()) + 1);
+  if (!had_index && next_pack_ > 1)
+    VMSNAP_RETURN_IF_ERROR(RebuildIndex().InPhase("rebuild block index"));
+  return MigrateLegacyFiles().InPhase("move block files into packs");
+}
+
+Status BlockStore::RebuildIndex() {
+  spdlog::warn("block index {}/index.db is missing: rebuilding it from the pack files", root_);
+  uint64_t rows = 0;
+  for (int64_t n = 1; n < next_pack_; ++n) {
+    const std::string path = PackPath(n);
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) continue;
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path);
+    const uint64_t size = static_cast<uint64_t>(st.st_size);
+    char magic[8];
+    if (size < kPackMagic.size() || !PreadAll(fd.get(), 0, magic, 8, path).ok() ||
+        std::string_view(magic, 8) != kPackMagic) {
+      spdlog::error("{} is not a pack file (bad header): skipped", path);
+      continue;
+    }
+    Transaction tx(db_.get());
+    VMSNAP_RETURN_IF_ERROR(tx.status());
+    const int64_t now = NowMs();
+    uint64_t off = kPackMagic.size();
+    while (off + kRecordHeader <= size) {
+      char head[kRecordHeader];
+      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, head, kRecordHeader, path));
+      ByteReader r(std::string_view(head, kRecordHeader));
+      BlockId id;
+      uint8_t codec = 0;
+      uint32_t plain = 0, len = 0;
+      r.bytes(id.bytes.data(), 32);
+      r.u8(codec);
+      r.u32(plain);
+      r.u32(len);
+      if (off + kRecordHeader + len > size) {
+        spdlog::warn("{}: torn record at offset {} (a crash during an upload): ignored", path, off);
+        break;
+      }
+      insert_->Reset();
+      insert_->BindBlob(1, id.bytes.data(), 32);
+      insert_->BindInt(2, n);
+      insert_->BindInt(3, static_cast<int64_t>(off));
+      insert_->BindInt(4, static_cast<int64_t>(kRecordHeader + len));
+      insert_->BindInt(5, len);
+      insert_->BindInt(6, now);
+      if (auto s = insert_->Step(); !s.ok()) return s.take_status();
+      rows++;
+      off += kRecordHeader + len;
+    }
+    insert_->Reset();
+    VMSNAP_RETURN_IF_ERROR(tx.Commit());
+  }
+  spdlog::info("block index rebuilt: {} blocks", rows);
+  return Status::Ok();
+}
+
+Status BlockStore::MigrateLegacyFiles() {
+  std::error_code ec;
+  std::vector<fs::path> shards;
+  for (auto it = fs::directory_iterator(root_, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (it->is_directory() && name.size() == 2 &&
+        std::isxdigit(static_cast<unsigned char>(name[0])) &&
+        std::isxdigit(static_cast<unsigned char>(name[1])))
+      shards.push_back(it->path());
+  }
+  if (shards.empty()) return Status::Ok();
+  std::sort(shards.begin(), shards.end());
+  uint64_t moved = 0;
+  for (const auto& shard : shards) {
+    std::vector<fs::path> files;
+    for (auto it = fs::directory_iterator(shard, ec); !ec && it != fs::directory_iterator();
+         it.increment(ec)) {
+      if (it->path().filename().string().find(".tmp") != std::string::npos)
+        fs::remove(it->path(), ec);  // an upload a crash interrupted: never visible
+      else
+        files.push_back(it->path());
+    }
+    for (size_t begin = 0; begin < files.size(); begin += kRowsPerTransaction) {
+      const size_t end = std::min(files.size(), begin + kRowsPerTransaction);
+      std::vector<EncodedBlock> blocks;
+      std::vector<int64_t> touched;
+      std::vector<fs::path> done;
+      for (size_t i = begin; i < end; ++i) {
+        auto id = BlockId::FromHex(files[i].filename().string());
+        auto data = platform::Env::Default()->ReadFile(files[i].string());
+        struct stat st {};
+        if (id.ok() && data.ok() && ::stat(files[i].c_str(), &st) == 0) {
+          auto batch = DecodeBatch(*data);
+          if (batch.ok() && batch->size() == 1 && (*batch)[0].id == *id) {
+            blocks.push_back(std::move((*batch)[0]));
+            touched.push_back(int64_t{st.st_mtim.tv_sec} * 1000 + st.st_mtim.tv_nsec / 1000000);
+            done.push_back(files[i]);
+            continue;
+          }
+        }
+        spdlog::error("block file {} is damaged or not a block: left where it is",
+                      files[i].string());
+      }
+      if (blocks.empty()) continue;
+      std::string records;
+      for (const auto& b : blocks) AppendRecord(records, b);
+      auto at = Append(records);
+      if (!at.ok()) return at.take_status();
+      std::vector<const EncodedBlock*> ptrs;
+      for (const auto& b : blocks) ptrs.push_back(&b);
+      PutStats ignored;
+      {
+        std::lock_guard lock(db_mu_);
+        VMSNAP_RETURN_IF_ERROR(IndexInsert(ptrs, at->first, at->second, &ignored));
+        // The mtime carries over: garbage collection keeps judging blocks by their last use.
+        Transaction tx(db_.get());
+        VMSNAP_RETURN_IF_ERROR(tx.status());
+        for (size_t i = 0; i < blocks.size(); ++i) {
+          touch_->Reset();
+          touch_->BindBlob(1, blocks[i].id.bytes.data(), 32);
+          touch_->BindInt(2, touched[i]);
+          if (auto s = touch_->Step(); !s.ok()) return s.take_status();
+        }
+        touch_->Reset();
+        VMSNAP_RETURN_IF_ERROR(tx.Commit());
+      }
+      for (const auto& f : done) fs::remove(f, ec);
+      moved += done.size();
+    }
+    fs::remove(shard, ec);  // only when empty (damaged files stay)
+  }
+  if (moved) spdlog::info("moved {} block files of the old layout into pack files", moved);
+  return SyncDir(root_);
+}
+
+Result<std::pair<int64_t, uint64_t>> BlockStore::Append(const std::string& records) {
+  std::shared_ptr<Pack> pack;
+  uint64_t offset = 0;
+  {
+    std::lock_guard lock(append_mu_);
+    if (!active_ || (active_->size + records.size() > pack_target_bytes_ &&
+                     active_->size > kPackMagic.size())) {
+      auto fresh = std::make_shared<Pack>();
+      fresh->number = next_pack_++;
+      fresh->path = PackPath(fresh->number);
+      fresh->fd = Fd(::open(fresh->path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640));
+      if (!fresh->fd.valid())
+        return Status::FromErrno(errno, "create pack file " + fresh->path)
+            .WithFix("check free space and permissions on the vault's disk");
+      VMSNAP_RETURN_IF_ERROR(PwriteAll(fresh->fd.get(), 0, kPackMagic, fresh->path));
+      if (::fsync(fresh->fd.get()) != 0) return Status::FromErrno(errno, "sync " + fresh->path);
+      VMSNAP_RETURN_IF_ERROR(SyncDir(root_ + "/packs"));
+      fresh->size = kPackMagic.size();
+      active_ = std::move(fresh);
+    }
+    pack = active_;
+    offset = pack->size;
+    Status st = PwriteAll(pack->fd.get(), offset, records, pack->path);
+    if (!st.ok()) {
+      active_.reset();  // its tail may hold part of this write: never append after it
+      return std::move(st).WithFix("check free space on the vault's disk");
+    }
+    pack->size += records.size();
+  }
+  if (::fdatasync(pack->fd.get()) != 0)
+    return Status::FromErrno(errno, "sync " + pack->path)
+        .WithFix("check the vault's disk (the kernel reported a write error)");
+  return std::make_pair(pack->number, offset);
+}
+
+Status BlockStore::IndexInsert(const std::vector<const EncodedBlock*>& blocks, int64_t pack,
+                               uint64_t first_offset, PutStats* stats) {
+  Transaction tx(db_.get());
+  VMSNAP_RETURN_IF_ERROR(tx.status());
+  const int64_t now = NowMs();
+  uint64_t offset = first_offset;
+  for (const EncodedBlock* b : blocks) {
+    const uint64_t length = kRecordHeader + b->payload.size();
+    insert_->Reset();
+    insert_->BindBlob(1, b->id.bytes.data(), 32);
+    insert_->BindInt(2, pack);
+    insert_->BindInt(3, static_cast<int64_t>(offset));
+    insert_->BindInt(4, static_cast<int64_t>(length));
+    insert_->BindInt(5, static_cast<int64_t>(b->payload.size()));
+    insert_->BindInt(6, now);
+    if (auto s = insert_->Step(); !s.ok()) return s.take_status();
+    if (db_->Changes() == 1) {
+      stats->stored++;
+      stats->bytes_stored += b->payload.size();
+    } else {
+      stats->already_present++;  // another upload of the same block won the race
+    }
+    offset += length;
+  }
+  insert_->Reset();
+  return tx.Commit();
+}
+
+std::vector<bool> BlockStore::HasForUploadLocked(std::span<const BlockId> ids) {
+  std::vector<bool> present(ids.size(), false);
+  std::lock_guard lock(db_mu_);
+  Transaction tx(db_.get());
+  if (!tx.status().ok()) {
+    spdlog::error("block index: {}", tx.status().ToString());
+    return present;  // "missing": the backup uploads them again
+  }
+  const int64_t now = NowMs();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    touch_->Reset();
+    touch_->BindBlob(1, ids[i].bytes.data(), 32);
+    touch_->BindInt(2, now);
+    auto s = touch_->Step();
+    present[i] = s.ok() && db_->Changes() == 1;
+  }
+  touch_->Reset();
+  if (Status st = tx.Commit(); !st.ok()) {
+    spdlog::error("block index: {}", st.ToString());
+    std::fill(present.begin(), present.end(), false);
+  }
+  return present;
 }
 
 bool BlockStore::HasForUpload(const BlockId& id) {
+  return HasForUpload(std::span(&id, 1))[0];
+}
+
+std::vector<bool> BlockStore::HasForUpload(std::span<const BlockId> ids) {
   std::shared_lock gc_lock(gc_mu_);
-  return HasForUploadLocked(id);
+  return HasForUploadLocked(ids);
+}
+
+Result<BlockLocation> BlockStore::Locate(const BlockId& id) const {
+  std::lock_guard lock(db_mu_);
+  select_->Reset();
+  select_->BindBlob(1, id.bytes.data(), 32);
+  auto row = select_->Step();
+  if (!row.ok()) return row.take_status();
+  if (!*row) return Status::NotFound("block " + id.Hex() + " is not in the vault");
+  BlockLocation loc{PackPath(select_->ColumnInt(0)), static_cast<uint64_t>(select_->ColumnInt(1)),
+                    static_cast<uint64_t>(select_->ColumnInt(2))};
+  select_->Reset();
+  return loc;
+}
+
+bool BlockStore::Has(const BlockId& id) const {
+  return Locate(id).ok();
 }
 
 uint64_t BlockStore::StoredBytes(const BlockId& id) const {
-  struct stat st {};
-  if (::stat(PathOf(id).c_str(), &st) != 0) return 0;
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  return size > kBatchFraming ? size - kBatchFraming : 0;
+  auto loc = Locate(id);
+  return loc.ok() && loc->record_length > kRecordHeader ? loc->record_length - kRecordHeader : 0;
+}
+
+Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number) const {
+  std::lock_guard lock(packs_mu_);
+  auto it = open_packs_.find(number);
+  if (it != open_packs_.end()) return it->second;
+  auto pack = std::make_shared<Pack>();
+  pack->number = number;
+  pack->path = PackPath(number);
+  pack->fd = Fd(::open(pack->path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!pack->fd.valid()) return Status::FromErrno(errno, "open pack file " + pack->path);
+  open_packs_[number] = pack;
+  return pack;
+}
+
+Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
+  std::shared_lock gc_lock(gc_mu_);
+  int64_t pack_number = 0;
+  uint64_t offset = 0, length = 0;
+  {
+    std::lock_guard lock(db_mu_);
+    select_->Reset();
+    select_->BindBlob(1, id.bytes.data(), 32);
+    auto row = select_->Step();
+    if (!row.ok()) return row.take_status();
+    if (!*row) return Status::NotFound("block " + id.Hex() + " is not in the vault");
+    pack_number = select_->ColumnInt(0);
+    offset = static_cast<uint64_t>(select_->ColumnInt(1));
+    length = static_cast<uint64_t>(select_->ColumnInt(2));
+    select_->Reset();
+  }
+  auto damaged = [&](const std::string& why) {
+    return Status::Corruption(
+        "stored block " + id.Hex() + " (" + PackPath(pack_number) + ", offset " +
+            std::to_string(offset) + ") is damaged: " + why,
+        "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
+        "because the vault still lists the block as present");
+  };
+  if (length < kRecordHeader || length > kRecordHeader + 2 * kMaxBlockSize)
+    return damaged("its index row has an impossible length");
+  auto pack = PackForRead(pack_number);
+  if (!pack.ok()) return damaged(pack.status().cause());
+  std::string record(length, '\0');
+  if (Status st = PreadAll((*pack)->fd.get(), offset, record.data(), length, (*pack)->path);
+      !st.ok())
+    return damaged(st.cause());
+  auto b = ParseRecord(record);
+  if (!b.ok()) return damaged("the record cannot be parsed");
+  if (b->id != id) return damaged("the record holds block " + b->id.Hex());
+  return std::move(*b);
 }
 
 void BlockStore::ForEach(const std::function<void(const BlockId&, uint64_t, int64_t)>& fn) const {
-  std::error_code ec;
-  for (auto shard = fs::directory_iterator(root_, ec); !ec && shard != fs::directory_iterator();
-       shard.increment(ec)) {
-    std::error_code ec2;
-    for (auto it = fs::directory_iterator(shard->path(), ec2);
-         !ec2 && it != fs::directory_iterator(); it.increment(ec2)) {
-      std::string name = it->path().filename().string();
-      auto id = BlockId::FromHex(name);
-      if (!id.ok()) continue;
-      struct stat st {};
-      if (::stat(it->path().c_str(), &st) != 0) continue;
-      uint64_t size = static_cast<uint64_t>(st.st_size);
-      fn(*id, size > kBatchFraming ? size - kBatchFraming : 0, MtimeMs(st));
+  struct Row {
+    BlockId id;
+    uint64_t payload;
+    int64_t touched;
+  };
+  std::vector<Row> rows;
+  {
+    std::lock_guard lock(db_mu_);
+    auto stmt = db_->Prepare("SELECT id, payload, touched_ms FROM blocks");
+    if (!stmt.ok()) {
+      spdlog::error("block index: {}", stmt.status().ToString());
+      return;
+    }
+    for (;;) {
+      auto row = (*stmt)->Step();
+      if (!row.ok() || !*row) break;
+      Row r{};
+      std::string_view id = (*stmt)->ColumnBlob(0);
+      if (id.size() != 32) continue;
+      std::memcpy(r.id.bytes.data(), id.data(), 32);
+      r.payload = static_cast<uint64_t>((*stmt)->ColumnInt(1));
+      r.touched = (*stmt)->ColumnInt(2);
+      rows.push_back(r);
     }
   }
+  for (const auto& r : rows) fn(r.id, r.payload, r.touched);
 }
 
-Result<uint64_t> BlockStore::RemoveIfUntouchedSince(const BlockId& id, int64_t cutoff_unix_ms) {
+Result<BlockStore::Removed> BlockStore::RemoveUntouchedSince(std::span<const BlockId> ids,
+                                                             int64_t cutoff_unix_ms) {
   std::unique_lock gc_lock(gc_mu_);
-  const std::string path = PathOf(id);
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return uint64_t{0};
-  if (MtimeMs(st) >= cutoff_unix_ms) return uint64_t{0};
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
-    return Status::FromErrno(errno, "delete block " + path);
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  return size > kBatchFraming ? size - kBatchFraming : 0;
+  std::lock_guard lock(db_mu_);
+  Removed removed;
+  for (size_t begin = 0; begin < ids.size(); begin += kRowsPerTransaction) {
+    Transaction tx(db_.get());
+    VMSNAP_RETURN_IF_ERROR(tx.status());
+    Removed part;
+    for (size_t i = begin; i < std::min(ids.size(), begin + kRowsPerTransaction); ++i) {
+      remove_->Reset();
+      remove_->BindBlob(1, ids[i].bytes.data(), 32);
+      remove_->BindInt(2, cutoff_unix_ms);
+      for (;;) {
+        auto row = remove_->Step();
+        if (!row.ok()) return row.take_status();
+        if (!*row) break;
+        part.blocks++;
+        part.bytes += static_cast<uint64_t>(remove_->ColumnInt(0));
+      }
+    }
+    remove_->Reset();
+    VMSNAP_RETURN_IF_ERROR(tx.Commit());
+    removed.blocks += part.blocks;
+    removed.bytes += part.bytes;
+  }
+  return removed;
+}
+
+StoreUsage BlockStore::Usage() const {
+  StoreUsage u;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(root_ + "/packs", ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    if (PackNumberOf(it->path()) == 0) continue;
+    u.packs++;
+    u.pack_bytes += it->file_size(ec);
+  }
+  std::lock_guard lock(db_mu_);
+  if (auto rows = db_->Query("SELECT COALESCE(SUM(length), 0) FROM blocks"); rows.ok())
+    u.live_bytes = static_cast<uint64_t>(rows->at(0).Int(0));
+  return u;
+}
+
+Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
+  std::unique_lock gc_lock(gc_mu_);  // no Put, Get or touch while rows move
+  CompactStats stats;
+  std::map<int64_t, uint64_t> live;  // pack -> bytes of indexed records
+  {
+    std::lock_guard lock(db_mu_);
+    auto rows = db_->Query("SELECT pack, SUM(length) FROM blocks GROUP BY pack");
+    if (!rows.ok()) return rows.take_status();
+    for (const auto& r : *rows) live[r.Int(0)] = static_cast<uint64_t>(r.Int(1));
+  }
+  int64_t active = 0;
+  {
+    std::lock_guard lock(append_mu_);
+    if (active_) active = active_->number;
+  }
+  std::error_code ec;
+  std::vector<std::pair<int64_t, uint64_t>> packs;  // number, file size
+  for (auto it = fs::directory_iterator(root_ + "/packs", ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const int64_t n = PackNumberOf(it->path());
+    if (n != 0 && n != active) packs.emplace_back(n, it->file_size(ec));
+  }
+  std::sort(packs.begin(), packs.end());
+  auto forget = [&](int64_t n) {
+    std::lock_guard lock(packs_mu_);
+    open_packs_.erase(n);
+  };
+  for (const auto& [n, size] : packs) {
+    const uint64_t live_bytes = live.count(n) ? live[n] : 0;
+    if (live_bytes > 0 &&
+        static_cast<double>(live_bytes) >= min_live_fraction * static_cast<double>(size))
+      continue;
+    if (live_bytes > 0) {
+      // Copy the live records, a few MiB at a time, and move their rows.
+      std::vector<std::tuple<std::string, uint64_t, uint64_t>> rows;  // id, offset, length
+      {
+        std::lock_guard lock(db_mu_);
+        auto stmt =
+            db_->Prepare("SELECT id, offset, length FROM blocks WHERE pack = ?1 ORDER BY offset");
+        if (!stmt.ok()) return stmt.take_status();
+        (*stmt)->BindInt(1, n);
+        for (;;) {
+          auto row = (*stmt)->Step();
+          if (!row.ok()) return row.take_status();
+          if (!*row) break;
+          rows.emplace_back(std::string((*stmt)->ColumnBlob(0)),
+                            static_cast<uint64_t>((*stmt)->ColumnInt(1)),
+                            static_cast<uint64_t>((*stmt)->ColumnInt(2)));
+        }
+      }
+      auto source = PackForRead(n);
+      if (!source.ok()) return source.take_status();
+      size_t i = 0;
+      while (i < rows.size()) {
+        std::string chunk;
+        size_t first = i;
+        while (i < rows.size() && chunk.size() < (8u << 20)) {
+          const auto& [id, offset, length] = rows[i];
+          std::string record(length, '\0');
+          VMSNAP_RETURN_IF_ERROR(
+              PreadAll((*source)->fd.get(), offset, record.data(), length, (*source)->path));
+          chunk += record;  // copied as is, damage included: verify must still see it
+          i++;
+        }
+        auto at = Append(chunk);
+        if (!at.ok()) return at.take_status();
+        std::lock_guard lock(db_mu_);
+        Transaction tx(db_.get());
+        VMSNAP_RETURN_IF_ERROR(tx.status());
+        auto move = db_->Prepare("UPDATE blocks SET pack = ?2, offset = ?3 WHERE id = ?1");
+        if (!move.ok()) return move.take_status();
+        uint64_t offset = at->second;
+        for (size_t k = first; k < i; ++k) {
+          const auto& [id, old_offset, length] = rows[k];
+          (*move)->Reset();
+          (*move)->BindBlob(1, id.data(), id.size());
+          (*move)->BindInt(2, at->first);
+          (*move)->BindInt(3, static_cast<int64_t>(offset));
+          if (auto s = (*move)->Step(); !s.ok()) return s.take_status();
+          offset += length;
+        }
+        VMSNAP_RETURN_IF_ERROR(tx.Commit());
+      }
+      stats.packs_rewritten++;
+      stats.blocks_moved += rows.size();
+    }
+    forget(n);
+    const std::string path = PackPath(n);
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+      return Status::FromErrno(errno, "delete pack file " + path);
+    stats.packs_deleted++;
+    stats.bytes_reclaimed += size;
+  }
+  if (stats.packs_deleted) {
+    VMSNAP_RETURN_IF_ERROR(SyncDir(root_ + "/packs"));
+    spdlog::info(
+        "pack compaction: {} packs deleted ({} rewritten, {} blocks moved), {} bytes freed",
+        stats.packs_deleted, stats.packs_rewritten, stats.blocks_moved, stats.bytes_reclaimed);
+  }
+  return stats;
 }
 
 Result<PutStats> BlockStore::Put(const std::vector<EncodedBlock>& blocks) {
   std::shared_lock gc_lock(gc_mu_);
-  auto* env = platform::Env::Default();
   PutStats stats;
   stats.received = blocks.size();
+  std::vector<BlockId> ids;
+  ids.reserve(blocks.size());
+  for (const auto& b : blocks) ids.push_back(b.id);
+  std::vector<bool> present = HasForUploadLocked(ids);
   std::vector<const EncodedBlock*> fresh;
+  std::unordered_set<BlockId, BlockIdHash> seen;
   std::vector<std::byte> plain;
-  for (const auto& b : blocks) {
-    if (HasForUploadLocked(b.id)) {
+  size_t bytes = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const EncodedBlock& b = blocks[i];
+    if (present[i] || !seen.insert(b.id).second) {
       stats.already_present++;
       continue;
     }
@@ -119,53 +684,18 @@ Result<PutStats> BlockStore::Put(const std::vector<EncodedBlock>& blocks) {
           .InPhase("store block")
           .WithFix("the agent sent data that does not match its id; rerun the backup (it resends)");
     fresh.push_back(&b);
+    bytes += kRecordHeader + b.payload.size();
   }
   if (fresh.empty()) return stats;
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  std::vector<std::pair<std::string, std::string>> renames;
-  Status st;
-  for (const EncodedBlock* b : fresh) {
-    std::string final_path = PathOf(b->id);
-    std::string tmp = final_path + ".tmp" + std::to_string(rng());
-    st = env->WriteFileUnsynced(tmp, EncodeBatch(std::span(b, 1)), 0640);
-    if (!st.ok()) break;
-    renames.emplace_back(tmp, final_path);
-    stats.bytes_stored += b->payload.size();
-  }
-  if (st.ok()) st = env->SyncFilesystem(root_);
-  std::error_code ec;
-  if (st.ok()) {
-    for (auto& [tmp, final_path] : renames) {
-      fs::rename(tmp, final_path, ec);
-      if (ec) {
-        st = Status::IoError("rename " + tmp + ": " + ec.message());
-        break;
-      }
-    }
-  }
-  if (st.ok()) st = env->SyncFilesystem(root_);
-  if (!st.ok()) {
-    for (auto& [tmp, final_path] : renames) fs::remove(tmp, ec);
+  std::string records;
+  records.reserve(bytes);
+  for (const EncodedBlock* b : fresh) AppendRecord(records, *b);
+  auto at = Append(records);
+  if (!at.ok()) return std::move(at.take_status()).InPhase("store block");
+  std::lock_guard lock(db_mu_);
+  if (Status st = IndexInsert(fresh, at->first, at->second, &stats); !st.ok())
     return std::move(st).InPhase("store block").WithFix("check free space on the vault's disk");
-  }
-  stats.stored = fresh.size();
   return stats;
-}
-
-Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
-  auto data = platform::Env::Default()->ReadFile(PathOf(id));
-  if (!data.ok()) {
-    if (data.status().code() == Code::kNotFound)
-      return Status::NotFound("block " + id.Hex() + " is not in the vault");
-    return data.take_status();
-  }
-  auto batch = DecodeBatch(*data);
-  if (!batch.ok() || batch->size() != 1 || (*batch)[0].id != id)
-    return Status::Corruption(
-        "stored block file " + PathOf(id) + " is damaged",
-        "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
-        "because the vault still lists the block as present");
-  return std::move((*batch)[0]);
 }
 
 }  // namespace vmsnap::vault

@@ -1,24 +1,37 @@
 // Content-addressed block storage on the local filesystem (docs/FORMAT.md, "Vault layout").
 //
-// Each block lives in DATA/blocks/<first two hex digits>/<64 hex digits> as a one-block batch
-// record (codec + sizes + payload). Blocks are verified before they are stored (decompressed
-// and re-hashed: the id must be the SHA-256 of the plaintext) and made durable before Put
-// returns: files are written under temporary names, the filesystem is synced, they are
-// renamed into place and the filesystem is synced again. A crash leaves at most temporary
-// files (removed at start-up), never a visible half-written block.
-// Thread-safe: concurrent puts of the same block are harmless (same content, atomic rename).
+// Blocks are appended to pack files, DATA/blocks/packs/<8 digits>.pack ("VMPACK01" followed
+// by VMB1 records: id, codec, sizes, payload), and found through an index,
+// DATA/blocks/index.db (SQLite, WAL, synchronous=FULL): id -> pack, offset, length, payload
+// bytes, last touch. Many blocks per file: no inode, directory entry and rename per block.
 //
-// Garbage collection (issue 5): a block file's modification time is the last time a backup
-// wrote it (Put) or was told it is present (HasForUpload). RemoveIfUntouchedSince deletes a
-// block only if its mtime is older than a cutoff, under an exclusive lock that Put and
+// Put verifies every new block first (decompressed and re-hashed: the id must be the SHA-256
+// of the plaintext; a bad block rejects the whole batch), appends the batch's records to the
+// active pack, fdatasyncs it, then commits the index rows in one transaction, and only then
+// returns. A crash leaves at most records no index row points to (dead bytes, reclaimed by
+// Compact), never an index row pointing at bytes that are not durable.
+// Thread-safe: every method may be called from several threads at once. Concurrent puts of
+// the same block are harmless (the first index row wins; the other copy is dead bytes).
+//
+// Garbage collection (issue 5): a block's touch time is the last time a backup wrote it (Put)
+// or was told it is present (HasForUpload). RemoveUntouchedSince drops a block's index row
+// only if its touch time is older than a cutoff, under an exclusive lock that Put and
 // HasForUpload take shared: a backup either sees the block as missing (and uploads it again)
-// or refreshes its mtime before the collector looks at it.
+// or refreshes its touch time before the collector looks at it. Compact then rewrites packs
+// that are mostly dead and deletes packs with no live block.
+//
+// Older vaults stored one file per block (DATA/blocks/<2 hex>/<64 hex>); Open moves such files
+// into packs. When index.db is missing, Open rebuilds it by reading the packs.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <shared_mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -27,6 +40,9 @@
 
 namespace vmsnap::vault {
 
+class Db;
+class DbStatement;
+
 struct PutStats {
   uint64_t received = 0;  // blocks in the request
   uint64_t stored = 0;    // newly stored
@@ -34,38 +50,107 @@ struct PutStats {
   uint64_t bytes_stored = 0;  // payload bytes newly written
 };
 
+// Where a block's record is (for operators, verify messages and tests).
+struct BlockLocation {
+  std::string pack_path;
+  uint64_t record_offset = 0;  // the record's first byte (its id)
+  uint64_t record_length = 0;  // 41 bytes of record header + payload
+};
+
+struct CompactStats {
+  uint64_t packs_rewritten = 0;  // live records copied to the active pack, old pack deleted
+  uint64_t packs_deleted = 0;    // no live record left: deleted (rewritten ones included)
+  uint64_t blocks_moved = 0;
+  uint64_t bytes_reclaimed = 0;  // pack file bytes freed on disk
+};
+
+struct StoreUsage {
+  uint64_t packs = 0;
+  uint64_t pack_bytes = 0;  // pack files on disk
+  uint64_t live_bytes = 0;  // records the index points to
+};
+
 class BlockStore {
  public:
-  explicit BlockStore(std::string root);
+  // Default size at which a pack file is closed: big enough that per-file costs vanish, small
+  // enough that rewriting a mostly-dead pack is quick.
+  static constexpr uint64_t kPackTargetBytes = 256ull << 20;
 
-  // Creates the shard directories and removes temporary files left by a crash.
+  // Pack files are closed and a new one started when the active pack would grow past
+  // `pack_target_bytes` (tests use small packs).
+  explicit BlockStore(std::string root, uint64_t pack_target_bytes = kPackTargetBytes);
+  ~BlockStore();
+  BlockStore(const BlockStore&) = delete;
+  BlockStore& operator=(const BlockStore&) = delete;
+
+  // Creates the directories and the index, moves legacy block files into packs, rebuilds a
+  // missing index from the packs. New blocks go to a new pack (never appended to a pack a
+  // crashed run may have left with a torn tail). Call once, before any other method.
   Status Open();
 
   bool Has(const BlockId& id) const;
   // Verifies then stores every block not present yet. kCorruption names the first block
   // whose content does not match its id (nothing of the batch is stored then).
   Result<PutStats> Put(const std::vector<EncodedBlock>& blocks);
-  // kNotFound if absent, kCorruption if the file cannot be parsed or holds another id.
+  // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
   Result<EncodedBlock> Get(const BlockId& id) const;
-  // Path of a block's file (for operators and tests).
-  std::string PathOf(const BlockId& id) const;
+  // kNotFound if absent.
+  Result<BlockLocation> Locate(const BlockId& id) const;
 
-  // Has(), and when present refreshes the block's mtime to now (the "missing" query of a
-  // backup: the block must survive until that backup commits).
+  // Has(), and when present refreshes the block's touch time to now (the "missing" query of a
+  // backup: the block must survive until that backup commits). The batch form answers for
+  // every id in one index transaction.
   bool HasForUpload(const BlockId& id);
-  // Stored (payload) bytes of a block: its file size minus the 49 bytes of batch framing;
-  // 0 if absent.
+  std::vector<bool> HasForUpload(std::span<const BlockId> ids);
+  // Stored (payload) bytes of a block; 0 if absent.
   uint64_t StoredBytes(const BlockId& id) const;
-  // Calls fn(id, payload_bytes, mtime_unix_ms) for every stored block (no lock held).
+  // Calls fn(id, payload_bytes, touched_unix_ms) for every stored block (no lock held: the
+  // rows are read first).
   void ForEach(const std::function<void(const BlockId&, uint64_t, int64_t)>& fn) const;
-  // Deletes the block if its mtime is before cutoff_unix_ms (real clock). Returns the payload
-  // bytes freed (0 if kept or absent).
-  Result<uint64_t> RemoveIfUntouchedSince(const BlockId& id, int64_t cutoff_unix_ms);
+  // Drops every listed block whose touch time is before cutoff_unix_ms (real clock), in one
+  // index transaction. Returns how many blocks and payload bytes were dropped. The pack bytes
+  // are freed by Compact.
+  struct Removed {
+    uint64_t blocks = 0;
+    uint64_t bytes = 0;
+  };
+  Result<Removed> RemoveUntouchedSince(std::span<const BlockId> ids, int64_t cutoff_unix_ms);
+  // Rewrites every pack (but the active one) whose live records are less than
+  // `min_live_fraction` of its size into the active pack, and deletes packs without live
+  // records. Blocks stay readable throughout (Get waits while an index row moves). A crash
+  // leaves either the old pack or the new copy indexed, never neither.
+  Result<CompactStats> Compact(double min_live_fraction = 0.5);
+  StoreUsage Usage() const;
 
  private:
-  bool HasForUploadLocked(const BlockId& id);
+  struct Pack;
+  Status OpenIndex();
+  Status MigrateLegacyFiles();
+  Status RebuildIndex();
+  // Appends records to the active pack (rotating it when full) and makes them durable.
+  // Returns the pack number and the offset of the first record.
+  Result<std::pair<int64_t, uint64_t>> Append(const std::string& records);
+  Result<std::shared_ptr<Pack>> PackForRead(int64_t number) const;
+  Status IndexInsert(const std::vector<const EncodedBlock*>& blocks, int64_t pack,
+                     uint64_t first_offset, PutStats* stats);
+  std::vector<bool> HasForUploadLocked(std::span<const BlockId> ids);
+  std::string PackPath(int64_t number) const;
+
   std::string root_;
+  uint64_t pack_target_bytes_;
+  // Shared by Put/HasForUpload/Get, exclusive for RemoveUntouchedSince and Compact.
   mutable std::shared_mutex gc_mu_;
+  // The index connection and its statements (one writer at a time).
+  mutable std::mutex db_mu_;
+  std::unique_ptr<Db> db_;
+  std::unique_ptr<DbStatement> select_, touch_, insert_, remove_;
+  // The active pack, appended under append_mu_.
+  std::mutex append_mu_;
+  std::shared_ptr<Pack> active_;
+  int64_t next_pack_ = 1;
+  // Open read handles by pack number.
+  mutable std::mutex packs_mu_;
+  mutable std::map<int64_t, std::shared_ptr<Pack>> open_packs_;
 };
 
 }  // namespace vmsnap::vault

@@ -50,6 +50,51 @@ int64_t Db::Changes() const {
   return sqlite3_changes(db_);
 }
 
+Result<std::unique_ptr<DbStatement>> Db::Prepare(const std::string& sql) {
+  sqlite3_stmt* stmt = nullptr;
+  if (sqlite3_prepare_v3(db_, sql.c_str(), -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr) !=
+      SQLITE_OK)
+    return Status::Internal("metadata database: " + std::string(sqlite3_errmsg(db_)) + " in " +
+                            sql);
+  return std::unique_ptr<DbStatement>(new DbStatement(db_, stmt));
+}
+
+DbStatement::~DbStatement() {
+  sqlite3_finalize(stmt_);
+}
+
+void DbStatement::BindInt(int index, int64_t value) {
+  sqlite3_bind_int64(stmt_, index, value);
+}
+
+void DbStatement::BindBlob(int index, const void* data, size_t size) {
+  sqlite3_bind_blob(stmt_, index, data, static_cast<int>(size), SQLITE_TRANSIENT);
+}
+
+Result<bool> DbStatement::Step() {
+  int rc = sqlite3_step(stmt_);
+  if (rc == SQLITE_ROW) return true;
+  if (rc == SQLITE_DONE) return false;
+  std::string msg = "metadata database: " + std::string(sqlite3_errmsg(db_));
+  sqlite3_reset(stmt_);
+  if (rc == SQLITE_CONSTRAINT) return Status::Error(Code::kAlreadyExists, msg);
+  return Status::IoError(msg);
+}
+
+int64_t DbStatement::ColumnInt(int column) const {
+  return sqlite3_column_int64(stmt_, column);
+}
+
+std::string_view DbStatement::ColumnBlob(int column) const {
+  const void* p = sqlite3_column_blob(stmt_, column);
+  return {static_cast<const char*>(p), static_cast<size_t>(sqlite3_column_bytes(stmt_, column))};
+}
+
+void DbStatement::Reset() {
+  sqlite3_reset(stmt_);
+  sqlite3_clear_bindings(stmt_);
+}
+
 Result<std::vector<DbRow>> Db::Query(const std::string& sql, const std::vector<DbValue>& params) {
   sqlite3_stmt* stmt = nullptr;
   if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK)

@@ -8,12 +8,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
 #include "common/status.hpp"
 
 struct sqlite3;
+struct sqlite3_stmt;
 
 namespace vmsnap::vault {
 
@@ -26,6 +28,30 @@ struct DbRow {
   bool IsNull(size_t i) const { return std::holds_alternative<std::nullptr_t>(values.at(i)); }
 };
 
+// One prepared statement of a Db, reused for many rows (Reset between uses): avoids parsing
+// SQL per row on hot paths (the block index). Same thread rules as its Db; must not outlive it.
+class DbStatement {
+ public:
+  ~DbStatement();
+  DbStatement(const DbStatement&) = delete;
+  DbStatement& operator=(const DbStatement&) = delete;
+  // Parameters are 1-based like SQLite's. Blobs and text are copied.
+  void BindInt(int index, int64_t value);
+  void BindBlob(int index, const void* data, size_t size);
+  // Next row: true with a row, false when done; kIoError (kAlreadyExists for a constraint).
+  Result<bool> Step();
+  int64_t ColumnInt(int column) const;
+  std::string_view ColumnBlob(int column) const;
+  // Ready to bind and run again (keeps the compiled statement, clears the bindings).
+  void Reset();
+
+ private:
+  friend class Db;
+  DbStatement(sqlite3* db, sqlite3_stmt* stmt) : db_(db), stmt_(stmt) {}
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+};
+
 class Db {
  public:
   static Result<std::unique_ptr<Db>> Open(const std::string& path);
@@ -35,6 +61,7 @@ class Db {
   // Runs statements without parameters (schema, PRAGMA, BEGIN/COMMIT).
   Status Exec(const std::string& sql);
   int64_t Changes() const;
+  Result<std::unique_ptr<DbStatement>> Prepare(const std::string& sql);
 
  private:
   explicit Db(sqlite3* db) : db_(db) {}

@@ -140,7 +140,10 @@ json CleanupReport::ToJson() const {
           {"sessions_deleted", sessions_deleted},
           {"blocks_freed", blocks_freed},
           {"bytes_freed", bytes_freed},
-          {"blocks_kept_young", blocks_kept_young}};
+          {"blocks_kept_young", blocks_kept_young},
+          {"packs_rewritten", packs_rewritten},
+          {"packs_deleted", packs_deleted},
+          {"pack_bytes_reclaimed", pack_bytes_reclaimed}};
 }
 
 Lifecycle::Lifecycle(Catalog* catalog, BlockStore* store, NowFn real_now)
@@ -242,17 +245,19 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
     }
     candidates.push_back(id);
   });
-  for (const auto& id : candidates) {
-    auto freed = store_->RemoveIfUntouchedSince(id, cutoff);
-    if (!freed.ok()) return freed.take_status();
-    if (*freed > 0 || !store_->Has(id)) {
-      report.blocks_freed++;
-      report.bytes_freed += *freed;
-    }
-  }
+  auto removed = store_->RemoveUntouchedSince(candidates, cutoff);
+  if (!removed.ok()) return removed.take_status();
+  report.blocks_freed = removed->blocks;
+  report.bytes_freed = removed->bytes;
   if (report.blocks_freed)
     spdlog::info("garbage collection: freed {} blocks ({} bytes)", report.blocks_freed,
                  report.bytes_freed);
+  // The freed blocks' bytes stay in their pack files until the packs are rewritten.
+  auto compacted = store_->Compact();
+  if (!compacted.ok()) return compacted.take_status();
+  report.packs_rewritten = compacted->packs_rewritten;
+  report.packs_deleted = compacted->packs_deleted;
+  report.pack_bytes_reclaimed = compacted->bytes_reclaimed;
   return Status::Ok();
 }
 

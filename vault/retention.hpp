@@ -80,6 +80,9 @@ struct CleanupReport {
   uint64_t blocks_freed = 0;
   uint64_t bytes_freed = 0;        // stored (payload) bytes
   uint64_t blocks_kept_young = 0;  // unreferenced but possibly needed by an open session
+  uint64_t packs_rewritten = 0;    // mostly-dead pack files whose live blocks were moved
+  uint64_t packs_deleted = 0;
+  uint64_t pack_bytes_reclaimed = 0;  // disk space returned by deleted pack files
   nlohmann::json ToJson() const;
 };
 

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sqlite3.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -164,14 +165,35 @@ std::vector<std::string> Vault::conn() const {
   return {"--vault", url_, "--ca", ca(), "--token", token(), "--retries", "2"};
 }
 
+std::vector<Vault::StoredRecord> Vault::StoredRecords() const {
+  std::vector<StoredRecord> out;
+  const std::string path = data_ + "/blocks/index.db";
+  if (!fs::exists(path)) return out;
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr) != SQLITE_OK) {
+    sqlite3_close(db);
+    throw std::runtime_error("cannot open " + path);
+  }
+  sqlite3_busy_timeout(db, 5000);
+  sqlite3_stmt* stmt = nullptr;
+  if (sqlite3_prepare_v2(db, "SELECT pack, offset, payload FROM blocks", -1, &stmt, nullptr) ==
+      SQLITE_OK) {
+    while (sqlite3_step(stmt) == SQLITE_ROW) {
+      char name[32];
+      std::snprintf(name, sizeof name, "%08lld.pack",
+                    static_cast<long long>(sqlite3_column_int64(stmt, 0)));
+      out.push_back({data_ + "/blocks/packs/" + name,
+                     static_cast<uint64_t>(sqlite3_column_int64(stmt, 1)) + 41,
+                     static_cast<uint64_t>(sqlite3_column_int64(stmt, 2))});
+    }
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return out;
+}
+
 size_t Vault::StoredBlockCount() const {
-  size_t n = 0;
-  std::error_code ec;
-  for (auto it = fs::recursive_directory_iterator(data_ + "/blocks", ec);
-       !ec && it != fs::recursive_directory_iterator(); it.increment(ec))
-    if (it->is_regular_file() && it->path().filename().string().find(".tmp") == std::string::npos)
-      ++n;
-  return n;
+  return StoredRecords().size();
 }
 
 uint16_t FreePort() {

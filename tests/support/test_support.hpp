@@ -74,7 +74,15 @@ class Vault {
   const std::string& data() const { return data_; }
   // Connection flags for vmsnap-agent.
   std::vector<std::string> conn() const;
-  size_t StoredBlockCount() const;  // block files in the store
+  // Blocks in the store's index (DATA/blocks/index.db, read beside the running vault).
+  size_t StoredBlockCount() const;
+  // Where each stored block's record is: pack file and the offset of its payload.
+  struct StoredRecord {
+    std::string pack_path;
+    uint64_t payload_offset = 0;
+    uint64_t payload_bytes = 0;
+  };
+  std::vector<StoredRecord> StoredRecords() const;
 
  private:
   std::string data_;

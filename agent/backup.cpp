@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "agent/bounded_queue.hpp"
+#include "agent/composed_disk_reader.hpp"
 #include "agent/local_state.hpp"
 #include "agent/progress.hpp"
 #include "agent/vault_client.hpp"
@@ -77,6 +78,9 @@ struct DiskJob {
   std::vector<ManifestEntry> parent_entries;  // kVaultMap: the parent's full map
   std::vector<FastHash> new_hashes;
   platform::FileIdentity identity_before;
+  // A physical drive read through its volumes' shadow copies: what came from where (merged
+  // into the consistency evidence of this disk); null otherwise.
+  json composition;
 
   std::mutex entries_mu;
   std::vector<ManifestEntry> entries;
@@ -467,6 +471,42 @@ json LeftoverToJson(const platform::LeftoverFreeze& l) {
           {"filesystems", fss}};
 }
 
+// A physical drive on the VSS path: the disk itself (live) composed with each volume's shadow
+// copy device (agent/composed_disk_reader.hpp).
+Result<std::unique_ptr<ComposedDiskReader>> OpenComposedDisk(platform::Env& env,
+                                                             const DiskToRead& r) {
+  auto disk = env.OpenDiskForRead(r.read_path);
+  if (!disk.ok()) return disk.take_status();
+  std::vector<ShadowedVolume> volumes;
+  for (const auto& v : r.volume_shadows) {
+    if (v.device_path.empty())
+      return Status::Internal("no shadow copy device for volume " + v.volume + " of " + r.disk);
+    auto shadow = env.OpenDiskForRead(v.device_path);
+    if (!shadow.ok())
+      return Status::Error(shadow.status().code(),
+                           "the shadow copy " + v.device_path + " of volume " + v.volume + " of " +
+                               r.disk + " cannot be opened: " + shadow.status().cause(),
+                           shadow.status().fix());
+    volumes.push_back(
+        {{v.volume, v.extents, v.extents_on_other_disks}, v.device_path, std::move(*shadow)});
+  }
+  return ComposedDiskReader::Create(std::move(*disk), std::move(volumes));
+}
+
+// Where each byte of a composed disk came from, for the evidence: the volumes (their extents,
+// from their shadow copies, point in time) are listed by the consistency engine; this adds the
+// ranges read live and the totals, and makes point_in_time exact for the whole disk.
+json CompositionEvidence(const ComposedDiskReader& c) {
+  json live = json::array();
+  for (const auto& r : c.LiveRanges()) live.push_back({{"begin", r.begin}, {"end", r.end}});
+  const uint64_t live_bytes = c.live_bytes();
+  return {{"point_in_time", live_bytes == 0},
+          {"live_ranges", live},
+          {"live_ranges_count", live.size()},
+          {"live_bytes", live_bytes},
+          {"shadow_bytes", c.size() - live_bytes}};
+}
+
 // Under the runtime dir's lock: thaw what an interrupted backup left frozen, then run the
 // consistency engine (scripts, freeze, snapshot, thaw). The lock is released on return, when
 // nothing is frozen any more.
@@ -599,9 +639,16 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     d->guarded = r.guarded_read;
     if (static_cast<size_t>(d->index) < view_disks.size())
       d->provider = view_disks[d->index].value("provider", "");
-    auto reader = env->OpenDiskForRead(d->read_path);
-    if (!reader.ok()) return std::move(reader.take_status()).InPhase("open snapshot");
-    d->reader = std::move(*reader);
+    if (r.volume_shadows.empty()) {
+      auto reader = env->OpenDiskForRead(d->read_path);
+      if (!reader.ok()) return std::move(reader.take_status()).InPhase("open snapshot");
+      d->reader = std::move(*reader);
+    } else {
+      auto composed = OpenComposedDisk(*env, r);
+      if (!composed.ok()) return std::move(composed.take_status()).InPhase("open snapshot");
+      d->composition = CompositionEvidence(**composed);
+      d->reader = std::move(*composed);
+    }
     if (d->reader->size() != d->size)
       return Status::Error(Code::kConflict,
                            "the snapshot " + d->read_path + " of disk " + d->path + " holds " +
@@ -667,6 +714,10 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   report.evidence = view->evidence();
   report.evidence["leftover_freeze"] = leftover_evidence;
   report.evidence["guarded_reads"] = guarded_reads;
+  for (const auto& d : disks)
+    if (!d->composition.is_null() && report.evidence["disks"].is_array() &&
+        static_cast<size_t>(d->index) < report.evidence["disks"].size())
+      report.evidence["disks"][d->index].update(d->composition);
   // VSS: Cleanup() is BackupComplete, after which writers of a full backup may truncate their
   // logs, so it waits for the vault's commit (step 6); a backup that ends before it leaves the
   // view to its destructor, which aborts the VSS backup. Other snapshots go now.

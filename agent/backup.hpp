@@ -15,7 +15,10 @@
 // disks and thaws (agent/consistency.hpp). The pipeline reads the snapshot, while the vault
 // and the local state keep identifying each disk by its original path. No snapshot provider
 // for a disk fails the backup unless a `none`-consistency live read is explicitly allowed.
-// The snapshot is deleted after the transfer, whatever happened.
+// The snapshot is deleted after the transfer, whatever happened. A Windows physical drive
+// (\\.\PhysicalDriveN) is read through its volumes' VSS shadow copies and the disk itself
+// outside them (agent/composed_disk_reader.hpp); the evidence of that disk lists the volumes
+// with their extents and the ranges read live ("live_ranges", "live_bytes").
 //
 // Failure: any error stops all threads, nothing is committed (the vault never lists the
 // session), the local state is left as it was, and the Status names the phase, cause and fix.

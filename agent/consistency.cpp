@@ -182,6 +182,9 @@ Result<ConsistentView> PrepareVssView(const ConsistencyOptions& options, json* e
                           "physical drive " + d + " holds no Windows volume VSS could snapshot",
                           "back up this disk with its VM powered off")
                           .InPhase("consistency"));
+      // Refused before any snapshot: a volume the reader could not compose (spanned, ...).
+      if (Status layout = platform::CheckDiskVolumeLayout(d, *found, 0); !layout.ok())
+        return finish(std::move(layout));
       dv.volumes = std::move(*found);
     } else {
       return finish(Status::InvalidArgument(
@@ -269,19 +272,31 @@ Result<ConsistentView> PrepareVssView(const ConsistencyOptions& options, json* e
       const bool physical = platform::IsPhysicalDrivePath(dv.disk);
       for (const auto& v : dv.volumes) {
         const std::string device = s.DeviceFor(v.volume);
-        if (physical)
-          r.volume_shadows.push_back({v.volume, device, v.extents});
-        else
+        json vol = {{"volume", v.volume}, {"device", device}};
+        if (physical) {
+          r.volume_shadows.push_back({v.volume, device, v.extents, v.extents_on_other_disks});
+          json extents = json::array();
+          for (const auto& e : v.extents)
+            extents.push_back({{"disk_offset", e.disk_offset}, {"length", e.length}});
+          vol["extents"] = extents;
+          vol["point_in_time"] = true;
+        } else {
           r.read_path = device;
-        vols.push_back({{"volume", v.volume}, {"device", device}});
+        }
+        vols.push_back(std::move(vol));
       }
+      // A physical drive is point in time only inside its volumes; the reader adds the ranges
+      // it reads live ("live_ranges", "live_bytes": see RunBackup).
       evidence["disks"].push_back(
           {{"disk", r.disk},
            {"read_path", r.read_path},
            {"provider", "vss"},
-           {"point_in_time", true},
+           {"point_in_time", !physical},
            {"volumes", vols},
-           {"note", physical ? "volumes from their shadow copies, the rest from the disk" : ""}});
+           {"note", physical ? "volumes from their shadow copies (point in time), the rest from "
+                               "the disk (live): partition tables, gaps and partitions without a "
+                               "snapshotted volume (EFI system, MSR, FAT)"
+                             : ""}});
       view.disks_.push_back(std::move(r));
     }
     view.vss_ = std::move(*set);

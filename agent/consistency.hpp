@@ -108,9 +108,10 @@ struct ConsistencyOptions {
   std::function<Result<std::vector<platform::VssDiskVolume>>(const std::string&)> vss_disk_volumes =
       &platform::VolumesOnDisk;
   // A physical drive is read through its volumes' shadow copies plus the disk itself outside
-  // them (DiskToRead::volume_shadows). Until the reader does that composition, physical
-  // drives are refused on the VSS path rather than read live.
-  bool reader_composes_volume_shadows = false;
+  // them (DiskToRead::volume_shadows; RunBackup composes them with ComposedDiskReader,
+  // agent/composed_disk_reader.hpp). A caller whose reader reads only read_path sets this to
+  // false: physical drives are then refused on the VSS path rather than read live.
+  bool reader_composes_volume_shadows = true;
 };
 
 // True when `options` take the VSS path (provider "vss", or "auto" with a Windows volume or
@@ -122,6 +123,7 @@ struct VolumeShadowToRead {
   std::string volume;                                    // "\\?\Volume{...}\"
   std::string device_path;                               // the shadow copy device
   std::vector<platform::VssDiskVolume::Extent> extents;  // on the disk
+  uint32_t extents_on_other_disks = 0;                   // as platform::VssDiskVolume
 };
 
 struct DiskToRead {
@@ -129,7 +131,9 @@ struct DiskToRead {
   std::string read_path;  // the snapshot to read (or the disk itself for guarded/none reads)
   bool guarded_read = false;
   // VSS, physical drives only: read these ranges from the shadow devices, the rest of the
-  // disk (partition table, gaps) from read_path (the disk itself).
+  // disk (partition tables, gaps, partitions without a snapshotted volume) from read_path (the
+  // disk itself, live). Every volume has exactly one extent (platform::CheckDiskVolumeLayout
+  // passed before the snapshot).
   std::vector<VolumeShadowToRead> volume_shadows;
 };
 

@@ -20,12 +20,13 @@ target_link_libraries(vmsnap_platform PUBLIC shell32 ole32)
 install(TARGETS vmsnap-agent RUNTIME DESTINATION bin)
 
 if(BUILD_TESTING)
-  # Portable unit tests plus the Windows platform tests; tests/vss_test.cpp when it exists.
+  # Portable unit tests (with the composing disk reader) plus the Windows platform tests; tests/vss_test.cpp when it exists.
   # windows_main.cpp: doctest's runner plus the child modes the RunProcess tests start.
   set(_vmsnap_windows_tests ${PROJECT_SOURCE_DIR}/tests/windows_main.cpp
                             ${PROJECT_SOURCE_DIR}/tests/support/test_support_windows.cpp
                             ${PROJECT_SOURCE_DIR}/tests/unit_codec.cpp
                             ${PROJECT_SOURCE_DIR}/tests/unit_misc.cpp
+                            ${PROJECT_SOURCE_DIR}/tests/composed_disk_reader_test.cpp
                             ${PROJECT_SOURCE_DIR}/tests/windows_platform_test.cpp)
   if(EXISTS ${PROJECT_SOURCE_DIR}/tests/vss_test.cpp)
     list(APPEND _vmsnap_windows_tests ${PROJECT_SOURCE_DIR}/tests/vss_test.cpp)

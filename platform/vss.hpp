@@ -194,11 +194,30 @@ struct VssDiskVolume {
     uint64_t length = 0;
   };
   std::vector<Extent> extents;  // on this disk, in disk order
+  // Extents of the same volume on other disks (a spanned, striped or mirrored dynamic volume).
+  uint32_t extents_on_other_disks = 0;
 };
 
-// The volumes on `disk` ("\\.\PhysicalDriveN"). Windows: FindFirstVolume +
-// IOCTL_VOLUME_GET_VOLUME_DISK_EXTENTS. Linux: kUnavailable.
+// The volumes on `disk` ("\\.\PhysicalDriveN") that VSS can snapshot and that are read
+// through their shadow copies. Windows: FindFirstVolume + IOCTL_VOLUME_GET_VOLUME_DISK_EXTENTS,
+// sorted by their first extent; only volumes whose file system (GetVolumeInformationW) is NTFS
+// or ReFS are listed, because VSS snapshots only those (a FAT32 EFI system partition would
+// fail the whole snapshot set with VSS_E_VOLUME_NOT_SUPPORTED): every other volume (FAT, exFAT,
+// RAW, locked) is part of the disk's layout and is read from the disk itself. Linux:
+// kUnavailable.
 Result<std::vector<VssDiskVolume>> VolumesOnDisk(const std::string& disk);
+
+// Whether `volumes` (as VolumesOnDisk lists them for `disk`) can be read through their shadow
+// copies, with every other byte of the disk read from the disk itself. Platform-neutral;
+// checked by the consistency engine before any snapshot (disk_size 0: not known yet) and by
+// the composing reader (agent/composed_disk_reader.hpp) with the disk's size. kInvalidArgument
+// (phase "vss volumes") naming the volume, the cause and the fix when:
+//  - a volume has more than one extent, here or on other disks (a spanned, striped or mirrored
+//    dynamic volume): where its later extents lie inside the volume is not knowable from this
+//    disk alone, so it cannot be composed; the fix is to back up that volume itself;
+//  - an extent is empty, ends past disk_size (when not 0) or overlaps another volume's extent.
+Status CheckDiskVolumeLayout(const std::string& disk, const std::vector<VssDiskVolume>& volumes,
+                             uint64_t disk_size);
 
 // "\\.\C:" (or "C:", "C:\") -> "C:\"; "\\?\Volume{...}" -> "\\?\Volume{...}\"; anything else
 // (a physical drive, an image file) -> empty. Platform-neutral string work.

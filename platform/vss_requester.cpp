@@ -2,6 +2,7 @@
 // and on Windows against the COM implementation). Contracts in platform/vss.hpp.
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <cstdio>
 #include <map>
 #include <thread>
@@ -242,6 +243,68 @@ bool IsPhysicalDrivePath(const std::string& disk) {
   if (!StartsWithNoCase(rest, prefix) || rest.size() == prefix.size()) return false;
   return std::all_of(rest.begin() + static_cast<std::ptrdiff_t>(prefix.size()), rest.end(),
                      [](unsigned char c) { return std::isdigit(c) != 0; });
+}
+
+namespace {
+std::string RangeText(uint64_t begin, uint64_t length) {
+  return "[" + std::to_string(begin) + ", " + std::to_string(begin + length) + ")";
+}
+}  // namespace
+
+Status CheckDiskVolumeLayout(const std::string& disk, const std::vector<VssDiskVolume>& volumes,
+                             uint64_t disk_size) {
+  struct Placed {
+    uint64_t begin, length;
+    const std::string* volume;
+  };
+  std::vector<Placed> placed;
+  for (const auto& v : volumes) {
+    const size_t total = v.extents.size() + v.extents_on_other_disks;
+    if (total != 1)
+      return Status::InvalidArgument(
+                 "volume " + v.volume + " has " + std::to_string(total) + " extents (" +
+                     std::to_string(v.extents.size()) + " on " + disk + ", " +
+                     std::to_string(v.extents_on_other_disks) +
+                     " on other disks): a spanned, striped or mirrored dynamic volume, whose "
+                     "later extents lie at offsets inside the volume that cannot be known from "
+                     "this disk alone, so " +
+                     disk + " cannot be read through the volume's shadow copy",
+                 "back up the volume " + v.volume + " itself (--disk " + v.volume +
+                     ") instead of the physical drive " + disk)
+          .InPhase("vss volumes");
+    const auto& e = v.extents.front();
+    if (e.length == 0)
+      return Status::InvalidArgument("volume " + v.volume + " has an empty extent at offset " +
+                                         std::to_string(e.disk_offset) + " of " + disk,
+                                     "back up the volume " + v.volume + " itself (--disk " +
+                                         v.volume + ") instead of the physical drive " + disk)
+          .InPhase("vss volumes");
+    if (e.length > UINT64_MAX - e.disk_offset ||
+        (disk_size != 0 && e.disk_offset + e.length > disk_size))
+      return Status::InvalidArgument(
+                 "volume " + v.volume + " lies at " + RangeText(e.disk_offset, e.length) +
+                     ", past the end of " + disk + " (" + std::to_string(disk_size) + " bytes)",
+                 "the disk's layout changed during the backup (or the volume list is wrong): "
+                 "run the backup again, or back up the volume " +
+                     v.volume + " itself")
+          .InPhase("vss volumes");
+    placed.push_back({e.disk_offset, e.length, &v.volume});
+  }
+  std::sort(placed.begin(), placed.end(),
+            [](const Placed& a, const Placed& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < placed.size(); ++i) {
+    const Placed& a = placed[i - 1];
+    const Placed& b = placed[i];
+    if (b.begin < a.begin + a.length)
+      return Status::InvalidArgument(
+                 "volumes " + *a.volume + " at " + RangeText(a.begin, a.length) + " and " +
+                     *b.volume + " at " + RangeText(b.begin, b.length) + " overlap on " + disk,
+                 "the disk's layout changed during the backup (or the volume "
+                 "list is wrong): run the backup again, or back up the "
+                 "volumes themselves")
+          .InPhase("vss volumes");
+  }
+  return Status::Ok();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <regex>
 #include <set>
 #include <string>
 #include <vector>
@@ -25,7 +26,10 @@
 #ifndef _WIN32
 #include <unistd.h>
 
+#include <cstdlib>
+
 #include "agent/backup.hpp"
+#include "agent/restore.hpp"
 #include "agent/vault_client.hpp"
 #include "tests/support/test_support.hpp"
 #endif
@@ -76,6 +80,9 @@ struct FakeVssWorld {
   bool unavailable = false;                              // the factory fails like Wine (E_NOTIMPL)
   std::function<void(const std::string& call)> on_call;  // observers (script order)
   std::string shadow_device;  // when set, every shadow copy "device" is this (readable) file
+  // Per volume (as added to the set): its shadow copy "device", a readable file. Takes
+  // precedence over shadow_device.
+  std::map<std::string, std::string> shadow_devices;
 
   platform::VssFactory Factory();
   int Count(const std::string& call) const {
@@ -162,9 +169,12 @@ class FakeVss final : public VssBackupComponents {
     VMSNAP_RETURN_IF_ERROR(Step("GetSnapshotProperties", Stage::kSnapshotted, Stage::kSnapshotted));
     if (!w_.live_snapshots.count(id))
       return platform::StatusFromVssHresult(vss_hr::kObjectNotFound, "GetSnapshotProperties");
+    const std::string& volume = volumes_.at(id);
+    auto own = w_.shadow_devices.find(volume);
     return platform::VssSnapshotProperties{
-        id, set_id_, volumes_.at(id),
-        !w_.shadow_device.empty()
+        id, set_id_, volume,
+        own != w_.shadow_devices.end() ? own->second
+        : !w_.shadow_device.empty()
             ? w_.shadow_device
             : "\\\\?\\GLOBALROOT\\Device\\HarddiskVolumeShadowCopy" + id.substr(id.size() - 3, 2)};
   }
@@ -729,18 +739,21 @@ TEST_CASE("vss consistency: which disks the VSS path takes") {
   }
   SUBCASE("a physical drive is refused unless the reader composes volume shadows") {
     ConsistencyOptions o = VssConsistency(w, dir, {"\\\\.\\PhysicalDrive0"});
+    CHECK(o.reader_composes_volume_shadows);  // RunBackup composes: on by default
     o.vss_disk_volumes = [](const std::string&) -> Result<std::vector<platform::VssDiskVolume>> {
       return std::vector<platform::VssDiskVolume>{
           {"\\\\?\\Volume{aaaa}\\", {{1048576, 104857600}}},
           {"\\\\?\\Volume{bbbb}\\", {{105906176, 1073741824}}}};
     };
+    o.reader_composes_volume_shadows = false;  // a reader that reads read_path only
     auto refused = agent::PrepareConsistentView(o);
     REQUIRE_FALSE(refused.ok());
     CHECK(refused.status().cause().find("physical drive") != std::string::npos);
     CHECK(w.instances == 0);
 
     o.reader_composes_volume_shadows = true;
-    auto view = agent::PrepareConsistentView(o);
+    json ev;
+    auto view = agent::PrepareConsistentView(o, &ev);
     REQUIRE_MESSAGE(view.ok(), view.status().ToString());
     CHECK(view->level() == ConsistencyLevel::kApplication);
     const auto& d = view->disks().at(0);
@@ -750,6 +763,32 @@ TEST_CASE("vss consistency: which disks the VSS path takes") {
     CHECK(d.volume_shadows[1].extents.at(0).disk_offset == 105906176);
     CHECK(d.volume_shadows[0].device_path.find("HarddiskVolumeShadowCopy") != std::string::npos);
     CHECK(w.Called("AddToSnapshotSet \\\\?\\Volume{aaaa}\\"));
+    // The evidence says what is point in time: the volumes (with their extents), not the disk.
+    const json& disk_ev = ev["disks"][0];
+    CHECK(disk_ev["point_in_time"] == false);
+    CHECK(disk_ev["volumes"][1]["extents"][0]["disk_offset"] == 105906176);
+    CHECK(disk_ev["volumes"][1]["point_in_time"] == true);
+    CHECK(disk_ev["note"].get<std::string>().find("the rest from the disk (live)") !=
+          std::string::npos);
+  }
+  SUBCASE("a spanned volume on a physical drive is refused before any snapshot") {
+    ConsistencyOptions o = VssConsistency(w, dir, {"\\\\.\\PhysicalDrive1"});
+    o.vss_disk_volumes = [](const std::string&) -> Result<std::vector<platform::VssDiskVolume>> {
+      return std::vector<platform::VssDiskVolume>{
+          {"\\\\?\\Volume{aaaa}\\", {{1048576, 104857600}}},
+          {"\\\\?\\Volume{cccc}\\", {{105906176, 1048576}}, 2}};  // striped over 3 disks
+    };
+    json ev;
+    auto refused = agent::PrepareConsistentView(o, &ev);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.status().code() == Code::kInvalidArgument);
+    CHECK(refused.status().phase() == "vss volumes");
+    CHECK(refused.status().cause().find("volume \\\\?\\Volume{cccc}\\ has 3 extents") !=
+          std::string::npos);
+    CHECK(refused.status().fix().find("back up the volume \\\\?\\Volume{cccc}\\ itself") !=
+          std::string::npos);
+    CHECK(w.instances == 0);  // VSS never opened, no writer froze
+    CHECK(ev["level"] == "failed");
   }
 }
 
@@ -897,6 +936,260 @@ TEST_CASE("vss backup: BackupComplete only after the vault committed; no commit 
     CHECK(w.Called("AbortBackup"));
     CHECK_FALSE(w.Called("BackupComplete"));
     CHECK(w.live_snapshots.empty());
+    CHECK(count_points() == 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole physical drive on the VSS path, end to end: a real vault on loopback TLS, a real GPT
+// disk image (sfdisk on a regular file) in a file literally named "\\.\PhysicalDrive0", and
+// per volume a "shadow copy" image whose content differs from the live partition (as if the
+// volume changed after the snapshot). The restore must hold the volumes as the shadow copies
+// had them and everything else (protective MBR with boot code, GPT, the EFI system partition
+// VSS does not snapshot, gaps, the GPT backup) as the live disk had it.
+
+bool SfdiskOrSkip() {
+  if (std::system("PATH=\"$PATH:/usr/sbin:/sbin\"; command -v sfdisk >/dev/null 2>&1") == 0)
+    return true;
+  const char* ci = std::getenv("CI");
+  if (ci && std::string(ci) == "true") FAIL("sfdisk is missing (CI=true: not skipping)");
+  MESSAGE("skipped: sfdisk is missing (Debian package fdisk)");
+  return false;
+}
+
+std::string Sh(const std::string& command) {
+  RunResult r = Run({"/bin/sh", "-c", "PATH=\"$PATH:/usr/sbin:/sbin\"; " + command});
+  REQUIRE_MESSAGE(r.exit_code == 0, command << ": " << r.err);
+  return r.out;
+}
+
+void PutBytes(const std::string& path, uint64_t offset, const std::string& bytes) {
+  std::fstream f(path, std::ios::binary | std::ios::in | std::ios::out);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  REQUIRE(f.good());
+}
+
+// `sfdisk --dump` of an image with its file name replaced, to compare two images' tables
+// (partition nodes are "NAME3" or "NAMEp3" depending on whether the name ends in a digit).
+std::string PartitionDump(const std::string& image) {
+  std::string dump = Sh("sfdisk --dump '" + image + "'");
+  for (size_t at; (at = dump.find(image)) != std::string::npos;)
+    dump.replace(at, image.size(), "DISK");
+  return std::regex_replace(dump, std::regex("DISKp?([0-9]+) :"), "DISK-part$1 :");
+}
+
+TEST_CASE("vss backup: a physical drive from its volumes' shadow copies and its live layout") {
+  if (!SfdiskOrSkip()) return;
+  constexpr uint64_t MiB = 1 << 20, kBlock = 64 * 1024, kDiskSize = 24 * MiB;
+  TempDir dir;
+  struct Cwd {
+    fs::path saved = fs::current_path();
+    ~Cwd() { fs::current_path(saved); }
+  } restore_cwd;
+  fs::current_path(dir.path);
+  const std::string drive = "\\\\.\\PhysicalDrive0";  // a file of that name in the cwd
+  const std::string live = (dir.path / drive).string();
+
+  // The live disk: GPT with an EFI system partition (FAT32 on Windows: not a VSS volume, so
+  // read live) and two data partitions (the NTFS volumes).
+  CreateSparseFile(live, kDiskSize);
+  std::ofstream(dir.path / "layout.sfdisk")
+      << "label: gpt\n"
+         "size=4MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp\n"
+         "size=8MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=system\n"
+         "size=8MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=data\n";
+  Sh("sfdisk -q '" + live + "' < '" + (dir.path / "layout.sfdisk").string() + "'");
+  const json table = json::parse(Sh("sfdisk --json '" + live + "'"))["partitiontable"];
+  const uint64_t sector = table.value("sectorsize", 512);
+  REQUIRE(table["partitions"].size() == 3);
+  struct Part {
+    uint64_t offset, length;
+  };
+  std::vector<Part> parts;
+  for (const auto& p : table["partitions"])
+    parts.push_back({p["start"].get<uint64_t>() * sector, p["size"].get<uint64_t>() * sector});
+  REQUIRE(parts[1].offset % kBlock == 0);
+  REQUIRE(parts[2].offset + parts[2].length <= kDiskSize - 2 * MiB);  // a gap before the end
+  // Boot code in the protective MBR (bytes 0..439; sfdisk keeps the table at 440..511).
+  std::string boot(440, '\0');
+  for (size_t i = 0; i < boot.size(); ++i) boot[i] = static_cast<char>("VMSNAPBOOT"[i % 10] ^ i);
+  PutBytes(live, 0, boot);
+  // Live content: the ESP, both partitions (what the volumes hold *now*) and a gap.
+  auto blocks_of = [&](const Part& p, std::vector<uint64_t> rel) {
+    for (auto& b : rel) b += p.offset / kBlock;
+    return rel;
+  };
+  WriteRandomBlocks(live, kBlock, blocks_of(parts[0], {0, 1, 30}), 11);
+  WriteRandomBlocks(live, kBlock, blocks_of(parts[1], {0, 3, 4, 100}), 12);
+  WriteRandomBlocks(live, kBlock, blocks_of(parts[2], {0, 7, 127}), 13);
+  WriteRandomBlocks(live, kBlock, {(kDiskSize - MiB) / kBlock}, 14);  // vendor data in a gap
+
+  // The shadow copies: the volumes as they were at the snapshot, different from the live disk.
+  const std::string shadow_sys = (dir.path / "shadow-system.img").string();
+  const std::string shadow_data = (dir.path / "shadow-data.img").string();
+  CreateSparseFile(shadow_sys, parts[1].length);
+  CreateSparseFile(shadow_data, parts[2].length);
+  WriteRandomBlocks(shadow_sys, kBlock, {0, 3, 5, 60}, 21);
+  WriteRandomBlocks(shadow_data, kBlock, {0, 9, 127}, 22);
+  const std::string vol_sys = "\\\\?\\Volume{5a5a0001-0000-0000-0000-000000000001}\\";
+  const std::string vol_data = "\\\\?\\Volume{5a5a0002-0000-0000-0000-000000000002}\\";
+
+  // What a restore must hold: the live disk with the volumes replaced by their shadows.
+  auto expected_image = [&] {
+    std::string img = ReadWhole(live);
+    REQUIRE(img.size() == kDiskSize);
+    img.replace(parts[1].offset, parts[1].length, ReadWhole(shadow_sys));
+    img.replace(parts[2].offset, parts[2].length, ReadWhole(shadow_data));
+    return img;
+  };
+  REQUIRE(expected_image() != ReadWhole(live));  // the shadows really differ from the live disk
+
+  Vault vault((dir.path / "vault").string());
+  vault.Start();
+  ClientOptions client;
+  client.url = vault.url();
+  client.ca_file = vault.ca();
+  client.token = vault.token();
+  auto count_points = [&]() -> size_t {
+    auto vc = agent::VaultClient::Create(client);
+    REQUIRE(vc.ok());
+    auto rps = (*vc)->ListRecoveryPoints("winvm");
+    REQUIRE_MESSAGE(rps.ok(), rps.status().ToString());
+    return rps->size();
+  };
+  auto restore = [&](const std::string& rp, const std::string& to) {
+    agent::RestoreOptions ro;
+    ro.client = client;
+    ro.recovery_point = rp;
+    ro.targets = {to};
+    ro.progress = false;
+    auto r = agent::RunRestore(ro);
+    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+    return ReadWhole(to);
+  };
+
+  FakeVssWorld w;
+  w.shadow_devices = {{vol_sys, shadow_sys}, {vol_data, shadow_data}};
+  std::vector<platform::VssDiskVolume> volumes = {
+      {vol_sys, {{parts[1].offset, parts[1].length}}, 0},
+      {vol_data, {{parts[2].offset, parts[2].length}}, 0}};
+  agent::BackupOptions o;
+  o.client = client;
+  o.item = "winvm";
+  o.disks = {drive};
+  o.state_dir = (dir.path / "state").string();
+  o.progress = false;
+  o.block_size = kBlock;
+  o.consistency = VssConsistency(w, dir, o.disks);
+  o.consistency.runtime_dir = (dir.path / "run").string();
+  o.consistency.vss_disk_volumes =
+      [&](const std::string& disk) -> Result<std::vector<platform::VssDiskVolume>> {
+    if (disk != drive) return Status::NotFound("no such drive " + disk);
+    return volumes;
+  };
+
+  SUBCASE("full, then an incremental of the changed blocks; both restore as composed") {
+    auto full = agent::RunBackup(o);
+    REQUIRE_MESSAGE(full.ok(), full.status().ToString());
+    CHECK(full->consistency == "application");  // the writers' level, as for a volume
+    CHECK(w.Called("AddToSnapshotSet " + vol_sys));
+    CHECK(w.Called("AddToSnapshotSet " + vol_data));
+    CHECK(w.Called("BackupComplete"));
+    CHECK(w.live_snapshots.empty());
+    REQUIRE(full->disks.size() == 1);
+    CHECK(full->disks[0].mode == "full");
+    CHECK(full->disks[0].size_bytes == kDiskSize);
+    CHECK(full->disks[0].read_path == drive);
+
+    // The evidence: which ranges are point in time (volumes, from which device), which live.
+    json ev = full->evidence["disks"][0];  // a copy: a missing field reads as null
+    CHECK(ev["point_in_time"] == false);
+    REQUIRE(ev["volumes"].size() == 2);
+    CHECK(ev["volumes"][0]["volume"] == vol_sys);
+    CHECK(ev["volumes"][0]["device"] == shadow_sys);
+    CHECK(ev["volumes"][0]["extents"][0]["disk_offset"] == parts[1].offset);
+    CHECK(ev["volumes"][1]["device"] == shadow_data);
+    CHECK(ev["live_bytes"] == kDiskSize - parts[1].length - parts[2].length);
+    CHECK(ev["shadow_bytes"] == parts[1].length + parts[2].length);
+    REQUIRE(ev["live_ranges"].size() == 2);  // table + ESP, then the gap + GPT backup
+    CHECK(ev["live_ranges_count"] == 2);
+    CHECK(ev["live_ranges"][0] == json{{"begin", 0}, {"end", parts[1].offset}});
+    CHECK(ev["live_ranges"][1] ==
+          json{{"begin", parts[2].offset + parts[2].length}, {"end", kDiskSize}});
+    // The recovery point stored in the vault carries the same evidence.
+    {
+      auto vc = agent::VaultClient::Create(client);
+      REQUIRE(vc.ok());
+      auto rp = (*vc)->GetRecoveryPoint(full->recovery_point);
+      REQUIRE_MESSAGE(rp.ok(), rp.status().ToString());
+      const json& stored = (*rp)["report"]["consistency_evidence"]["disks"][0];
+      CHECK(stored["live_ranges"] == ev["live_ranges"]);
+      CHECK(stored["volumes"] == ev["volumes"]);
+      CHECK(stored["point_in_time"] == false);
+    }
+
+    const std::string restored1 = (dir.path / "restored1.img").string();
+    const std::string expected1 = expected_image();
+    const std::string got1 = restore(full->recovery_point, restored1);
+    REQUIRE(got1.size() == kDiskSize);
+    // The volumes as the shadow copies had them (point in time), not as the disk has them now.
+    CHECK(got1.substr(parts[1].offset, parts[1].length) == ReadWhole(shadow_sys));
+    CHECK(got1.substr(parts[2].offset, parts[2].length) == ReadWhole(shadow_data));
+    CHECK(got1.substr(parts[1].offset, parts[1].length) !=
+          ReadWhole(live).substr(parts[1].offset, parts[1].length));
+    // Everything else as the live disk: boot code, protective MBR, GPT, ESP, gaps, backup GPT.
+    const std::string now = ReadWhole(live);
+    CHECK(got1.substr(0, 440) == boot);
+    CHECK(got1.substr(0, parts[1].offset) == now.substr(0, parts[1].offset));
+    const uint64_t tail = parts[2].offset + parts[2].length;
+    CHECK(got1.substr(tail) == now.substr(tail));
+    CHECK(got1.substr(kDiskSize - 33 * sector) == now.substr(kDiskSize - 33 * sector));
+    CHECK(got1 == expected1);
+    CHECK(PartitionDump(restored1) == PartitionDump(live));
+    CHECK(Sh("sfdisk --verify '" + restored1 + "'").find("No errors detected") !=
+          std::string::npos);
+
+    // Incremental: one block of the data volume changed in its (new) shadow copy; one block
+    // of the ESP changed on the disk; one block of the system partition changed on the disk
+    // only (after the snapshot: not part of the point in time, so not read).
+    WriteRandomBlocks(shadow_data, kBlock, {40}, 31);
+    WriteRandomBlocks(live, kBlock, blocks_of(parts[0], {20}), 32);
+    WriteRandomBlocks(live, kBlock, blocks_of(parts[1], {50}), 33);
+    FakeVssWorld w2;
+    w2.shadow_devices = w.shadow_devices;
+    o.consistency.vss_factory = w2.Factory();
+    auto incr = agent::RunBackup(o);
+    REQUIRE_MESSAGE(incr.ok(), incr.status().ToString());
+    CHECK(incr->disks[0].mode == "incremental");
+    CHECK(incr->disks[0].parent == full->recovery_point);
+    CHECK(incr->disks[0].blocks_changed == 2);
+    CHECK(incr->disks[0].blocks_uploaded == 2);
+    CHECK(w2.Called("BackupComplete"));
+    const std::string got2 = restore(incr->recovery_point, (dir.path / "restored2.img").string());
+    CHECK(got2 == expected_image());
+    CHECK(got2.substr(parts[2].offset, parts[2].length) == ReadWhole(shadow_data));
+    CHECK(count_points() == 2);
+  }
+  SUBCASE("a spanned volume: a clear error before any snapshot, nothing committed") {
+    volumes[1].extents_on_other_disks = 1;  // the data volume continues on another disk
+    auto r = agent::RunBackup(o);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == Code::kInvalidArgument);
+    CHECK(r.status().phase() == "vss volumes");
+    CHECK(r.status().cause().find(vol_data + " has 2 extents") != std::string::npos);
+    CHECK(r.status().fix() == "back up the volume " + vol_data + " itself (--disk " + vol_data +
+                                  ") instead of the physical drive " + drive);
+    CHECK(w.instances == 0);  // no snapshot set, no writer frozen
+    CHECK(count_points() == 0);
+  }
+  SUBCASE("two extents of one volume on the disk: refused the same way") {
+    volumes = {{vol_sys, {{parts[1].offset, MiB}, {parts[2].offset, MiB}}, 0}};
+    auto r = agent::RunBackup(o);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().cause().find(vol_sys + " has 2 extents (2 on " + drive) != std::string::npos);
+    CHECK(r.status().ToString().find("back up the volume " + vol_sys + " itself") !=
+          std::string::npos);
     CHECK(count_points() == 0);
   }
 }

@@ -360,6 +360,22 @@ Result<std::unique_ptr<VssBackupComponents>> OpenSystemVss() {
       std::make_unique<WinVssBackupComponents>(std::move(com), raw));
 }
 
+namespace {
+
+// True when VSS can snapshot the volume ("\\?\Volume{...}\"): its file system is NTFS or
+// ReFS. FAT, FAT32 (the EFI system partition), exFAT, RAW (unformatted, or a BitLocker volume
+// that is locked) and volumes whose file system cannot be queried are not: adding one to a
+// snapshot set fails it (VSS_E_VOLUME_NOT_SUPPORTED), so they are read from the disk instead.
+bool SnapshottableFileSystem(const std::wstring& volume) {
+  wchar_t fs[MAX_PATH + 1] = {};
+  if (!::GetVolumeInformationW(volume.c_str(), nullptr, 0, nullptr, nullptr, nullptr, fs,
+                               MAX_PATH + 1))
+    return false;
+  return ::lstrcmpiW(fs, L"NTFS") == 0 || ::lstrcmpiW(fs, L"ReFS") == 0;
+}
+
+}  // namespace
+
 Result<std::vector<VssDiskVolume>> VolumesOnDisk(const std::string& disk) {
   if (!IsPhysicalDrivePath(disk))
     return Status::InvalidArgument(disk + " is not a physical drive",
@@ -393,13 +409,18 @@ Result<std::vector<VssDiskVolume>> VolumesOnDisk(const std::string& disk) {
         ok = ::DeviceIoControl(h.get(), IOCTL_VOLUME_GET_VOLUME_DISK_EXTENTS, nullptr, 0,
                                buf.data(), static_cast<DWORD>(buf.size()), &bytes, nullptr);
       }
-      if (ok) {  // volumes without extents (CD-ROM, some virtual volumes) are not on the disk
+      // Volumes without extents (CD-ROM, some virtual volumes) are not on the disk; volumes VSS
+      // cannot snapshot (not NTFS/ReFS) are read from the disk as part of its layout.
+      if (ok && SnapshottableFileSystem(volume)) {
         const auto* ext = reinterpret_cast<const VOLUME_DISK_EXTENTS*>(buf.data());
-        VssDiskVolume v{win::Narrow(volume), {}};
-        for (DWORD i = 0; i < ext->NumberOfDiskExtents; ++i)
+        VssDiskVolume v{win::Narrow(volume), {}, 0};
+        for (DWORD i = 0; i < ext->NumberOfDiskExtents; ++i) {
           if (ext->Extents[i].DiskNumber == disk_number)
             v.extents.push_back({static_cast<uint64_t>(ext->Extents[i].StartingOffset.QuadPart),
                                  static_cast<uint64_t>(ext->Extents[i].ExtentLength.QuadPart)});
+          else
+            ++v.extents_on_other_disks;  // spanned/striped/mirrored: CheckDiskVolumeLayout
+        }
         if (!v.extents.empty()) volumes.push_back(std::move(v));
       }
     }

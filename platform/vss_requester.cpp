@@ -246,8 +246,11 @@ bool IsPhysicalDrivePath(const std::string& disk) {
 }
 
 namespace {
+// Built by append: "[" + std::string temporary trips GCC 12's false -Wrestrict at -O3.
 std::string RangeText(uint64_t begin, uint64_t length) {
-  return "[" + std::to_string(begin) + ", " + std::to_string(begin + length) + ")";
+  std::string text = "[";
+  text.append(std::to_string(begin)).append(", ").append(std::to_string(begin + length));
+  return text.append(")");
 }
 }  // namespace
 

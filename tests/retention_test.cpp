@@ -62,8 +62,9 @@ void LoseStoredBlock(const std::string& blocks_dir, const BlockId& id) {
 }
 
 constexpr uint64_t kBlock = 16 * 1024;
-// A pack of 16 blocks of kBlock random bytes (header 8, record header 41).
-constexpr uint64_t kSmallPack = 16 * (kBlock + 41) + 8;
+// A pack of 16 blocks of kBlock random bytes put one at a time: a 4 KiB header, then per put
+// the record (41 bytes of header + the block) padded to 4 KiB.
+constexpr uint64_t kSmallPack = 4096 + 16 * ((kBlock + 41 + 4095) / 4096 * 4096);
 constexpr int64_t kDay = 86400000;
 // 2030-01-31T00:00:00Z: a month boundary follows one day later.
 constexpr int64_t kJan31 = 1896048000000;
@@ -916,8 +917,11 @@ TEST_CASE("block store: cleanup drops untouched blocks and compaction returns th
   CHECK(compacted->blocks_moved == 12 + 1);
   const auto after = store.Usage();
   CHECK(after.pack_bytes < before.pack_bytes);
-  CHECK(before.pack_bytes - after.pack_bytes ==
-        compacted->bytes_reclaimed - (13 * (kBlock + 41) + 8));
+  CHECK(compacted->bytes_reclaimed == 3 * kSmallPack);
+  // Packs 1-3 are gone, their live blocks are in a new pack after the active one.
+  CHECK(PackFiles(blocks) == std::vector<std::string>{"00000004.pack", "00000005.pack"});
+  CHECK(after.pack_bytes + compacted->bytes_reclaimed ==
+        before.pack_bytes + std::filesystem::file_size(blocks / "packs/00000005.pack"));
   CHECK(after.live_bytes == (64 - 35) * (kBlock + 41));
   for (int i = 0; i < 64; ++i) {
     const bool dropped = i < 48 && i % 4 != 0 && i != 1;

@@ -1,7 +1,8 @@
 // Content-addressed block storage on the local filesystem (docs/FORMAT.md, "Vault layout").
 //
-// Blocks are appended to pack files, DATA/blocks/packs/<8 digits>.pack ("VMPACK01" followed
-// by VMB1 records: id, codec, sizes, payload), and found through an index,
+// Blocks are appended to pack files, DATA/blocks/packs/<8 digits>.pack ("VMPACK01", then
+// VMB1 records: id, codec, sizes, payload; each append starts on a 4 KiB boundary and is
+// written with O_DIRECT where the filesystem allows), and found through an index,
 // DATA/blocks/index.db (SQLite, WAL, synchronous=FULL): id -> pack, offset, length, payload
 // bytes, last touch. Many blocks per file: no inode, directory entry and rename per block.
 //
@@ -129,7 +130,8 @@ class BlockStore {
   Status RebuildIndex();
   // Appends records to the active pack (rotating it when full) and makes them durable.
   // Returns the pack number and the offset of the first record.
-  Result<std::pair<int64_t, uint64_t>> Append(const std::string& records);
+  // `records` starts at an address aligned to 4 KiB and its size is a multiple of 4 KiB.
+  Result<std::pair<int64_t, uint64_t>> Append(std::string_view records);
   Result<std::shared_ptr<Pack>> PackForRead(int64_t number) const;
   Status IndexInsert(const std::vector<const EncodedBlock*>& blocks, int64_t pack,
                      uint64_t first_offset, PutStats* stats);

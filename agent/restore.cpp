@@ -67,11 +67,6 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     if (std::find(ids.begin(), ids.end(), *d.map.entries[i].id) == ids.end())
       ids.push_back(*d.map.entries[i].id);
   auto blocks = client.Fetch(ids);
-  auto where = [&](const BlockId& id) {
-    for (size_t i = b.begin; i < b.end; ++i)
-      if (*d.map.entries[i].id == id) return d.map.entries[i].index;
-    return uint64_t{0};
-  };
   if (!blocks.ok()) {
     Status st = blocks.take_status();
     if (st.code() == Code::kCorruption || st.code() == Code::kNotFound)
@@ -83,23 +78,15 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     return st;
   }
   if (blocks->size() != ids.size()) return Status::Unavailable("the vault sent a short batch");
-  std::unordered_map<BlockId, std::vector<std::byte>, BlockIdHash> plain;
-  for (auto& enc : *blocks) {
-    std::vector<std::byte> out;
-    Status st = DecodeBlock(enc, out);
-    if (!st.ok())
-      return Status::Corruption(
-          "block " + std::to_string(where(enc.id)) + " (id " + enc.id.Hex() + ") of disk " +
-              std::to_string(d.report.index) + " in recovery point " + rp +
-              " is corrupt on the vault: " + st.cause(),
-          "the vault's copy of this block is damaged; restore another recovery point");
+  std::unordered_map<BlockId, const EncodedBlock*, BlockIdHash> encoded;
+  for (const auto& enc : *blocks) {
+    encoded.emplace(enc.id, &enc);
     d.fetched += enc.payload.size();
-    plain.emplace(enc.id, std::move(out));
-    std::string().swap(enc.payload);  // memory: the encoded copy is not needed any more
   }
   // Runs of consecutive blocks go out as one write from an aligned buffer: large aligned writes
   // may bypass the page cache (DiskWriter::kDirectAlignment), about twice as fast here as
-  // buffered writes and the final fsync (docs/PERFORMANCE.md).
+  // buffered writes and the final fsync (docs/PERFORMANCE.md). Blocks are decoded (and
+  // verified) straight into that buffer.
   constexpr size_t kAlign = platform::DiskWriter::kDirectAlignment;
   // Aligned operator new/delete (std::aligned_alloc is missing from mingw-w64's C library).
   struct AlignedDelete {
@@ -120,15 +107,17 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     }
     for (size_t k = i; k < j; ++k) {
       const auto& e = d.map.entries[k];
-      auto it = plain.find(*e.id);
-      if (it == plain.end()) return Status::Unavailable("the vault left out block " + e.id->Hex());
+      auto it = encoded.find(*e.id);
+      if (it == encoded.end())
+        return Status::Unavailable("the vault left out block " + e.id->Hex());
       const uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - e.index * bs);
-      if (it->second.size() != len)
-        return Status::Corruption("block " + std::to_string(e.index) + " of disk " +
-                                  std::to_string(d.report.index) + " has " +
-                                  std::to_string(it->second.size()) + " bytes, expected " +
-                                  std::to_string(len));
-      std::memcpy(run.get() + (k - i) * bs, it->second.data(), len);
+      Status st = DecodeBlockInto(*it->second, std::span(run.get() + (k - i) * bs, len));
+      if (!st.ok())
+        return Status::Corruption(
+            "block " + std::to_string(e.index) + " (id " + e.id->Hex() + ") of disk " +
+                std::to_string(d.report.index) + " in recovery point " + rp +
+                " is corrupt on the vault: " + st.cause(),
+            "the vault's copy of this block is damaged; restore another recovery point");
     }
     VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(run.get(), run_len)));
     d.data_done += j - i;

@@ -187,6 +187,14 @@ EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
 
 Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out) {
   out.resize(block.plain_size);
+  return DecodeBlockInto(block, out);
+}
+
+Status DecodeBlockInto(const EncodedBlock& block, std::span<std::byte> out) {
+  if (out.size() != block.plain_size)
+    return Status::Corruption("block " + block.id.Hex() + " holds " +
+                              std::to_string(block.plain_size) + " bytes, expected " +
+                              std::to_string(out.size()));
   if (block.codec == BlockCodec::kRaw) {
     if (block.payload.size() != block.plain_size)
       return Status::Corruption("block " + block.id.Hex() + " has a raw payload of wrong size");

@@ -76,6 +76,8 @@ EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain);
 // Decompresses and verifies: kCorruption unless SHA-256(plaintext) == block.id and the size
 // matches. `out` is resized to plain_size.
 Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out);
+// The same into a caller's buffer of exactly block.plain_size bytes (kCorruption otherwise).
+Status DecodeBlockInto(const EncodedBlock& block, std::span<std::byte> out);
 
 // Batch wire format: "VMB1", u32 count, then per block: id[32], u8 codec, u32 plain_size,
 // u32 payload_size, payload. Used for uploads, fetches and the vault's block files.

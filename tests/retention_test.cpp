@@ -777,6 +777,19 @@ TEST_CASE("block store: many blocks per pack, durable across reopen, index rebui
     }
     CHECK(PackFiles(blocks) == std::vector<std::string>{"00000001.pack"});
     for (const auto& c : contents) CHECK(Plain(*store.Get(Lib::IdOf(c))) == c);
+    // Records as stored are the fetch answer: any order, duplicates repeated, runs of
+    // adjacent records read at once; the same bytes as encoding what Get returns.
+    std::vector<BlockId> ids;
+    std::vector<EncodedBlock> expected;
+    for (int i : {3, 4, 5, 6, 12, 11, 4, 39, 0}) {
+      ids.push_back(Lib::IdOf(contents[i]));
+      expected.push_back(*store.Get(ids.back()));
+    }
+    std::string records = "VMB1" + std::string("\x09\0\0\0", 4);
+    REQUIRE(store.AppendRecords(ids, records).ok());
+    CHECK(records == EncodeBatch(expected));
+    ids.push_back(Lib::IdOf(RandomBlock(rng)));
+    CHECK(store.AppendRecords(ids, records).code() == Code::kNotFound);
     CHECK(store.Get(Lib::IdOf(RandomBlock(rng))).status().code() == Code::kNotFound);
   }
   // A crash in the middle of an append leaves a torn record at the end of the pack.
@@ -828,6 +841,11 @@ TEST_CASE("block store: a damaged record is reported as corruption, not served")
   REQUIRE_FALSE(got.ok());
   CHECK(got.status().code() == Code::kCorruption);
   CHECK(got.status().cause().find(loc->pack_path) != std::string::npos);
+  std::string records;
+  std::vector<BlockId> both{Lib::IdOf(a), Lib::IdOf(b)};
+  Status fetch = store.AppendRecords(both, records);
+  CHECK(fetch.code() == Code::kCorruption);
+  CHECK(fetch.cause().find(Lib::IdOf(b).Hex()) != std::string::npos);
   CHECK(Plain(*store.Get(Lib::IdOf(a))) == a);
   // A batch with a block that does not match its id stores nothing.
   EncodedBlock lie = Encoded(RandomBlock(rng));

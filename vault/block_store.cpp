@@ -507,6 +507,72 @@ Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number
   return pack;
 }
 
+Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out) const {
+  std::shared_lock gc_lock(gc_mu_);
+  struct Where {
+    int64_t pack;
+    uint64_t offset, length;
+  };
+  std::vector<Where> where(ids.size());
+  {
+    std::lock_guard lock(db_mu_);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      select_->Reset();
+      select_->BindBlob(1, ids[i].bytes.data(), 32);
+      auto row = select_->Step();
+      if (!row.ok()) return row.take_status();
+      if (!*row) {
+        select_->Reset();
+        return Status::NotFound("block " + ids[i].Hex() + " is not in the vault");
+      }
+      where[i] = {select_->ColumnInt(0), static_cast<uint64_t>(select_->ColumnInt(1)),
+                  static_cast<uint64_t>(select_->ColumnInt(2))};
+    }
+    select_->Reset();
+  }
+  auto damaged = [&](size_t i, const std::string& why) {
+    return Status::Corruption(
+        "stored block " + ids[i].Hex() + " (" + PackPath(where[i].pack) + ", offset " +
+            std::to_string(where[i].offset) + ") is damaged: " + why,
+        "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
+        "because the vault still lists the block as present");
+  };
+  for (size_t i = 0; i < ids.size();) {
+    if (where[i].length < kRecordHeader || where[i].length > kRecordHeader + 2 * kMaxBlockSize)
+      return damaged(i, "its index row has an impossible length");
+    // A run of records that follow each other in the same pack: one read.
+    size_t j = i + 1;
+    uint64_t run = where[i].length;
+    while (j < ids.size() && where[j].pack == where[i].pack &&
+           where[j].offset == where[i].offset + run && run < (8u << 20) &&
+           where[j].length >= kRecordHeader && where[j].length <= kRecordHeader + 2 * kMaxBlockSize)
+      run += where[j++].length;
+    auto pack = PackForRead(where[i].pack);
+    if (!pack.ok()) return damaged(i, pack.status().cause());
+    const size_t base = out.size();
+    out.resize(base + run);
+    if (Status st =
+            PreadAll((*pack)->fd.get(), where[i].offset, out.data() + base, run, (*pack)->path);
+        !st.ok())
+      return damaged(i, st.cause());
+    for (size_t k = i, at = base; k < j; at += where[k].length, ++k) {
+      ByteReader r(std::string_view(out.data() + at, kRecordHeader));
+      BlockId id;
+      uint8_t codec = 0;
+      uint32_t plain = 0, len = 0;
+      r.bytes(id.bytes.data(), 32);
+      r.u8(codec);
+      r.u32(plain);
+      r.u32(len);
+      if (id != ids[k]) return damaged(k, "the record holds block " + id.Hex());
+      if (kRecordHeader + len != where[k].length || plain > kMaxBlockSize)
+        return damaged(k, "the record's sizes do not match the index");
+    }
+    i = j;
+  }
+  return Status::Ok();
+}
+
 Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
   std::shared_lock gc_lock(gc_mu_);
   int64_t pack_number = 0;

@@ -95,6 +95,12 @@ class BlockStore {
   Result<PutStats> Put(const std::vector<EncodedBlock>& blocks);
   // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
   Result<EncodedBlock> Get(const BlockId& id) const;
+  // Appends the stored records of `ids` (in that order, duplicates repeated) to `out` as they
+  // are in the packs, which is the VMB1 record format: the body of a fetch answer without its
+  // 8-byte header. Records adjacent in a pack are read with one call. Each record's header is
+  // checked (its id, its sizes); the payload is not decoded. Same errors as Get; `out` then
+  // holds a partial answer the caller must discard.
+  Status AppendRecords(std::span<const BlockId> ids, std::string& out) const;
   // kNotFound if absent.
   Result<BlockLocation> Locate(const BlockId& id) const;
 

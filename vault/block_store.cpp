@@ -76,6 +76,33 @@ int64_t NowMs() {
       .count();
 }
 
+struct RecordHeader {
+  BlockId id;
+  uint8_t codec = 0;
+  uint32_t plain_size = 0;
+  uint32_t payload_size = 0;
+};
+
+// The first kRecordHeader bytes of a record.
+RecordHeader ParseRecordHeader(const char* p) {
+  ByteReader r(std::string_view(p, kRecordHeader));
+  RecordHeader h;
+  r.bytes(h.id.bytes.data(), 32);
+  r.u8(h.codec);
+  r.u32(h.plain_size);
+  r.u32(h.payload_size);
+  return h;
+}
+
+Status DamagedBlock(const BlockId& id, const std::string& pack_path, uint64_t offset,
+                    const std::string& why) {
+  return Status::Corruption(
+      "stored block " + id.Hex() + " (" + pack_path + ", offset " + std::to_string(offset) +
+          ") is damaged: " + why,
+      "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
+      "because the vault still lists the block as present");
+}
+
 // Parses one record (header + payload) read from a pack.
 Result<EncodedBlock> ParseRecord(std::string_view data) {
   ByteReader r(data);
@@ -249,14 +276,8 @@ Status BlockStore::RebuildIndex() {
     while (off + kRecordHeader <= size) {
       char head[kRecordHeader];
       VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, head, kRecordHeader, path));
-      ByteReader r(std::string_view(head, kRecordHeader));
-      BlockId id;
-      uint8_t codec = 0;
-      uint32_t plain = 0, len = 0;
-      r.bytes(id.bytes.data(), 32);
-      r.u8(codec);
-      r.u32(plain);
-      r.u32(len);
+      const RecordHeader h = ParseRecordHeader(head);
+      const uint64_t len = h.payload_size;
       if (std::all_of(head, head + kRecordHeader, [](char c) { return c == 0; })) {
         off = AlignUp(off + 1);  // padding after an append
         continue;
@@ -266,7 +287,7 @@ Status BlockStore::RebuildIndex() {
         break;
       }
       insert_->Reset();
-      insert_->BindBlob(1, id.bytes.data(), 32);
+      insert_->BindBlob(1, h.id.bytes.data(), 32);
       insert_->BindInt(2, n);
       insert_->BindInt(3, static_cast<int64_t>(off));
       insert_->BindInt(4, static_cast<int64_t>(kRecordHeader + len));
@@ -472,17 +493,26 @@ std::vector<bool> BlockStore::HasForUpload(std::span<const BlockId> ids) {
   return HasForUploadLocked(ids);
 }
 
-Result<BlockLocation> BlockStore::Locate(const BlockId& id) const {
-  std::lock_guard lock(db_mu_);
+Result<BlockStore::IndexRow> BlockStore::LookupLocked(const BlockId& id) const {
   select_->Reset();
   select_->BindBlob(1, id.bytes.data(), 32);
   auto row = select_->Step();
   if (!row.ok()) return row.take_status();
-  if (!*row) return Status::NotFound("block " + id.Hex() + " is not in the vault");
-  BlockLocation loc{PackPath(select_->ColumnInt(0)), static_cast<uint64_t>(select_->ColumnInt(1)),
-                    static_cast<uint64_t>(select_->ColumnInt(2))};
+  if (!*row) {
+    select_->Reset();
+    return Status::NotFound("block " + id.Hex() + " is not in the vault");
+  }
+  IndexRow r{select_->ColumnInt(0), static_cast<uint64_t>(select_->ColumnInt(1)),
+             static_cast<uint64_t>(select_->ColumnInt(2))};
   select_->Reset();
-  return loc;
+  return r;
+}
+
+Result<BlockLocation> BlockStore::Locate(const BlockId& id) const {
+  std::lock_guard lock(db_mu_);
+  auto row = LookupLocked(id);
+  if (!row.ok()) return row.take_status();
+  return BlockLocation{PackPath(row->pack), row->offset, row->length};
 }
 
 bool BlockStore::Has(const BlockId& id) const {
@@ -509,33 +539,17 @@ Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number
 
 Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out) const {
   std::shared_lock gc_lock(gc_mu_);
-  struct Where {
-    int64_t pack;
-    uint64_t offset, length;
-  };
-  std::vector<Where> where(ids.size());
+  std::vector<IndexRow> where(ids.size());
   {
     std::lock_guard lock(db_mu_);
     for (size_t i = 0; i < ids.size(); ++i) {
-      select_->Reset();
-      select_->BindBlob(1, ids[i].bytes.data(), 32);
-      auto row = select_->Step();
+      auto row = LookupLocked(ids[i]);
       if (!row.ok()) return row.take_status();
-      if (!*row) {
-        select_->Reset();
-        return Status::NotFound("block " + ids[i].Hex() + " is not in the vault");
-      }
-      where[i] = {select_->ColumnInt(0), static_cast<uint64_t>(select_->ColumnInt(1)),
-                  static_cast<uint64_t>(select_->ColumnInt(2))};
+      where[i] = *row;
     }
-    select_->Reset();
   }
   auto damaged = [&](size_t i, const std::string& why) {
-    return Status::Corruption(
-        "stored block " + ids[i].Hex() + " (" + PackPath(where[i].pack) + ", offset " +
-            std::to_string(where[i].offset) + ") is damaged: " + why,
-        "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
-        "because the vault still lists the block as present");
+    return DamagedBlock(ids[i], PackPath(where[i].pack), where[i].offset, why);
   };
   for (size_t i = 0; i < ids.size();) {
     if (where[i].length < kRecordHeader || where[i].length > kRecordHeader + 2 * kMaxBlockSize)
@@ -556,16 +570,9 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
         !st.ok())
       return damaged(i, st.cause());
     for (size_t k = i, at = base; k < j; at += where[k].length, ++k) {
-      ByteReader r(std::string_view(out.data() + at, kRecordHeader));
-      BlockId id;
-      uint8_t codec = 0;
-      uint32_t plain = 0, len = 0;
-      r.bytes(id.bytes.data(), 32);
-      r.u8(codec);
-      r.u32(plain);
-      r.u32(len);
-      if (id != ids[k]) return damaged(k, "the record holds block " + id.Hex());
-      if (kRecordHeader + len != where[k].length || plain > kMaxBlockSize)
+      const RecordHeader h = ParseRecordHeader(out.data() + at);
+      if (h.id != ids[k]) return damaged(k, "the record holds block " + h.id.Hex());
+      if (kRecordHeader + h.payload_size != where[k].length || h.plain_size > kMaxBlockSize)
         return damaged(k, "the record's sizes do not match the index");
     }
     i = j;
@@ -579,22 +586,14 @@ Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
   uint64_t offset = 0, length = 0;
   {
     std::lock_guard lock(db_mu_);
-    select_->Reset();
-    select_->BindBlob(1, id.bytes.data(), 32);
-    auto row = select_->Step();
+    auto row = LookupLocked(id);
     if (!row.ok()) return row.take_status();
-    if (!*row) return Status::NotFound("block " + id.Hex() + " is not in the vault");
-    pack_number = select_->ColumnInt(0);
-    offset = static_cast<uint64_t>(select_->ColumnInt(1));
-    length = static_cast<uint64_t>(select_->ColumnInt(2));
-    select_->Reset();
+    pack_number = row->pack;
+    offset = row->offset;
+    length = row->length;
   }
   auto damaged = [&](const std::string& why) {
-    return Status::Corruption(
-        "stored block " + id.Hex() + " (" + PackPath(pack_number) + ", offset " +
-            std::to_string(offset) + ") is damaged: " + why,
-        "restore another recovery point; a full backup (new --state-dir) cannot repair it yet "
-        "because the vault still lists the block as present");
+    return DamagedBlock(id, PackPath(pack_number), offset, why);
   };
   if (length < kRecordHeader || length > kRecordHeader + 2 * kMaxBlockSize)
     return damaged("its index row has an impossible length");

@@ -131,6 +131,13 @@ class BlockStore {
 
  private:
   struct Pack;
+  struct IndexRow {
+    int64_t pack = 0;
+    uint64_t offset = 0;  // of the record
+    uint64_t length = 0;  // record header + payload
+  };
+  // The index row of `id` (kNotFound when absent). Caller holds db_mu_.
+  Result<IndexRow> LookupLocked(const BlockId& id) const;
   Status OpenIndex();
   Status MigrateLegacyFiles();
   Status RebuildIndex();

@@ -5,6 +5,7 @@
 // Catalog, BlockStore and Lifecycle in-process to force interleavings and stay fast.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -957,4 +958,38 @@ TEST_CASE("block store: cleanup drops untouched blocks and compaction returns th
   REQUIRE(reopened.Open().ok());
   CHECK(Plain(*reopened.Get(Lib::IdOf(contents[1]))) == contents[1]);
   CHECK(Plain(*reopened.Get(Lib::IdOf(contents[63]))) == contents[63]);
+}
+
+TEST_CASE("block store: more packs than it keeps open stay readable") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(61);
+  // One block per pack: 200 packs, more than the store keeps open at once (128).
+  BlockStore store{blocks, 4096 + (kBlock + 41 + 4095) / 4096 * 4096};
+  REQUIRE(store.Open().ok());
+  std::vector<std::string> contents;
+  for (int i = 0; i < 200; ++i) {
+    contents.push_back(RandomBlock(rng));
+    REQUIRE(store.Put({Encoded(contents.back())}).ok());
+  }
+  CHECK(PackFiles(blocks).size() == 200);
+  // With 150 descriptors to spare, keeping every pack open would fail with EMFILE.
+  size_t open_now = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd"))
+    ++open_now;
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  struct Restore {
+    struct rlimit limit;
+    ~Restore() { ::setrlimit(RLIMIT_NOFILE, &limit); }
+  } restore{saved};
+  struct rlimit tight = saved;
+  tight.rlim_cur = open_now + 150;
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &tight) == 0);
+  for (int round = 0; round < 2; ++round)
+    for (const auto& c : contents) {
+      auto got = store.Get(Lib::IdOf(c));
+      REQUIRE_MESSAGE(got.ok(), got.status().ToString());
+      CHECK(Plain(*got) == c);
+    }
 }

@@ -67,6 +67,8 @@ class AppendBuffer {
   uint64_t used_ = 0;
   std::unique_ptr<char, Free> data_;
 };
+// Pack files kept open for reading.
+constexpr size_t kMaxOpenPacks = 128;
 // Index rows and migrated files per transaction when many are written at once.
 constexpr size_t kRowsPerTransaction = 4096;
 
@@ -533,6 +535,9 @@ Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number
   pack->path = PackPath(number);
   pack->fd = Fd(::open(pack->path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!pack->fd.valid()) return Status::FromErrno(errno, "open pack file " + pack->path);
+  // A bounded number of open packs (a large vault has thousands; services often have a soft
+  // limit of 1024 descriptors): readers still using an evicted pack keep it open.
+  if (open_packs_.size() >= kMaxOpenPacks) open_packs_.clear();
   open_packs_[number] = pack;
   return pack;
 }

@@ -133,6 +133,7 @@ void PrintRestore(const RestoreReport& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  platform::TuneAllocatorForLargeBuffers();
   CLI::App app{"vmsnap-agent: block-level backup of this machine's disks to a vmsnap vault"};
   app.require_subcommand(1);
   std::string log_level = "info";

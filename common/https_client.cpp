@@ -1,5 +1,7 @@
 #include "common/https_client.hpp"
 
+#include "common/beast_read_buffer.hpp"
+
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -178,6 +180,7 @@ class HttpsClient::Impl {
     sent += wrote;
     http::response_parser<http::string_body> parser;
     parser.body_limit(opts_.response_body_limit);
+    ReserveReadBuffer(buffer_);
     size_t got = 0;
     tcp_stream.expires_after(opts_.io_timeout);
     http::async_read(*stream_, buffer_, parser, [&](auto e, size_t n) {

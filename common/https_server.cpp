@@ -1,9 +1,14 @@
 #include "common/https_server.hpp"
 
+#include "common/beast_read_buffer.hpp"
+
+#include <algorithm>
 #include <atomic>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/ssl.hpp>
-#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
@@ -19,8 +24,14 @@ namespace http = beast::http;
 namespace ssl = asio::ssl;
 using tcp = asio::ip::tcp;
 
-// Handlers and sessions refer to the Impl by raw pointer: it outlives them (Stop() joins the
-// threads before the Impl and its io_context are destroyed), and no reference cycle keeps it
+// Threads: each connection lives on one of a few single-threaded io_contexts (TLS, HTTP
+// parsing, timeouts: one asynchronous operation per TLS record, none of which wakes another
+// thread), and each request's handler runs on a pool of `threads` threads, where it may block
+// (long polls, durable writes) without holding up any connection's I/O. A request costs two
+// hand-overs between threads (to the pool and back), not one per record.
+//
+// Handlers and sessions refer to the Impl by raw pointer: it outlives them (Stop() joins every
+// thread before the Impl and its io_contexts are destroyed), and no reference cycle keeps it
 // alive.
 class HttpsServer::Impl {
  public:
@@ -54,8 +65,11 @@ class HttpsServer::Impl {
 
   void Run() {
     Accept();
-    for (int i = 0; i < std::max(1, opts_.threads); ++i)
-      threads_.emplace_back([this] { ioc_.run(); });
+    for (auto& ioc : iocs_) {
+      // Keeps run() going while this io_context has no connection yet (Stop() ends it).
+      idle_guards_.push_back(asio::make_work_guard(*ioc));
+      io_threads_.emplace_back([ioc = ioc.get()] { ioc->run(); });
+    }
   }
 
   void Stop(std::chrono::milliseconds grace) {
@@ -67,10 +81,16 @@ class HttpsServer::Impl {
     auto deadline = std::chrono::steady_clock::now() + grace;
     while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    ioc_.stop();
-    for (auto& t : threads_)
+    // No new requests reach the pool once the io_contexts have stopped; handlers still running
+    // finish (their responses are dropped with the stopped io_contexts' queues); the pool is
+    // destroyed before the io_contexts its queued requests' sessions belong to.
+    for (auto& ioc : iocs_) ioc->stop();
+    for (auto& t : io_threads_)
       if (t.joinable()) t.join();
-    threads_.clear();
+    io_threads_.clear();
+    pool_->stop();
+    pool_->join();
+    pool_.reset();
   }
 
   uint16_t port() const { return port_; }
@@ -93,6 +113,7 @@ class HttpsServer::Impl {
     void Read() {
       parser_.emplace();
       parser_->body_limit(server_->opts_.body_limit);
+      ReserveReadBuffer(buffer_);
       beast::get_lowest_layer(stream_).expires_after(server_->opts_.timeout);
       http::async_read(
           stream_, buffer_, *parser_,
@@ -119,14 +140,18 @@ class HttpsServer::Impl {
       r.body = std::move(req.body());
       bool keep = req.keep_alive();
       server_->in_flight_++;
-      HttpResponse res;
-      try {
-        res = server_->handler_(r);
-      } catch (const std::exception& e) {
-        res = ErrorResponse(Status::Internal(std::string("unhandled error: ") + e.what()));
-      }
-      server_->in_flight_--;
-      Respond(std::move(res), keep && !server_->stopped_.load());
+      asio::post(*server_->pool_, [self = shared_from_this(), r = std::move(r), keep] {
+        HttpResponse res;
+        try {
+          res = self->server_->handler_(r);
+        } catch (const std::exception& e) {
+          res = ErrorResponse(Status::Internal(std::string("unhandled error: ") + e.what()));
+        }
+        self->server_->in_flight_--;
+        asio::post(self->stream_.get_executor(), [self, res = std::move(res), keep]() mutable {
+          self->Respond(std::move(res), keep && !self->server_->stopped_.load());
+        });
+      });
     }
 
     void Respond(HttpResponse r, bool keep) {
@@ -162,7 +187,8 @@ class HttpsServer::Impl {
 
  private:
   void Accept() {
-    acceptor_.async_accept(asio::make_strand(ioc_), [this](beast::error_code ec, tcp::socket s) {
+    asio::io_context& session_ioc = *iocs_[next_ioc_++ % iocs_.size()];
+    acceptor_.async_accept(session_ioc, [this](beast::error_code ec, tcp::socket s) {
       if (ec) {
         if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
       } else {
@@ -172,12 +198,23 @@ class HttpsServer::Impl {
     });
   }
 
+  static std::vector<std::unique_ptr<asio::io_context>> MakeIoContexts() {
+    const unsigned n = std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
+    std::vector<std::unique_ptr<asio::io_context>> out;
+    for (unsigned i = 0; i < n; ++i) out.push_back(std::make_unique<asio::io_context>(1));
+    return out;
+  }
+
   ServerOptions opts_;
   HttpHandler handler_;
-  asio::io_context ioc_;
+  // Declared before the pool, so destroyed after it (see Stop()).
+  std::vector<std::unique_ptr<asio::io_context>> iocs_ = MakeIoContexts();
+  std::optional<asio::thread_pool> pool_{std::in_place, std::max(1, opts_.threads)};
   ssl::context ctx_{ssl::context::tls_server};
-  tcp::acceptor acceptor_{ioc_};
-  std::vector<std::thread> threads_;
+  tcp::acceptor acceptor_{*iocs_[0]};
+  size_t next_ioc_ = 0;  // used by the accepting io_context's thread only
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> idle_guards_;
+  std::vector<std::thread> io_threads_;
   std::atomic<int> in_flight_{0};
   std::atomic<bool> stopped_{false};
   uint16_t port_ = 0;

@@ -1,8 +1,10 @@
 // A small HTTPS server for the vault (Boost.Beast over OpenSSL, keep-alive, TLS 1.2+).
 //
 // Every request is read whole with an explicit body limit (requests above it get 413) and
-// passed to the handler on one of the server's threads; handlers must be thread-safe. Each
-// read and write has a timeout; idle keep-alive connections are closed after it.
+// passed to the handler on one of the server's `threads` handler threads, where it may block;
+// handlers must be thread-safe. Connections' I/O runs on separate threads (one per core, at
+// most 4), never on a handler thread. Each read and write has a timeout; idle keep-alive
+// connections are closed after it.
 // Stop() stops accepting, lets requests in flight finish (up to the grace period), then
 // closes everything. The destructor calls Stop().
 #pragma once
@@ -26,7 +28,7 @@ struct ServerOptions {
   std::string cert_file;  // PEM certificate chain
   std::string key_file;   // PEM private key
   uint64_t body_limit = 64ull << 20;
-  int threads = 4;
+  int threads = 4;  // handler threads: requests handled at once
   std::chrono::seconds timeout{60};
 };
 

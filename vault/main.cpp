@@ -201,6 +201,7 @@ int Serve(const ServeOptions& so) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  platform::TuneAllocatorForLargeBuffers();
   CLI::App app{"vmsnap-vault: stores recovery points of vmsnap agents"};
   app.require_subcommand(1);
   std::string log_level = "info";
@@ -209,7 +210,10 @@ int main(int argc, char** argv) {
   ServeOptions so;
   serve->add_option("--data", so.data_dir, "Data directory (created if missing)")->required();
   serve->add_option("--listen", so.listen, "Address and port to listen on")->capture_default_str();
-  serve->add_option("--threads", so.threads, "Server threads (long-polling agents hold one each)")
+  serve
+      ->add_option(
+          "--threads", so.threads,
+          "Request handler threads (long-polling agents hold one each; connection I/O has its own)")
       ->capture_default_str()
       ->check(CLI::Range(2, 256));
   serve

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <malloc.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -299,6 +300,15 @@ class LinuxEnv final : public Env {
 
 std::vector<std::string> CommandLineArguments(int argc, char** argv) {
   return std::vector<std::string>(argv, argv + argc);
+}
+
+void TuneAllocatorForLargeBuffers() {
+#ifdef __GLIBC__
+  // Fixed values also turn off glibc's dynamic threshold, which would otherwise start at
+  // 128 KiB and hand every upload batch a fresh mapping until the first one is freed.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 32 << 20);
+#endif
 }
 
 const AgentPaths& DefaultAgentPaths() {

@@ -465,6 +465,8 @@ class WindowsEnv final : public Env {
 
 }  // namespace
 
+void TuneAllocatorForLargeBuffers() {}  // the Windows heap keeps freed blocks itself
+
 std::vector<std::string> CommandLineArguments(int argc, char** argv) {
   int n = 0;
   wchar_t** wide = ::CommandLineToArgvW(::GetCommandLineW(), &n);

@@ -157,7 +157,9 @@ class HttpsClient::Impl {
   Result<HttpResponse> Once(const std::string& method, const std::string& target,
                             const std::string& body, const std::string& content_type) {
     if (!connected_) VMSNAP_RETURN_IF_ERROR(Connect());
-    http::request<http::string_body> req{http::string_to_verb(method), target, 11};
+    // The body is sent from the caller's string (kept for retries), not copied into the
+    // request: upload batches are several MiB each.
+    http::request<http::span_body<const char>> req{http::string_to_verb(method), target, 11};
     req.set(http::field::host, url_.host.find(':') != std::string::npos
                                    ? "[" + url_.host + "]:" + url_.port
                                    : url_.host + ":" + url_.port);
@@ -165,7 +167,7 @@ class HttpsClient::Impl {
     req.set(http::field::authorization, "Bearer " + opts_.token);
     req.set(http::field::content_type, content_type);
     req.keep_alive(true);
-    req.body() = body;
+    req.body() = beast::span<const char>(body.data(), body.size());
     req.prepare_payload();
     boost::system::error_code ec;
     auto& tcp_stream = beast::get_lowest_layer(*stream_);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -254,7 +255,11 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
   std::mutex err_mu;
   Status first_error;
   std::atomic<bool> failed{false};
-  std::atomic<int> running{static_cast<int>(clients.size())};
+  // The progress loop below sleeps on this until the last fetcher ends (then at once, not at its
+  // next 200 ms tick).
+  std::mutex running_mu;
+  std::condition_variable running_cv;
+  int running = static_cast<int>(clients.size());
   std::vector<std::thread> threads;
   for (auto& c : clients)
     threads.emplace_back([&, client = c.get()] {
@@ -266,13 +271,21 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
           failed = true;
         }
       }
-      running--;
+      {
+        std::lock_guard lock(running_mu);
+        --running;
+      }
+      running_cv.notify_all();
     });
   uint64_t total = 0;
   for (auto& d : disks) total += d->map.entries.size() * d->map.block_size;
   ProgressReporter progress("restore", total, opt.progress);
-  while (running.load() > 0) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  for (;;) {
+    {
+      std::unique_lock lock(running_mu);
+      if (running_cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return running == 0; }))
+        break;
+    }
     uint64_t done = 0;
     for (auto& d : disks) done += d->data_done * d->map.block_size;
     progress.Update(done);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
@@ -101,7 +102,13 @@ class HttpsServer::Impl {
     Session(tcp::socket socket, Impl* server)
         : stream_(std::move(socket), server->ctx_), server_(server) {}
 
+    // Called on the accepting thread; everything else runs on this connection's I/O thread.
     void Start() {
+      asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->Handshake(); });
+    }
+
+   private:
+    void Handshake() {
       beast::get_lowest_layer(stream_).expires_after(server_->opts_.timeout);
       stream_.async_handshake(ssl::stream_base::server,
                               [self = shared_from_this()](beast::error_code ec) {
@@ -109,7 +116,6 @@ class HttpsServer::Impl {
                               });
     }
 
-   private:
     void Read() {
       parser_.emplace();
       parser_->body_limit(server_->opts_.body_limit);

@@ -60,14 +60,29 @@ struct Batch {
   size_t begin, end;  // range of map.entries
 };
 
-Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) {
+// A fetcher's buffers, kept from one batch to the next: fresh memory costs a page fault per
+// 4 KiB on first touch, which on a VM is a large part of a restore's time.
+struct FetchBuffers {
+  std::string body;  // the vault's answer; the fetched views point into it
+  // Aligned operator new/delete (std::aligned_alloc is missing from mingw-w64's C library).
+  struct AlignedDelete {
+    void operator()(std::byte* p) const {
+      ::operator delete (p, std::align_val_t{platform::DiskWriter::kDirectAlignment});
+    }
+  };
+  std::unique_ptr<std::byte, AlignedDelete> run;  // one run of consecutive blocks, decoded
+  size_t run_capacity = 0;
+};
+
+Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
+                    FetchBuffers& buffers) {
   DiskTarget& d = *b.disk;
   const uint32_t bs = d.map.block_size;
   std::vector<BlockId> ids;
   for (size_t i = b.begin; i < b.end; ++i)
     if (std::find(ids.begin(), ids.end(), *d.map.entries[i].id) == ids.end())
       ids.push_back(*d.map.entries[i].id);
-  auto blocks = client.Fetch(ids);
+  auto blocks = client.Fetch(ids, buffers.body);
   if (!blocks.ok()) {
     Status st = blocks.take_status();
     if (st.code() == Code::kCorruption || st.code() == Code::kNotFound)
@@ -79,7 +94,7 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
     return st;
   }
   if (blocks->size() != ids.size()) return Status::Unavailable("the vault sent a short batch");
-  std::unordered_map<BlockId, const EncodedBlock*, BlockIdHash> encoded;
+  std::unordered_map<BlockId, const BlockRecordView*, BlockIdHash> encoded;
   for (const auto& enc : *blocks) {
     encoded.emplace(enc.id, &enc);
     d.fetched += enc.payload.size();
@@ -89,12 +104,8 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp) 
   // buffered writes and the final fsync (docs/PERFORMANCE.md). Blocks are decoded (and
   // verified) straight into that buffer.
   constexpr size_t kAlign = platform::DiskWriter::kDirectAlignment;
-  // Aligned operator new/delete (std::aligned_alloc is missing from mingw-w64's C library).
-  struct AlignedDelete {
-    void operator()(std::byte* p) const { ::operator delete (p, std::align_val_t{kAlign}); }
-  };
-  std::unique_ptr<std::byte, AlignedDelete> run;
-  size_t run_capacity = 0;
+  auto& run = buffers.run;
+  size_t& run_capacity = buffers.run_capacity;
   for (size_t i = b.begin; i < b.end;) {
     const uint64_t first = d.map.entries[i].index;
     size_t j = i;
@@ -263,8 +274,9 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
   std::vector<std::thread> threads;
   for (auto& c : clients)
     threads.emplace_back([&, client = c.get()] {
+      FetchBuffers buffers;
       for (size_t i; !failed && (i = next++) < batches.size();) {
-        Status st = RestoreBatch(batches[i], *client, opt.recovery_point);
+        Status st = RestoreBatch(batches[i], *client, opt.recovery_point, buffers);
         if (!st.ok()) {
           std::lock_guard lock(err_mu);
           if (first_error.ok()) first_error = std::move(st);

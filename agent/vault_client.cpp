@@ -96,10 +96,12 @@ Result<json> VaultClient::Commit(const std::string& session, const json& body) {
   return CallJson("POST", "/v1/sessions/" + session + "/commit", body);
 }
 
-Result<std::vector<EncodedBlock>> VaultClient::Fetch(const std::vector<BlockId>& ids) {
+Result<std::vector<BlockRecordView>> VaultClient::Fetch(const std::vector<BlockId>& ids,
+                                                        std::string& body) {
   auto r = http_->Call("POST", "/v1/blocks/fetch", EncodeIdList(ids), kBinary);
   if (!r.ok()) return r.take_status();
-  return DecodeBatch(r->body);
+  body = std::move(r->body);
+  return DecodeBatchView(body);
 }
 
 }  // namespace vmsnap::agent

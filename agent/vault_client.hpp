@@ -32,7 +32,9 @@ class VaultClient {
   Status PutManifest(const std::string& session, int disk_index, const Manifest& manifest);
   Result<nlohmann::json> Commit(const std::string& session, const nlohmann::json& body);
 
-  Result<std::vector<EncodedBlock>> Fetch(const std::vector<BlockId>& ids);
+  // The blocks of `ids` as the vault stores them (not verified yet: DecodeBlockInto does).
+  // `body` receives the answer; the views point into it and stay valid while it is unchanged.
+  Result<std::vector<BlockRecordView>> Fetch(const std::vector<BlockId>& ids, std::string& body);
 
   // Any JSON call of the API (control plane endpoints).
   Result<nlohmann::json> CallJson(const std::string& method, const std::string& target,

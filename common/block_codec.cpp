@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -164,19 +165,42 @@ ContextPool<ZSTD_DCtx, &ZSTD_createDCtx, &ZSTD_freeDCtx> decompress_contexts;
 
 }  // namespace
 
+bool LooksIncompressible(std::span<const std::byte> data) {
+  // Shannon entropy of the byte values, estimated from about 4096 bytes spread over the block.
+  // Uniformly random bytes score about 7.95 bits per byte on that sample; data zstd level 1
+  // shrinks by even 2 % scores well below 7.9 unless its redundancy is in repeats the sample
+  // cannot see (a block made of a random pattern repeated), which stays raw then.
+  constexpr size_t kSamples = 4096;
+  if (data.size() < kSamples) return false;
+  const size_t stride = data.size() / kSamples;
+  uint32_t counts[256] = {};
+  const auto* p = reinterpret_cast<const uint8_t*>(data.data());
+  for (size_t i = 0; i < kSamples; ++i) counts[p[i * stride]]++;
+  double bits = 0;
+  for (uint32_t c : counts)
+    if (c) bits -= c * std::log2(static_cast<double>(c) / kSamples);
+  return bits / kSamples > 7.9;
+}
+
 EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   EncodedBlock out;
   out.id = id;
   out.plain_size = static_cast<uint32_t>(plain.size());
+  if (LooksIncompressible(plain)) {
+    out.payload.assign(reinterpret_cast<const char*>(plain.data()), plain.size());
+    out.codec = BlockCodec::kRaw;
+    return out;
+  }
   decltype(compress_contexts)::Lease lease(compress_contexts);
   ZSTD_CCtx* cctx = lease.get();
-  size_t bound = ZSTD_compressBound(plain.size());
-  out.payload.resize(bound);
-  size_t n = ZSTD_compressCCtx(cctx, out.payload.data(), bound, plain.data(), plain.size(), 1);
+  // Into a scratch buffer (not zero-filled, unlike a resized string), then a copy of exactly
+  // n bytes: a bound-sized payload would stay allocated, and queues that budget memory by
+  // payload size would hold several times their budget.
+  const size_t bound = ZSTD_compressBound(plain.size());
+  std::unique_ptr<char[]> scratch(new char[bound]);
+  size_t n = ZSTD_compressCCtx(cctx, scratch.get(), bound, plain.data(), plain.size(), 1);
   if (!ZSTD_isError(n) && n < plain.size()) {
-    // A copy of exactly n bytes, not resize(n): the bound-sized buffer would stay allocated,
-    // and queues that budget memory by payload size would hold several times their budget.
-    out.payload = std::string(out.payload.data(), n);
+    out.payload.assign(scratch.get(), n);
     out.codec = BlockCodec::kZstd;
   } else {
     out.payload.assign(reinterpret_cast<const char*>(plain.data()), plain.size());
@@ -185,12 +209,12 @@ EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   return out;
 }
 
-Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out) {
+Status DecodeBlock(const BlockRecordView& block, std::vector<std::byte>& out) {
   out.resize(block.plain_size);
   return DecodeBlockInto(block, out);
 }
 
-Status DecodeBlockInto(const EncodedBlock& block, std::span<std::byte> out) {
+Status DecodeBlockInto(const BlockRecordView& block, std::span<std::byte> out) {
   if (out.size() != block.plain_size)
     return Status::Corruption("block " + block.id.Hex() + " holds " +
                               std::to_string(block.plain_size) + " bytes, expected " +
@@ -215,44 +239,95 @@ Status DecodeBlockInto(const EncodedBlock& block, std::span<std::byte> out) {
   return Status::Ok();
 }
 
+Status VerifyBlock(const BlockRecordView& block, std::vector<std::byte>& scratch) {
+  if (block.codec != BlockCodec::kRaw) return DecodeBlock(block, scratch);
+  if (block.payload.size() != block.plain_size)
+    return Status::Corruption("block " + block.id.Hex() + " has a raw payload of wrong size");
+  if (Sha256Block(std::as_bytes(std::span(block.payload.data(), block.payload.size()))) != block.id)
+    return Status::Corruption("block " + block.id.Hex() + " does not match its SHA-256");
+  return Status::Ok();
+}
+
+namespace {
+
+// The record's header: id, codec, plain size and payload size.
+void WriteRecordHeader(const BlockRecordView& b, char* out) {
+  std::memcpy(out, b.id.bytes.data(), 32);
+  out[32] = static_cast<char>(b.codec);
+  auto le32 = [](char* p, uint64_t v) {
+    for (int i = 0; i < 4; ++i) p[i] = static_cast<char>(v >> (8 * i));
+  };
+  le32(out + 33, b.plain_size);
+  le32(out + 37, b.payload.size());
+}
+
+}  // namespace
+
+void WriteRecord(const BlockRecordView& b, char* out) {
+  WriteRecordHeader(b, out);
+  if (!b.payload.empty()) std::memcpy(out + kRecordHeaderSize, b.payload.data(), b.payload.size());
+}
+
+RecordHeader ReadRecordHeader(const char* p) {
+  ByteReader r(std::string_view(p, kRecordHeaderSize));
+  RecordHeader h;
+  uint8_t codec = 0;
+  r.bytes(h.id.bytes.data(), 32);
+  r.u8(codec);
+  r.u32(h.plain_size);
+  r.u32(h.payload_size);
+  h.codec = static_cast<BlockCodec>(codec);
+  return h;
+}
+
+bool ReadRecord(ByteReader& r, BlockRecordView& out) {
+  std::string_view header;
+  if (!r.view(kRecordHeaderSize, header)) return false;
+  const RecordHeader h = ReadRecordHeader(header.data());
+  out.id = h.id;
+  out.codec = h.codec;
+  out.plain_size = h.plain_size;
+  return r.view(h.payload_size, out.payload) && out.plain_size <= kMaxBlockSize;
+}
+
 std::string EncodeBatch(std::span<const EncodedBlock> blocks) {
-  ByteWriter w;
   size_t total = 8;
-  for (const auto& b : blocks) total += 41 + b.payload.size();
+  for (const auto& b : blocks) total += kRecordHeaderSize + b.payload.size();
+  ByteWriter w;
   w.str().reserve(total);
   w.bytes("VMB1");
   w.u32(static_cast<uint32_t>(blocks.size()));
   for (const auto& b : blocks) {
-    w.bytes(b.id.bytes.data(), 32);
-    w.u8(static_cast<uint8_t>(b.codec));
-    w.u32(b.plain_size);
-    w.u32(static_cast<uint32_t>(b.payload.size()));
+    char header[kRecordHeaderSize];
+    WriteRecordHeader(b, header);
+    w.bytes(header, kRecordHeaderSize);
     w.bytes(b.payload);
   }
   return w.take();
 }
 
-Result<std::vector<EncodedBlock>> DecodeBatch(std::string_view data) {
+Result<std::vector<BlockRecordView>> DecodeBatchView(std::string_view data) {
   ByteReader r(data);
   std::string_view magic;
   uint32_t count = 0;
   if (!r.view(4, magic) || magic != "VMB1" || !r.u32(count))
     return Status::InvalidArgument("block batch has a bad header");
-  if (count > r.remaining() / 41) return Status::InvalidArgument("block batch count too large");
-  std::vector<EncodedBlock> out(count);
-  for (auto& b : out) {
-    uint8_t codec = 0;
-    uint32_t len = 0;
-    std::string_view payload;
-    if (!r.bytes(b.id.bytes.data(), 32) || !r.u8(codec) || !r.u32(b.plain_size) || !r.u32(len) ||
-        !r.view(len, payload))
-      return Status::InvalidArgument("block batch is truncated");
-    if (b.plain_size > kMaxBlockSize)
-      return Status::InvalidArgument("block in batch is larger than 4 MiB");
-    b.codec = static_cast<BlockCodec>(codec);
-    b.payload.assign(payload);
-  }
+  if (count > r.remaining() / kRecordHeaderSize)
+    return Status::InvalidArgument("block batch count too large");
+  std::vector<BlockRecordView> out(count);
+  for (auto& b : out)
+    if (!ReadRecord(r, b))
+      return Status::InvalidArgument("block batch is truncated or holds a block over 4 MiB");
   if (r.remaining() != 0) return Status::InvalidArgument("block batch has trailing bytes");
+  return out;
+}
+
+Result<std::vector<EncodedBlock>> DecodeBatch(std::string_view data) {
+  auto views = DecodeBatchView(data);
+  if (!views.ok()) return views.take_status();
+  std::vector<EncodedBlock> out;
+  out.reserve(views->size());
+  for (const auto& v : *views) out.push_back(v.ToOwned());
   return out;
 }
 

@@ -19,6 +19,8 @@
 
 namespace vmsnap {
 
+class ByteReader;  // common/bytes.hpp
+
 inline constexpr uint32_t kMinBlockSize = 16 * 1024;
 inline constexpr uint32_t kMaxBlockSize = 4 * 1024 * 1024;
 // For a disk the vault has no point of yet: chosen with bench/bench.sh (docs/PERFORMANCE.md):
@@ -69,19 +71,65 @@ struct EncodedBlock {
   std::string payload;
 };
 
+// An encoded block whose payload is borrowed: from a batch body, a pack read or an
+// EncodedBlock. Valid only while that storage lives and is not modified.
+struct BlockRecordView {
+  BlockId id;
+  BlockCodec codec = BlockCodec::kRaw;
+  uint32_t plain_size = 0;
+  std::string_view payload;
+
+  BlockRecordView() = default;
+  BlockRecordView(const BlockId& block_id, BlockCodec block_codec, uint32_t size,
+                  std::string_view bytes)
+      : id(block_id), codec(block_codec), plain_size(size), payload(bytes) {}
+  // Implicit: every function taking a view takes an EncodedBlock too.
+  BlockRecordView(const EncodedBlock& b)  // NOLINT(google-explicit-constructor)
+      : id(b.id), codec(b.codec), plain_size(b.plain_size), payload(b.payload) {}
+  EncodedBlock ToOwned() const { return {id, codec, plain_size, std::string(payload)}; }
+};
+
+// True when a sample of `data` looks like uniformly random bytes (compressed or encrypted
+// content), which zstd cannot shrink: EncodeBlock then stores it raw without trying.
+bool LooksIncompressible(std::span<const std::byte> data);
+
 // Compresses `plain` whose SHA-256 is `id` (the caller computed it). zstd level 1; stored raw
-// when that is not smaller.
+// when that is not smaller, or when LooksIncompressible says it would not be.
 EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain);
 
 // Decompresses and verifies: kCorruption unless SHA-256(plaintext) == block.id and the size
 // matches. `out` is resized to plain_size.
-Status DecodeBlock(const EncodedBlock& block, std::vector<std::byte>& out);
+Status DecodeBlock(const BlockRecordView& block, std::vector<std::byte>& out);
 // The same into a caller's buffer of exactly block.plain_size bytes (kCorruption otherwise).
-Status DecodeBlockInto(const EncodedBlock& block, std::span<std::byte> out);
+Status DecodeBlockInto(const BlockRecordView& block, std::span<std::byte> out);
 
-// Batch wire format: "VMB1", u32 count, then per block: id[32], u8 codec, u32 plain_size,
-// u32 payload_size, payload. Used for uploads, fetches and the vault's block files.
+// Checks what DecodeBlock checks without keeping the plaintext: a raw payload is hashed where
+// it is, a compressed one is decompressed into `scratch` (reused across calls).
+Status VerifyBlock(const BlockRecordView& block, std::vector<std::byte>& scratch);
+
+// One block record: id[32], u8 codec, u32 plain_size, u32 payload_size, payload (integers
+// little-endian). The unit of a batch on the wire and of the vault's pack files.
+constexpr size_t kRecordHeaderSize = 41;
+// Writes `b`'s record at `out`, which must have kRecordHeaderSize + b.payload.size() bytes.
+void WriteRecord(const BlockRecordView& b, char* out);
+// A record's header alone, parsed from its first kRecordHeaderSize bytes at `p`.
+struct RecordHeader {
+  BlockId id;
+  BlockCodec codec = BlockCodec::kRaw;
+  uint32_t plain_size = 0;
+  uint32_t payload_size = 0;
+};
+RecordHeader ReadRecordHeader(const char* p);
+// Reads one record at `r`'s position into `out` (payload borrowed from r's input). False when
+// the input ends inside the record or plain_size is over kMaxBlockSize; the codec is not
+// checked (DecodeBlock rejects unknown ones).
+bool ReadRecord(ByteReader& r, BlockRecordView& out);
+
+// Batch wire format: "VMB1", u32 count, then count records. Used for uploads and fetches.
 std::string EncodeBatch(std::span<const EncodedBlock> blocks);
+// Parses a batch without copying payloads: the views borrow from `data`.
+Result<std::vector<BlockRecordView>> DecodeBatchView(std::string_view data);
+// The same with owned payloads.
 Result<std::vector<EncodedBlock>> DecodeBatch(std::string_view data);
 
 // A list of ids: "VMI1", u32 count, count * 32 bytes.

@@ -59,6 +59,46 @@ TEST_CASE("a damaged payload or a wrong id is reported as corruption") {
   }
 }
 
+TEST_CASE("random data is recognised as incompressible, data zstd shrinks is not") {
+  CHECK(LooksIncompressible(RandomBytes(32768, 4)));
+  CHECK(LooksIncompressible(RandomBytes(4u << 20, 5)));
+  CHECK_FALSE(LooksIncompressible(TextBytes(32768)));
+  // Half random, half zeros: zstd halves it, so it must be compressed.
+  auto half = RandomBytes(32768, 6);
+  std::fill(half.begin() + 16384, half.end(), std::byte{0});
+  CHECK_FALSE(LooksIncompressible(half));
+  EncodedBlock enc = EncodeBlock(Sha256Block(half), half);
+  CHECK(enc.codec == BlockCodec::kZstd);
+  CHECK(enc.payload.size() < 17000);
+  // Random bytes drawn from 128 values (7 bits each): zstd's entropy coder saves about 1/8.
+  auto seven = RandomBytes(32768, 7);
+  for (auto& b : seven) b &= std::byte{0x7f};
+  CHECK_FALSE(LooksIncompressible(seven));
+  CHECK(EncodeBlock(Sha256Block(seven), seven).codec == BlockCodec::kZstd);
+  // Too short to sample: left to zstd.
+  CHECK_FALSE(LooksIncompressible(RandomBytes(1000, 8)));
+}
+
+TEST_CASE("VerifyBlock accepts what DecodeBlock accepts and rejects what it rejects") {
+  std::vector<std::byte> scratch;
+  for (auto plain : {TextBytes(16384), RandomBytes(16384, 3)}) {
+    EncodedBlock enc = EncodeBlock(Sha256Block(plain), plain);
+    CHECK(VerifyBlock(enc, scratch).ok());
+    EncodedBlock flipped = enc;
+    flipped.payload[flipped.payload.size() / 3] ^= 0x01;
+    CHECK(VerifyBlock(flipped, scratch).code() == Code::kCorruption);
+    EncodedBlock short_payload = enc;
+    short_payload.payload.pop_back();
+    CHECK(VerifyBlock(short_payload, scratch).code() == Code::kCorruption);
+    EncodedBlock wrong_size = enc;
+    wrong_size.plain_size += 1;
+    CHECK(VerifyBlock(wrong_size, scratch).code() == Code::kCorruption);
+  }
+  EncodedBlock unknown = EncodeBlock(Sha256Block(TextBytes(100)), TextBytes(100));
+  unknown.codec = static_cast<BlockCodec>(7);
+  CHECK(VerifyBlock(unknown, scratch).code() == Code::kCorruption);
+}
+
 TEST_CASE("zero detection") {
   std::vector<std::byte> z(65536);
   CHECK(IsAllZero(z));
@@ -104,6 +144,34 @@ TEST_CASE("batch and id list round trip; truncation is rejected") {
     CHECK((*back)[i].payload == blocks[i].payload);
     CHECK((*back)[i].codec == blocks[i].codec);
   }
+  // The view decoder borrows the payloads from the wire buffer instead of copying them.
+  auto views = DecodeBatchView(wire);
+  REQUIRE(views.ok());
+  REQUIRE(views->size() == 5);
+  for (size_t i = 0; i < 5; ++i) {
+    const auto& v = (*views)[i];
+    CHECK(v.payload == blocks[i].payload);
+    CHECK(v.plain_size == blocks[i].plain_size);
+    CHECK(v.payload.data() >= wire.data());
+    CHECK(v.payload.data() + v.payload.size() <= wire.data() + wire.size());
+    std::vector<std::byte> out(v.plain_size);
+    CHECK(DecodeBlockInto(v, out).ok());
+  }
+  // One record written by WriteRecord reads back field for field.
+  std::string record(kRecordHeaderSize + blocks[1].payload.size(), '\0');
+  WriteRecord(blocks[1], record.data());
+  CHECK(record == wire.substr(8 + kRecordHeaderSize + blocks[0].payload.size(), record.size()));
+  RecordHeader header = ReadRecordHeader(record.data());
+  CHECK(header.id == blocks[1].id);
+  CHECK(header.codec == blocks[1].codec);
+  CHECK(header.plain_size == blocks[1].plain_size);
+  CHECK(header.payload_size == blocks[1].payload.size());
+  // A record claiming a block over 4 MiB is refused even when its bytes are all there.
+  std::string huge = record;
+  huge[33 + 3] = 0x01;  // plain size += 16 MiB
+  CHECK_FALSE(DecodeBatchView(std::string("VMB1\x01\x00\x00\x00", 8) + huge).ok());
+  CHECK(DecodeBatchView(std::string("VMB1\x01\x00\x00\x00", 8) + record).ok());
+  CHECK_FALSE(DecodeBatchView(wire.substr(0, wire.size() - 1)).ok());
   CHECK_FALSE(DecodeBatch(wire.substr(0, wire.size() - 1)).ok());
   CHECK_FALSE(DecodeBatch(wire + "x").ok());
   CHECK_FALSE(DecodeBatch("VMB1\xff\xff\xff\xff").ok());

@@ -105,9 +105,9 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     return Binary(EncodeIdList(missing));
   }
   if (post && p == "/v1/blocks") {
-    auto blocks = DecodeBatch(req.body);
+    auto blocks = DecodeBatchView(req.body);  // views into the body: no copy of the payloads
     if (!blocks.ok()) return blocks.take_status();
-    auto stats = store_->Put(*blocks);
+    auto stats = store_->Put(std::span<const BlockRecordView>(*blocks));
     if (!stats.ok()) return stats.take_status();
     counters_.blocks_received += stats->received;
     counters_.blocks_stored += stats->stored;

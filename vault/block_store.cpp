@@ -25,7 +25,6 @@ using platform::Fd;
 namespace {
 
 constexpr std::string_view kPackMagic = "VMPACK01";
-constexpr uint64_t kRecordHeader = 41;  // id 32, codec 1, plain size 4, payload size 4
 // Appends start and end on this boundary so that they can bypass the page cache (O_DIRECT);
 // the gap after a batch is zeros, and a record header of zeros means "skip to the next
 // boundary" (no block has the all-zero SHA-256 as its id).
@@ -44,18 +43,14 @@ class AppendBuffer {
     std::memset(data_.get() + payload_bytes, 0, size_ - payload_bytes);
   }
   // Writes one record (header + payload) at the current position.
-  void Add(const EncodedBlock& b) {
-    ByteWriter w;
-    w.bytes(b.id.bytes.data(), 32);
-    w.u8(static_cast<uint8_t>(b.codec));
-    w.u32(b.plain_size);
-    w.u32(static_cast<uint32_t>(b.payload.size()));
-    Add(w.take());
-    Add(b.payload);
+  void Add(const BlockRecordView& b) {
+    WriteRecord(b, Reserve(kRecordHeaderSize + b.payload.size()));
   }
-  void Add(std::string_view raw) {
-    std::memcpy(data_.get() + used_, raw.data(), raw.size());
-    used_ += raw.size();
+  // The next n bytes, for the caller to fill (a record copied as it is).
+  char* Reserve(uint64_t n) {
+    char* at = data_.get() + used_;
+    used_ += n;
+    return at;
   }
   std::string_view view() const { return {data_.get(), size_}; }
 
@@ -78,24 +73,6 @@ int64_t NowMs() {
       .count();
 }
 
-struct RecordHeader {
-  BlockId id;
-  uint8_t codec = 0;
-  uint32_t plain_size = 0;
-  uint32_t payload_size = 0;
-};
-
-// The first kRecordHeader bytes of a record.
-RecordHeader ParseRecordHeader(const char* p) {
-  ByteReader r(std::string_view(p, kRecordHeader));
-  RecordHeader h;
-  r.bytes(h.id.bytes.data(), 32);
-  r.u8(h.codec);
-  r.u32(h.plain_size);
-  r.u32(h.payload_size);
-  return h;
-}
-
 Status DamagedBlock(const BlockId& id, const std::string& pack_path, uint64_t offset,
                     const std::string& why) {
   return Status::Corruption(
@@ -108,16 +85,9 @@ Status DamagedBlock(const BlockId& id, const std::string& pack_path, uint64_t of
 // Parses one record (header + payload) read from a pack.
 Result<EncodedBlock> ParseRecord(std::string_view data) {
   ByteReader r(data);
-  EncodedBlock b;
-  uint8_t codec = 0;
-  uint32_t len = 0;
-  std::string_view payload;
-  if (!r.bytes(b.id.bytes.data(), 32) || !r.u8(codec) || !r.u32(b.plain_size) || !r.u32(len) ||
-      !r.view(len, payload) || r.remaining() != 0 || b.plain_size > kMaxBlockSize)
-    return Status::Corruption("bad record");
-  b.codec = static_cast<BlockCodec>(codec);
-  b.payload.assign(payload);
-  return b;
+  BlockRecordView b;
+  if (!ReadRecord(r, b) || r.remaining() != 0) return Status::Corruption("bad record");
+  return b.ToOwned();
 }
 
 Status PreadAll(int fd, uint64_t offset, char* buf, size_t n, const std::string& what) {
@@ -275,16 +245,16 @@ Status BlockStore::RebuildIndex() {
     VMSNAP_RETURN_IF_ERROR(tx.status());
     const int64_t now = NowMs();
     uint64_t off = kPackMagic.size();
-    while (off + kRecordHeader <= size) {
-      char head[kRecordHeader];
-      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, head, kRecordHeader, path));
-      const RecordHeader h = ParseRecordHeader(head);
+    while (off + kRecordHeaderSize <= size) {
+      char head[kRecordHeaderSize];
+      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, head, kRecordHeaderSize, path));
+      const RecordHeader h = ReadRecordHeader(head);
       const uint64_t len = h.payload_size;
-      if (std::all_of(head, head + kRecordHeader, [](char c) { return c == 0; })) {
+      if (std::all_of(head, head + kRecordHeaderSize, [](char c) { return c == 0; })) {
         off = AlignUp(off + 1);  // padding after an append
         continue;
       }
-      if (off + kRecordHeader + len > size) {
+      if (off + kRecordHeaderSize + len > size) {
         spdlog::warn("{}: torn record at offset {} (a crash during an upload): ignored", path, off);
         break;
       }
@@ -292,12 +262,12 @@ Status BlockStore::RebuildIndex() {
       insert_->BindBlob(1, h.id.bytes.data(), 32);
       insert_->BindInt(2, n);
       insert_->BindInt(3, static_cast<int64_t>(off));
-      insert_->BindInt(4, static_cast<int64_t>(kRecordHeader + len));
+      insert_->BindInt(4, static_cast<int64_t>(kRecordHeaderSize + len));
       insert_->BindInt(5, len);
       insert_->BindInt(6, now);
       if (auto s = insert_->Step(); !s.ok()) return s.take_status();
       rows++;
-      off += kRecordHeader + len;
+      off += kRecordHeaderSize + len;
     }
     insert_->Reset();
     VMSNAP_RETURN_IF_ERROR(tx.Commit());
@@ -352,17 +322,16 @@ Status BlockStore::MigrateLegacyFiles() {
       }
       if (blocks.empty()) continue;
       uint64_t bytes = 0;
-      for (const auto& b : blocks) bytes += kRecordHeader + b.payload.size();
+      for (const auto& b : blocks) bytes += kRecordHeaderSize + b.payload.size();
       AppendBuffer records(bytes);
       for (const auto& b : blocks) records.Add(b);
       auto at = Append(records.view());
       if (!at.ok()) return at.take_status();
-      std::vector<const EncodedBlock*> ptrs;
-      for (const auto& b : blocks) ptrs.push_back(&b);
+      std::vector<BlockRecordView> views(blocks.begin(), blocks.end());
       PutStats ignored;
       {
         std::lock_guard lock(db_mu_);
-        VMSNAP_RETURN_IF_ERROR(IndexInsert(ptrs, at->first, at->second, &ignored));
+        VMSNAP_RETURN_IF_ERROR(IndexInsert(views, at->first, at->second, &ignored));
         // The mtime carries over: garbage collection keeps judging blocks by their last use.
         Transaction tx(db_.get());
         VMSNAP_RETURN_IF_ERROR(tx.status());
@@ -434,25 +403,25 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
   return std::make_pair(pack->number, offset);
 }
 
-Status BlockStore::IndexInsert(const std::vector<const EncodedBlock*>& blocks, int64_t pack,
+Status BlockStore::IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack,
                                uint64_t first_offset, PutStats* stats) {
   Transaction tx(db_.get());
   VMSNAP_RETURN_IF_ERROR(tx.status());
   const int64_t now = NowMs();
   uint64_t offset = first_offset;
-  for (const EncodedBlock* b : blocks) {
-    const uint64_t length = kRecordHeader + b->payload.size();
+  for (const BlockRecordView& b : blocks) {
+    const uint64_t length = kRecordHeaderSize + b.payload.size();
     insert_->Reset();
-    insert_->BindBlob(1, b->id.bytes.data(), 32);
+    insert_->BindBlob(1, b.id.bytes.data(), 32);
     insert_->BindInt(2, pack);
     insert_->BindInt(3, static_cast<int64_t>(offset));
     insert_->BindInt(4, static_cast<int64_t>(length));
-    insert_->BindInt(5, static_cast<int64_t>(b->payload.size()));
+    insert_->BindInt(5, static_cast<int64_t>(b.payload.size()));
     insert_->BindInt(6, now);
     if (auto s = insert_->Step(); !s.ok()) return s.take_status();
     if (db_->Changes() == 1) {
       stats->stored++;
-      stats->bytes_stored += b->payload.size();
+      stats->bytes_stored += b.payload.size();
     } else {
       stats->already_present++;  // another upload of the same block won the race
     }
@@ -523,7 +492,8 @@ bool BlockStore::Has(const BlockId& id) const {
 
 uint64_t BlockStore::StoredBytes(const BlockId& id) const {
   auto loc = Locate(id);
-  return loc.ok() && loc->record_length > kRecordHeader ? loc->record_length - kRecordHeader : 0;
+  return loc.ok() && loc->record_length > kRecordHeaderSize ? loc->record_length - kRecordHeaderSize
+                                                            : 0;
 }
 
 Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number) const {
@@ -557,14 +527,16 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
     return DamagedBlock(ids[i], PackPath(where[i].pack), where[i].offset, why);
   };
   for (size_t i = 0; i < ids.size();) {
-    if (where[i].length < kRecordHeader || where[i].length > kRecordHeader + 2 * kMaxBlockSize)
+    if (where[i].length < kRecordHeaderSize ||
+        where[i].length > kRecordHeaderSize + 2 * kMaxBlockSize)
       return damaged(i, "its index row has an impossible length");
     // A run of records that follow each other in the same pack: one read.
     size_t j = i + 1;
     uint64_t run = where[i].length;
     while (j < ids.size() && where[j].pack == where[i].pack &&
            where[j].offset == where[i].offset + run && run < (8u << 20) &&
-           where[j].length >= kRecordHeader && where[j].length <= kRecordHeader + 2 * kMaxBlockSize)
+           where[j].length >= kRecordHeaderSize &&
+           where[j].length <= kRecordHeaderSize + 2 * kMaxBlockSize)
       run += where[j++].length;
     auto pack = PackForRead(where[i].pack);
     if (!pack.ok()) return damaged(i, pack.status().cause());
@@ -575,9 +547,9 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
         !st.ok())
       return damaged(i, st.cause());
     for (size_t k = i, at = base; k < j; at += where[k].length, ++k) {
-      const RecordHeader h = ParseRecordHeader(out.data() + at);
+      const RecordHeader h = ReadRecordHeader(out.data() + at);
       if (h.id != ids[k]) return damaged(k, "the record holds block " + h.id.Hex());
-      if (kRecordHeader + h.payload_size != where[k].length || h.plain_size > kMaxBlockSize)
+      if (kRecordHeaderSize + h.payload_size != where[k].length || h.plain_size > kMaxBlockSize)
         return damaged(k, "the record's sizes do not match the index");
     }
     i = j;
@@ -600,7 +572,7 @@ Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
   auto damaged = [&](const std::string& why) {
     return DamagedBlock(id, PackPath(pack_number), offset, why);
   };
-  if (length < kRecordHeader || length > kRecordHeader + 2 * kMaxBlockSize)
+  if (length < kRecordHeaderSize || length > kRecordHeaderSize + 2 * kMaxBlockSize)
     return damaged("its index row has an impossible length");
   auto pack = PackForRead(pack_number);
   if (!pack.ok()) return damaged(pack.status().cause());
@@ -747,10 +719,9 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
         AppendBuffer chunk(bytes);
         for (size_t k = first; k < i; ++k) {
           const auto& [id, offset, length] = rows[k];
-          std::string record(length, '\0');
-          VMSNAP_RETURN_IF_ERROR(
-              PreadAll((*source)->fd.get(), offset, record.data(), length, (*source)->path));
-          chunk.Add(record);  // copied as is, damage included: verify must still see it
+          // Copied as it is, damage included: verify must still see it.
+          VMSNAP_RETURN_IF_ERROR(PreadAll((*source)->fd.get(), offset, chunk.Reserve(length),
+                                          length, (*source)->path));
         }
         auto at = Append(chunk.view());
         if (!at.ok()) return at.take_status();
@@ -791,6 +762,11 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
 }
 
 Result<PutStats> BlockStore::Put(const std::vector<EncodedBlock>& blocks) {
+  std::vector<BlockRecordView> views(blocks.begin(), blocks.end());
+  return Put(std::span<const BlockRecordView>(views));
+}
+
+Result<PutStats> BlockStore::Put(std::span<const BlockRecordView> blocks) {
   std::shared_lock gc_lock(gc_mu_);
   PutStats stats;
   stats.received = blocks.size();
@@ -798,27 +774,27 @@ Result<PutStats> BlockStore::Put(const std::vector<EncodedBlock>& blocks) {
   ids.reserve(blocks.size());
   for (const auto& b : blocks) ids.push_back(b.id);
   std::vector<bool> present = HasForUploadLocked(ids);
-  std::vector<const EncodedBlock*> fresh;
+  std::vector<BlockRecordView> fresh;
   std::unordered_set<BlockId, BlockIdHash> seen;
   std::vector<std::byte> plain;
   size_t bytes = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
-    const EncodedBlock& b = blocks[i];
+    const BlockRecordView& b = blocks[i];
     if (present[i] || !seen.insert(b.id).second) {
       stats.already_present++;
       continue;
     }
-    Status st = DecodeBlock(b, plain);
+    Status st = VerifyBlock(b, plain);
     if (!st.ok())
       return std::move(st)
           .InPhase("store block")
           .WithFix("the agent sent data that does not match its id; rerun the backup (it resends)");
-    fresh.push_back(&b);
-    bytes += kRecordHeader + b.payload.size();
+    fresh.push_back(b);
+    bytes += kRecordHeaderSize + b.payload.size();
   }
   if (fresh.empty()) return stats;
   AppendBuffer records(bytes);
-  for (const EncodedBlock* b : fresh) records.Add(*b);
+  for (const BlockRecordView& b : fresh) records.Add(b);
   auto at = Append(records.view());
   if (!at.ok()) return std::move(at.take_status()).InPhase("store block");
   std::lock_guard lock(db_mu_);

@@ -92,6 +92,8 @@ class BlockStore {
   bool Has(const BlockId& id) const;
   // Verifies then stores every block not present yet. kCorruption names the first block
   // whose content does not match its id (nothing of the batch is stored then).
+  // The payloads are only read during the call (views into the request body, say).
+  Result<PutStats> Put(std::span<const BlockRecordView> blocks);
   Result<PutStats> Put(const std::vector<EncodedBlock>& blocks);
   // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
   Result<EncodedBlock> Get(const BlockId& id) const;
@@ -146,8 +148,8 @@ class BlockStore {
   // `records` starts at an address aligned to 4 KiB and its size is a multiple of 4 KiB.
   Result<std::pair<int64_t, uint64_t>> Append(std::string_view records);
   Result<std::shared_ptr<Pack>> PackForRead(int64_t number) const;
-  Status IndexInsert(const std::vector<const EncodedBlock*>& blocks, int64_t pack,
-                     uint64_t first_offset, PutStats* stats);
+  Status IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack, uint64_t first_offset,
+                     PutStats* stats);
   std::vector<bool> HasForUploadLocked(std::span<const BlockId> ids);
   std::string PackPath(int64_t number) const;
 

@@ -391,7 +391,7 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
           if (!b.ok())
             it->second =
                 b.status().code() == Code::kNotFound ? BlockState::kMissing : BlockState::kCorrupt;
-          else if (!DecodeBlock(*b, plain).ok())
+          else if (!VerifyBlock(*b, plain).ok())
             it->second = BlockState::kCorrupt;
         }
         if (it->second == BlockState::kMissing) missing.push_back(e.id->Hex());

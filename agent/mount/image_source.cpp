@@ -118,7 +118,8 @@ Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& in
   auto client = AcquireClient(error);
   if (!client) return error;
   ++fetch_requests_;
-  auto blocks = client->Fetch(ids);
+  std::string body;
+  auto blocks = client->Fetch(ids, body);
   ReleaseClient(std::move(client));
   if (!blocks.ok()) return blocks.take_status();
   if (blocks->size() != ids.size())

@@ -822,6 +822,38 @@ TEST_CASE("block store: many blocks per pack, durable across reopen, index rebui
   for (const auto& c : contents) CHECK(Plain(*store.Get(Lib::IdOf(c))) == c);
 }
 
+TEST_CASE("block store: a commit makes the index rows of the blocks it publishes durable") {
+  Lib lib;
+  std::mt19937_64 rng(17);
+  const std::filesystem::path blocks = lib.tmp / "blocks";
+  auto rows_on_disk = [&] {
+    TempDir copy;
+    std::filesystem::copy_file(blocks / "index.db", copy / "index.db");
+    auto db = BlockIndex(copy.path());
+    // Before the first checkpoint even the table exists only in the log.
+    auto tables = db->Query("SELECT count(*) FROM sqlite_master WHERE name = 'blocks'");
+    REQUIRE(tables.ok());
+    if ((*tables)[0].Int(0) == 0) return int64_t{0};
+    auto rows = db->Query("SELECT count(*) FROM blocks");
+    REQUIRE(rows.ok());
+    return (*rows)[0].Int(0);
+  };
+  const std::string a = RandomBlock(rng), b = RandomBlock(rng), c = RandomBlock(rng);
+  // An upload's rows are written to the log without waiting for it to reach the disk (one
+  // flush per upload: the pack's)...
+  lib.PutBlock(a);
+  lib.PutBlock(b);
+  CHECK(rows_on_disk() == 0);
+  // ...and a commit syncs them before it publishes the point that refers to them.
+  lib.Backup("item", {a, b, "", ""});
+  CHECK(rows_on_disk() == 2);
+  lib.PutBlock(c);
+  CHECK(rows_on_disk() == 2);
+  REQUIRE(lib.store.SyncIndex().ok());
+  CHECK(rows_on_disk() == 3);
+  CHECK(lib.store.Has(Lib::IdOf(c)));
+}
+
 TEST_CASE("block store: a damaged record is reported as corruption, not served") {
   TempDir tmp;
   const std::filesystem::path blocks = tmp / "blocks";

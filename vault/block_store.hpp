@@ -93,8 +93,16 @@ class BlockStore {
   // Verifies then stores every block not present yet. kCorruption names the first block
   // whose content does not match its id (nothing of the batch is stored then).
   // The payloads are only read during the call (views into the request body, say).
+  // Durability: the records are flushed to disk (fdatasync) before their index rows are
+  // written, so no index row outlives its record; the rows themselves may be lost to a power
+  // failure until the next SyncIndex (those blocks then count as missing and are uploaded
+  // again). A process crash loses nothing that Put returned.
   Result<PutStats> Put(std::span<const BlockRecordView> blocks);
   Result<PutStats> Put(const std::vector<EncodedBlock>& blocks);
+  // Makes every index row written so far durable (checkpoints the index's write-ahead log,
+  // which syncs it first). Catalog::Commit calls it before it publishes a recovery point, so a
+  // published point never refers to a block the index could still forget.
+  Status SyncIndex();
   // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
   Result<EncodedBlock> Get(const BlockId& id) const;
   // Appends the stored records of `ids` (in that order, duplicates repeated) to `out` as they

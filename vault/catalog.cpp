@@ -251,6 +251,9 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
     files.emplace_back(name, std::move(*data));
     rp.disks.push_back(std::move(rec));
   }
+  // The blocks' index rows become durable before the point that refers to them is published.
+  if (Status st = store_->SyncIndex(); !st.ok())
+    return std::move(st).InPhase("commit").WithFix("check the vault's disk");
   files.emplace_back("rp.json", rp.ToJson().dump(2));
   const std::string tmp = rps_ + "/.tmp-" + rp.id;
   std::error_code ec;

@@ -174,7 +174,21 @@ if ! command -v wine >/dev/null 2>&1 || ! command -v wineserver >/dev/null 2>&1;
   exit 0
 fi
 
-wine wineboot --init >/dev/null 2>&1 || die "wineboot failed in $WINEPREFIX"
+# A new prefix's first boot has failed once in CI within seconds, with nothing to say why (its
+# output was discarded). Keep the output, and retry from a clean prefix before giving up.
+booted=0
+for attempt in 1 2 3; do
+  if wine wineboot --init >"$WORK/wineboot-$attempt.log" 2>&1; then
+    booted=1
+    break
+  fi
+  echo "windows_msi: wineboot attempt $attempt failed in $WINEPREFIX; its output:" >&2
+  tail -n 20 "$WORK/wineboot-$attempt.log" >&2 || true
+  wineserver -k 2>/dev/null || true  # this prefix's server only
+  sleep 2
+  rm -rf "$WINEPREFIX"
+done
+[ "$booted" = 1 ] || die "wineboot failed 3 times in $WINEPREFIX (output above)"
 wineserver -w  # let the boot's services settle and exit before the persistent server starts
 wineserver -p
 C="$WINEPREFIX/drive_c"

@@ -167,9 +167,19 @@ struct BlockStore::Pack {
   uint64_t size = 0;  // active pack: bytes appended so far (a multiple of kAlign)
 };
 
-BlockStore::BlockStore(std::string root, uint64_t pack_target_bytes)
-    : root_(std::move(root)), pack_target_bytes_(pack_target_bytes) {}
-BlockStore::~BlockStore() = default;
+BlockStore::BlockStore(std::string root, uint64_t pack_target_bytes, size_t max_pending_rows)
+    : root_(std::move(root)),
+      pack_target_bytes_(pack_target_bytes),
+      max_pending_rows_(std::max<size_t>(1, max_pending_rows)) {}
+
+BlockStore::~BlockStore() {
+  if (!db_) return;
+  std::lock_guard lock(db_mu_);
+  if (Status st = FlushPendingLocked(); !st.ok())
+    spdlog::error("block index: {} rows of stored blocks not written at shutdown ({}); those "
+                  "blocks count as missing and are uploaded again",
+                  pending_.size(), st.ToString());
+}
 
 std::string BlockStore::PackPath(int64_t number) const {
   char name[32];
@@ -181,6 +191,9 @@ Status BlockStore::OpenIndex() {
   auto db = Db::Open(root_ + "/index.db");
   if (!db.ok()) return db.take_status();
   db_ = std::move(*db);
+  // 32 MiB of page cache (SQLite's default is 2 MiB): the index of a few million blocks stays
+  // in memory for lookups, and a flush of pending rows rarely writes a page out twice.
+  VMSNAP_RETURN_IF_ERROR(db_->Exec("PRAGMA cache_size=-32768"));
   VMSNAP_RETURN_IF_ERROR(
       db_->Exec("CREATE TABLE IF NOT EXISTS blocks (id BLOB PRIMARY KEY, pack INTEGER NOT NULL, "
                 "offset INTEGER NOT NULL, length INTEGER NOT NULL, payload INTEGER NOT NULL, "
@@ -325,7 +338,7 @@ Status BlockStore::MigrateLegacyFiles() {
       for (const auto& b : blocks) bytes += kRecordHeaderSize + b.payload.size();
       AppendBuffer records(bytes);
       for (const auto& b : blocks) records.Add(b);
-      auto at = Append(records.view());
+      auto at = Append(records.view(), /*sync=*/true);
       if (!at.ok()) return at.take_status();
       std::vector<BlockRecordView> views(blocks.begin(), blocks.end());
       PutStats ignored;
@@ -353,7 +366,7 @@ Status BlockStore::MigrateLegacyFiles() {
   return SyncDir(root_);
 }
 
-Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records) {
+Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records, bool sync) {
   std::shared_ptr<Pack> pack;
   uint64_t offset = 0;
   {
@@ -396,8 +409,12 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
       active_.reset();  // its tail may hold part of this write: never append after it
       return std::move(st).WithFix("check free space on the vault's disk");
     }
+    // Registered with the write, under the same lock: a flush that takes the list sees every
+    // write made before it.
+    if (!sync && std::find(unsynced_.begin(), unsynced_.end(), pack) == unsynced_.end())
+      unsynced_.push_back(pack);
   }
-  if (::fdatasync(pack->fd.get()) != 0)
+  if (sync && ::fdatasync(pack->fd.get()) != 0)
     return Status::FromErrno(errno, "sync " + pack->path)
         .WithFix("check the vault's disk (the kernel reported a write error)");
   return std::make_pair(pack->number, offset);
@@ -441,6 +458,11 @@ std::vector<bool> BlockStore::HasForUploadLocked(std::span<const BlockId> ids) {
   }
   const int64_t now = NowMs();
   for (size_t i = 0; i < ids.size(); ++i) {
+    if (auto it = pending_.find(ids[i]); it != pending_.end()) {
+      it->second.touched_ms = now;
+      present[i] = true;
+      continue;
+    }
     touch_->Reset();
     touch_->BindBlob(1, ids[i].bytes.data(), 32);
     touch_->BindInt(2, now);
@@ -465,6 +487,7 @@ std::vector<bool> BlockStore::HasForUpload(std::span<const BlockId> ids) {
 }
 
 Result<BlockStore::IndexRow> BlockStore::LookupLocked(const BlockId& id) const {
+  if (auto it = pending_.find(id); it != pending_.end()) return it->second.where;
   select_->Reset();
   select_->BindBlob(1, id.bytes.data(), 32);
   auto row = select_->Step();
@@ -595,6 +618,10 @@ void BlockStore::ForEach(const std::function<void(const BlockId&, uint64_t, int6
   std::vector<Row> rows;
   {
     std::lock_guard lock(db_mu_);
+    if (Status st = FlushPendingLocked(); !st.ok()) {
+      spdlog::error("block index: {}", st.ToString());
+      return;
+    }
     auto stmt = db_->Prepare("SELECT id, payload, touched_ms FROM blocks");
     if (!stmt.ok()) {
       spdlog::error("block index: {}", stmt.status().ToString());
@@ -619,6 +646,7 @@ Result<BlockStore::Removed> BlockStore::RemoveUntouchedSince(std::span<const Blo
                                                              int64_t cutoff_unix_ms) {
   std::unique_lock gc_lock(gc_mu_);
   std::lock_guard lock(db_mu_);
+  VMSNAP_RETURN_IF_ERROR(FlushPendingLocked());
   Removed removed;
   for (size_t begin = 0; begin < ids.size(); begin += kRowsPerTransaction) {
     Transaction tx(db_.get());
@@ -656,6 +684,7 @@ StoreUsage BlockStore::Usage() const {
   std::lock_guard lock(db_mu_);
   if (auto rows = db_->Query("SELECT COALESCE(SUM(length), 0) FROM blocks"); rows.ok())
     u.live_bytes = static_cast<uint64_t>(rows->at(0).Int(0));
+  for (const auto& [id, row] : pending_) u.live_bytes += row.where.length;
   return u;
 }
 
@@ -665,6 +694,7 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
   std::map<int64_t, uint64_t> live;  // pack -> bytes of indexed records
   {
     std::lock_guard lock(db_mu_);
+    VMSNAP_RETURN_IF_ERROR(FlushPendingLocked());
     auto rows = db_->Query("SELECT pack, SUM(length) FROM blocks GROUP BY pack");
     if (!rows.ok()) return rows.take_status();
     for (const auto& r : *rows) live[r.Int(0)] = static_cast<uint64_t>(r.Int(1));
@@ -723,7 +753,7 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
           VMSNAP_RETURN_IF_ERROR(PreadAll((*source)->fd.get(), offset, chunk.Reserve(length),
                                           length, (*source)->path));
         }
-        auto at = Append(chunk.view());
+        auto at = Append(chunk.view(), /*sync=*/true);
         if (!at.ok()) return at.take_status();
         std::lock_guard lock(db_mu_);
         Transaction tx(db_.get());
@@ -795,24 +825,94 @@ Result<PutStats> BlockStore::Put(std::span<const BlockRecordView> blocks) {
   if (fresh.empty()) return stats;
   AppendBuffer records(bytes);
   for (const BlockRecordView& b : fresh) records.Add(b);
-  auto at = Append(records.view());
+  auto at = Append(records.view(), /*sync=*/false);
   if (!at.ok()) return std::move(at.take_status()).InPhase("store block");
   std::lock_guard lock(db_mu_);
-  // One flush per upload batch (the pack's above), not two: this transaction's commit does
-  // not sync the write-ahead log (synchronous=NORMAL); SyncIndex, the next FULL transaction
-  // or the next checkpoint does. Uploads were waiting on ~15 ms log syncs on a slow disk.
-  Status st = db_->Exec("PRAGMA synchronous=NORMAL");
-  if (st.ok()) st = IndexInsert(fresh, at->first, at->second, &stats);
+  const int64_t now = NowMs();
+  if (pending_.empty()) pending_since_ = std::chrono::steady_clock::now();
+  uint64_t offset = at->second;
+  for (const BlockRecordView& b : fresh) {
+    const uint64_t length = kRecordHeaderSize + b.payload.size();
+    // A concurrent Put of the same block may have won: its row stays, this copy is dead bytes
+    // (a row already written by a flush in between wins the same way, at the next flush).
+    if (pending_.try_emplace(b.id, PendingRow{{at->first, offset, length}, now}).second) {
+      stats.stored++;
+      stats.bytes_stored += b.payload.size();
+    } else {
+      stats.already_present++;
+    }
+    offset += length;
+  }
+  if (pending_.size() >= max_pending_rows_ ||
+      std::chrono::steady_clock::now() - pending_since_ >= kMaxPendingAge)
+    if (Status st = FlushPendingLocked(); !st.ok())
+      return std::move(st).InPhase("store block").WithFix("check the vault's disk and free space");
+  return stats;
+}
+
+Status BlockStore::FlushPendingLocked() const {
+  if (pending_.empty()) return Status::Ok();
+  std::vector<std::shared_ptr<Pack>> packs;
+  {
+    std::lock_guard lock(append_mu_);
+    packs.swap(unsynced_);
+  }
+  for (const auto& pack : packs) {
+    if (::fdatasync(pack->fd.get()) == 0) continue;
+    const int err = errno;
+    // After a failed flush the kernel may have dropped the pages; a second flush would report
+    // success. Forget the rows (their blocks are uploaded again) and start a new pack.
+    const size_t dropped = pending_.size();
+    pending_.clear();
+    {
+      std::lock_guard lock(append_mu_);
+      if (active_ && active_->number == pack->number) active_.reset();
+    }
+    return Status::FromErrno(err, "sync " + pack->path + " (" + std::to_string(dropped) +
+                                      " stored blocks forgotten; they are uploaded again)")
+        .WithFix("check the vault's disk (the kernel reported a write error)");
+  }
+  // These rows are made durable by the next FULL transaction, checkpoint or SyncIndex; until
+  // then a power failure may forget them, which is what losing them while pending means.
+  VMSNAP_RETURN_IF_ERROR(db_->Exec("PRAGMA synchronous=NORMAL"));
+  Status st = [&]() -> Status {
+    // In id order: each page of the index is then finished before the next one is touched,
+    // so a page the cache has to write out early is not written again.
+    std::vector<const std::pair<const BlockId, PendingRow>*> rows;
+    rows.reserve(pending_.size());
+    for (const auto& entry : pending_) rows.push_back(&entry);
+    std::sort(rows.begin(), rows.end(),
+              [](const auto* a, const auto* b) { return a->first.bytes < b->first.bytes; });
+    Transaction tx(db_.get());
+    VMSNAP_RETURN_IF_ERROR(tx.status());
+    for (const auto* entry : rows) {
+      const auto& [id, row] = *entry;
+      insert_->Reset();
+      insert_->BindBlob(1, id.bytes.data(), 32);
+      insert_->BindInt(2, row.where.pack);
+      insert_->BindInt(3, static_cast<int64_t>(row.where.offset));
+      insert_->BindInt(4, static_cast<int64_t>(row.where.length));
+      insert_->BindInt(5, static_cast<int64_t>(row.where.length - kRecordHeaderSize));
+      insert_->BindInt(6, row.touched_ms);
+      if (auto s = insert_->Step(); !s.ok()) return s.take_status();
+    }
+    insert_->Reset();
+    return tx.Commit();
+  }();
+  insert_->Reset();
   Status full = db_->Exec("PRAGMA synchronous=FULL");
   if (st.ok()) st = std::move(full);
-  if (!st.ok())
-    return std::move(st).InPhase("store block").WithFix("check free space on the vault's disk");
-  return stats;
+  if (!st.ok()) return st;  // the packs are flushed: the rows stay pending for a later try
+  pending_.clear();
+  return Status::Ok();
 }
 
 Status BlockStore::SyncIndex() {
   std::lock_guard lock(db_mu_);
-  return db_->Exec("PRAGMA wal_checkpoint(PASSIVE)");
+  VMSNAP_RETURN_IF_ERROR(FlushPendingLocked());
+  // TRUNCATE: the log goes back to zero bytes once copied (this connection is the index's
+  // only one, so nothing holds the checkpoint back). A checkpoint syncs the log first.
+  return db_->Exec("PRAGMA wal_checkpoint(TRUNCATE)");
 }
 
 }  // namespace vmsnap::vault

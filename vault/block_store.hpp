@@ -3,14 +3,18 @@
 // Blocks are appended to pack files, DATA/blocks/packs/<8 digits>.pack ("VMPACK01", then
 // VMB1 records: id, codec, sizes, payload; each append starts on a 4 KiB boundary and is
 // written with O_DIRECT where the filesystem allows), and found through an index,
-// DATA/blocks/index.db (SQLite, WAL, synchronous=FULL): id -> pack, offset, length, payload
-// bytes, last touch. Many blocks per file: no inode, directory entry and rename per block.
+// DATA/blocks/index.db (SQLite, WAL): id -> pack, offset, length, payload bytes, last touch. Many blocks per file: no inode, directory entry and rename per block.
 //
 // Put verifies every new block first (decompressed and re-hashed: the id must be the SHA-256
-// of the plaintext; a bad block rejects the whole batch), appends the batch's records to the
-// active pack, fdatasyncs it, then commits the index rows in one transaction, and only then
-// returns. A crash leaves at most records no index row points to (dead bytes, reclaimed by
-// Compact), never an index row pointing at bytes that are not durable.
+// of the plaintext; a bad block rejects the whole batch) and appends the batch's records to the
+// active pack. Their index rows are kept in memory (every lookup consults them) and written in
+// one transaction by the Put that finds kMaxPendingRows rows or rows older than
+// kMaxPendingAge pending, at SyncIndex, before garbage collection and at destruction: the
+// packs are flushed (fdatasync) first, then the rows are committed, so no
+// index row ever points at bytes that are not durable. A crash before that loses the pending
+// rows only: their records are dead bytes (reclaimed by Compact), the blocks count as missing
+// and the next backup uploads them again; no published recovery point refers to them because
+// Catalog::Commit calls SyncIndex before it publishes.
 // Thread-safe: every method may be called from several threads at once. Concurrent puts of
 // the same block are harmless (the first index row wins; the other copy is dead bytes).
 //
@@ -26,6 +30,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -34,6 +39,7 @@
 #include <shared_mutex>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/block_codec.hpp"
@@ -79,7 +85,10 @@ class BlockStore {
 
   // Pack files are closed and a new one started when the active pack would grow past
   // `pack_target_bytes` (tests use small packs).
-  explicit BlockStore(std::string root, uint64_t pack_target_bytes = kPackTargetBytes);
+  // `max_pending_rows`: index rows kept in memory before a Put writes them (tests use few).
+  explicit BlockStore(std::string root, uint64_t pack_target_bytes = kPackTargetBytes,
+                      size_t max_pending_rows = kMaxPendingRows);
+  // Writes the pending index rows (a clean shutdown loses no upload); errors are logged.
   ~BlockStore();
   BlockStore(const BlockStore&) = delete;
   BlockStore& operator=(const BlockStore&) = delete;
@@ -93,16 +102,25 @@ class BlockStore {
   // Verifies then stores every block not present yet. kCorruption names the first block
   // whose content does not match its id (nothing of the batch is stored then).
   // The payloads are only read during the call (views into the request body, say).
-  // Durability: the records are flushed to disk (fdatasync) before their index rows are
-  // written, so no index row outlives its record; the rows themselves may be lost to a power
-  // failure until the next SyncIndex (those blocks then count as missing and are uploaded
-  // again). A process crash loses nothing that Put returned.
+  // Durability: when Put returns, the records are written and every lookup finds them, but
+  // neither they nor their index rows are flushed yet (see the top of this file); the Put that
+  // takes the pending rows past the limit flushes them all (and fails if that flush fails).
   Result<PutStats> Put(std::span<const BlockRecordView> blocks);
   Result<PutStats> Put(const std::vector<EncodedBlock>& blocks);
-  // Makes every index row written so far durable (checkpoints the index's write-ahead log,
-  // which syncs it first). Catalog::Commit calls it before it publishes a recovery point, so a
-  // published point never refers to a block the index could still forget.
+  // Makes every block stored so far durable: flushes the packs, writes the pending index rows
+  // and checkpoints the index's write-ahead log (which syncs it first) into index.db, then
+  // truncates the log. Catalog::Commit calls it before it publishes a recovery point, so a
+  // published point never refers to a block the vault could still forget. If the packs cannot
+  // be flushed, the pending rows are dropped (their blocks count as missing, a backup sends
+  // them again) and the error returned.
   Status SyncIndex();
+  // Index rows kept in memory before they are written (≈ 512 MiB of 32 KiB blocks). Writing
+  // rows of random ids in big transactions touches each page of the index once per flush
+  // instead of once per upload batch.
+  static constexpr size_t kMaxPendingRows = 16384;
+  // ...and at most this long, so that a vault that crashes in the middle of a backup keeps
+  // what was uploaded before the last couple of seconds (the backup's rerun sends the rest).
+  static constexpr std::chrono::milliseconds kMaxPendingAge{2000};
   // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
   Result<EncodedBlock> Get(const BlockId& id) const;
   // Appends the stored records of `ids` (in that order, duplicates repeated) to `out` as they
@@ -122,7 +140,7 @@ class BlockStore {
   // Stored (payload) bytes of a block; 0 if absent.
   uint64_t StoredBytes(const BlockId& id) const;
   // Calls fn(id, payload_bytes, touched_unix_ms) for every stored block (no lock held: the
-  // rows are read first).
+  // rows are read first; pending rows are written to the index first).
   void ForEach(const std::function<void(const BlockId&, uint64_t, int64_t)>& fn) const;
   // Drops every listed block whose touch time is before cutoff_unix_ms (real clock), in one
   // index transaction. Returns how many blocks and payload bytes were dropped. The pack bytes
@@ -146,15 +164,25 @@ class BlockStore {
     uint64_t offset = 0;  // of the record
     uint64_t length = 0;  // record header + payload
   };
-  // The index row of `id` (kNotFound when absent). Caller holds db_mu_.
+  struct PendingRow {
+    IndexRow where;
+    int64_t touched_ms = 0;
+  };
+  // The index row of `id`, pending or written (kNotFound when absent). Caller holds db_mu_.
   Result<IndexRow> LookupLocked(const BlockId& id) const;
+  // Flushes the packs pending rows point into, then writes those rows in one transaction.
+  // Caller holds db_mu_. On a failed flush the pending rows are dropped; on a failed
+  // transaction they stay pending.
+  Status FlushPendingLocked() const;
   Status OpenIndex();
   Status MigrateLegacyFiles();
   Status RebuildIndex();
   // Appends records to the active pack (rotating it when full) and makes them durable.
   // Returns the pack number and the offset of the first record.
   // `records` starts at an address aligned to 4 KiB and its size is a multiple of 4 KiB.
-  Result<std::pair<int64_t, uint64_t>> Append(std::string_view records);
+  // `sync`: flush the pack before returning; otherwise the pack is flushed by the next
+  // FlushPendingLocked.
+  Result<std::pair<int64_t, uint64_t>> Append(std::string_view records, bool sync);
   Result<std::shared_ptr<Pack>> PackForRead(int64_t number) const;
   Status IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack, uint64_t first_offset,
                      PutStats* stats);
@@ -169,9 +197,16 @@ class BlockStore {
   mutable std::mutex db_mu_;
   std::unique_ptr<Db> db_;
   std::unique_ptr<DbStatement> select_, touch_, insert_, remove_;
-  // The active pack, appended under append_mu_.
-  std::mutex append_mu_;
-  std::shared_ptr<Pack> active_;
+  // Rows of stored blocks not written to the index yet (under db_mu_; a cache of writes, so
+  // const lookups may flush it).
+  size_t max_pending_rows_;
+  mutable std::unordered_map<BlockId, PendingRow, BlockIdHash> pending_;
+  std::chrono::steady_clock::time_point pending_since_;  // when the oldest pending row came
+  // The active pack, appended under append_mu_ (taken after db_mu_ when both are held).
+  mutable std::mutex append_mu_;
+  mutable std::shared_ptr<Pack> active_;
+  // Packs written to since their last flush (under append_mu_).
+  mutable std::vector<std::shared_ptr<Pack>> unsynced_;
   int64_t next_pack_ = 1;
   // Open read handles by pack number.
   mutable std::mutex packs_mu_;

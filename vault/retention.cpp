@@ -18,8 +18,7 @@ using nlohmann::json;
 namespace {
 
 constexpr int64_t kDayMs = 86400000;
-// Block mtimes come from the kernel's coarse clock; compare with a margin.
-constexpr int64_t kMtimeMarginMs = 2000;
+constexpr int64_t kMtimeMarginMs = Lifecycle::kBlockAgeMarginMs;
 
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;

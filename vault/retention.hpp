@@ -93,6 +93,11 @@ class Lifecycle {
   // compared with it); null = the system clock.
   Lifecycle(Catalog* catalog, BlockStore* store, NowFn real_now = nullptr);
 
+  // Garbage collection frees a block only when it was last written or touched more than this
+  // long (real time) before the collection started: stores migrated from an older format
+  // carry file mtimes from the kernel's coarse clock.
+  static constexpr int64_t kBlockAgeMarginMs = 2000;
+
   // Expires, merges, purges, deletes abandoned sessions and collects garbage. `now` is the
   // vault clock (injectable). Errors stop the run; what was done stays done and consistent.
   Result<CleanupReport> Cleanup(int64_t now, const LifecycleInputs& inputs);

@@ -103,10 +103,17 @@ struct Segment {
   uint64_t count;
 };
 
+// Encoded blocks of one segment, in disk order. The vault appends each upload to its packs as
+// it arrives, so a group queued and sent whole lands as one run of adjacent records, which a
+// restore reads back with one large read instead of one read per block (docs/PERFORMANCE.md).
 struct UploadItem {
   DiskJob* disk;
-  EncodedBlock block;
+  std::vector<EncodedBlock> blocks;
+  uint64_t payload_bytes = 0;
 };
+
+// Encoded bytes gathered from a segment before they are queued.
+constexpr uint64_t kUploadGroupBytes = 1 << 20;
 
 // Shared upload budget for --max-rate (token bucket with no burst).
 class RateLimiter {
@@ -229,6 +236,14 @@ void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf
   // cache while they are hashed right after the read (4 MiB reads then hashing was slower).
   const uint64_t piece_blocks = std::max<uint64_t>(1, kHashPieceBytes / bs);
   std::vector<ManifestEntry> local_entries;
+  UploadItem group{&d, {}, 0};
+  auto push_group = [&] {
+    if (group.blocks.empty()) return true;
+    const uint64_t cost = group.payload_bytes + 64 * group.blocks.size();
+    bool pushed = queue.Push(std::move(group), cost);
+    group = UploadItem{&d, {}, 0};
+    return pushed;
+  };
   for (uint64_t i = 0; i < seg.count;) {
     uint64_t j = i + 1;
     while (j < seg.count && has_data[j] == has_data[i] && (!has_data[i] || j - i < piece_blocks))
@@ -269,10 +284,12 @@ void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf
         if (!dedup.insert(id).second) continue;  // same content already queued in this backup
       }
       EncodedBlock enc = EncodeBlock(id, block);
-      uint64_t cost = enc.payload.size() + 64;
-      if (!queue.Push(UploadItem{&d, std::move(enc)}, cost)) return;
+      group.payload_bytes += enc.payload.size();
+      group.blocks.push_back(std::move(enc));
+      if (group.payload_bytes >= kUploadGroupBytes && !push_group()) return;
     }
   }
+  if (!push_group()) return;
   std::lock_guard lock(d.entries_mu);
   d.entries.insert(d.entries.end(), local_entries.begin(), local_entries.end());
 }
@@ -282,23 +299,26 @@ void UploadLoop(const BackupOptions& opt, VaultClient& client, BoundedQueue<Uplo
                 RateLimiter& limiter, FailureLatch& failure) {
   std::vector<UploadItem> batch;
   uint64_t batch_bytes = 0;
+  size_t batch_blocks = 0;
   auto flush = [&]() -> Status {
     if (batch.empty()) return Status::Ok();
     std::vector<BlockId> ids;
-    ids.reserve(batch.size());
-    for (const auto& it : batch) ids.push_back(it.block.id);
+    ids.reserve(batch_blocks);
+    for (const auto& it : batch)
+      for (const auto& b : it.blocks) ids.push_back(b.id);
     auto missing = client.Missing(ids);
     if (!missing.ok()) return missing.take_status();
     std::unordered_set<BlockId, BlockIdHash> want(missing->begin(), missing->end());
     std::vector<EncodedBlock> send;
     std::vector<DiskJob*> owners;
     uint64_t bytes = 0;
-    for (auto& it : batch) {
-      if (!want.count(it.block.id)) continue;
-      bytes += it.block.payload.size();
-      owners.push_back(it.disk);
-      send.push_back(std::move(it.block));
-    }
+    for (auto& it : batch)
+      for (auto& b : it.blocks) {
+        if (!want.count(b.id)) continue;
+        bytes += b.payload.size();
+        owners.push_back(it.disk);
+        send.push_back(std::move(b));
+      }
     if (!send.empty()) {
       limiter.Acquire(bytes);
       VMSNAP_RETURN_IF_ERROR(client.Upload(send));
@@ -309,20 +329,22 @@ void UploadLoop(const BackupOptions& opt, VaultClient& client, BoundedQueue<Uplo
     }
     batch.clear();
     batch_bytes = 0;
+    batch_blocks = 0;
     return Status::Ok();
   };
   for (;;) {
     bool finished = false;
     auto item = queue.Pop(std::chrono::milliseconds(100), finished);
     if (item) {
-      batch_bytes += item->block.payload.size();
+      batch_bytes += item->payload_bytes;
+      batch_blocks += item->blocks.size();
       batch.push_back(std::move(*item));
     }
     if (failure.failed()) {
       queue.Cancel();
       return;
     }
-    bool full = batch_bytes >= opt.batch_bytes || batch.size() >= 2048;
+    bool full = batch_bytes >= opt.batch_bytes || batch_blocks >= 2048;
     if (full || (!item && !batch.empty())) {
       Status st = flush();
       if (!st.ok()) {

@@ -24,7 +24,7 @@ struct RestoreOptions {
   std::string recovery_point;
   int disk = -1;                     // -1: every disk of the point, one target each
   std::vector<std::string> targets;  // devices or files, in disk order
-  int fetchers = 4;
+  int fetchers = 6;
   bool progress = true;
 };
 

@@ -202,7 +202,11 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     return Json(rp->ToJson());
   }
   if (get && p == "/v1/stats") {
+    const auto reads = store_->read_counts();
     return Json({{"requests", counters_.requests.load()},
+                 {"pack_reads", reads.reads},
+                 {"pack_direct_reads", reads.direct},
+                 {"pack_read_bytes", reads.bytes},
                  {"blocks_received", counters_.blocks_received.load()},
                  {"blocks_stored", counters_.blocks_stored.load()},
                  {"bytes_stored", counters_.bytes_stored.load()},

@@ -3,18 +3,19 @@
 // Blocks are appended to pack files, DATA/blocks/packs/<8 digits>.pack ("VMPACK01", then
 // VMB1 records: id, codec, sizes, payload; each append starts on a 4 KiB boundary and is
 // written with O_DIRECT where the filesystem allows), and found through an index,
-// DATA/blocks/index.db (SQLite, WAL): id -> pack, offset, length, payload bytes, last touch. Many blocks per file: no inode, directory entry and rename per block.
+// DATA/blocks/index.db (SQLite, WAL): id -> pack, offset, length, payload bytes, last touch. Many
+// blocks per file: no inode, directory entry and rename per block.
 //
 // Put verifies every new block first (decompressed and re-hashed: the id must be the SHA-256
 // of the plaintext; a bad block rejects the whole batch) and appends the batch's records to the
 // active pack. Their index rows are kept in memory (every lookup consults them) and written in
-// one transaction by the Put that finds kMaxPendingRows rows or rows older than
-// kMaxPendingAge pending, at SyncIndex, before garbage collection and at destruction: the
-// packs are flushed (fdatasync) first, then the rows are committed, so no
-// index row ever points at bytes that are not durable. A crash before that loses the pending
-// rows only: their records are dead bytes (reclaimed by Compact), the blocks count as missing
-// and the next backup uploads them again; no published recovery point refers to them because
-// Catalog::Commit calls SyncIndex before it publishes.
+// one transaction by the Put that finds max_pending_rows rows (the vault: every Put, before it
+// answers) or rows older than kMaxPendingAge pending, at SyncIndex, before garbage collection
+// and at destruction: the packs are flushed (fdatasync) first, then the rows are committed, so
+// no index row ever points at bytes that are not durable. A crash before that loses the
+// pending rows only: their records are dead bytes (reclaimed by Compact), the blocks count as
+// missing and the next backup uploads them again; no published recovery point refers to them
+// because Catalog::Commit calls SyncIndex before it publishes.
 // Thread-safe: every method may be called from several threads at once. Concurrent puts of
 // the same block are harmless (the first index row wins; the other copy is dead bytes).
 //
@@ -36,6 +37,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <shared_mutex>
 #include <span>
 #include <string>
@@ -114,10 +116,14 @@ class BlockStore {
   // be flushed, the pending rows are dropped (their blocks count as missing, a backup sends
   // them again) and the error returned.
   Status SyncIndex();
-  // Index rows kept in memory before they are written (≈ 512 MiB of 32 KiB blocks). Writing
-  // rows of random ids in big transactions touches each page of the index once per flush
-  // instead of once per upload batch.
-  static constexpr size_t kMaxPendingRows = 16384;
+  // Index rows kept in memory before a Put writes them. The vault writes them at the end of
+  // every Put (1): an acknowledged upload then survives a crash of the vault process, which a
+  // backup running through a vault restart relies on (it does not send again what the vault
+  // acknowledged). Batching rows over several uploads (session 7: 16 384 rows, 41 instead of
+  // 303 fdatasync per 4 GiB full backup) needs a restart to re-index the acknowledged records
+  // found after the index's last write in the packs first (docs/PERFORMANCE.md, session 8);
+  // tests still run the batching with small limits.
+  static constexpr size_t kMaxPendingRows = 1;
   // ...and at most this long, so that a vault that crashes in the middle of a backup keeps
   // what was uploaded before the last couple of seconds (the backup's rerun sends the rest).
   static constexpr std::chrono::milliseconds kMaxPendingAge{2000};
@@ -157,6 +163,13 @@ class BlockStore {
   Result<CompactStats> Compact(double min_live_fraction = 0.5);
   StoreUsage Usage() const;
 
+  // Reads of pack files made by AppendRecords since Open (thread-safe counters): one per run
+  // of adjacent records; `direct` of them bypassed the page cache.
+  struct ReadCounts {
+    uint64_t reads = 0, direct = 0, bytes = 0;
+  };
+  ReadCounts read_counts() const;
+
  private:
   struct Pack;
   struct IndexRow {
@@ -184,6 +197,18 @@ class BlockStore {
   // FlushPendingLocked.
   Result<std::pair<int64_t, uint64_t>> Append(std::string_view records, bool sync);
   Result<std::shared_ptr<Pack>> PackForRead(int64_t number) const;
+  // An aligned buffer for direct reads, reused from one run to the next.
+  struct DirectReadBuffer {
+    struct Free {
+      void operator()(char* p) const { ::operator delete (p, std::align_val_t{4096}); }
+    };
+    std::unique_ptr<char, Free> data;
+    size_t capacity = 0;
+  };
+  // Runs at least this long are read with O_DIRECT where the filesystem allows it.
+  static constexpr uint64_t kDirectReadMinBytes = 256 << 10;
+  Status ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
+                 DirectReadBuffer& buffer) const;
   Status IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack, uint64_t first_offset,
                      PutStats* stats);
   std::vector<bool> HasForUploadLocked(std::span<const BlockId> ids);
@@ -211,6 +236,7 @@ class BlockStore {
   // Open read handles by pack number.
   mutable std::mutex packs_mu_;
   mutable std::map<int64_t, std::shared_ptr<Pack>> open_packs_;
+  mutable std::atomic<uint64_t> pack_reads_{0}, pack_direct_reads_{0}, pack_read_bytes_{0};
 };
 
 }  // namespace vmsnap::vault

@@ -80,7 +80,7 @@ measure() {
   read -r wall user sys rss <"$W/time.txt"
   jq -nc --argjson run "$run" --arg tool "$tool" --arg phase "$phase" --argjson wall "$wall" \
     --argjson user "$user" --argjson sys "$sys" --argjson rss "$rss" --argjson extra "$extra" \
-    '{run:$run, tool:$tool, phase:$phase, wall_s:$wall, cpu_s:($user+$sys), max_rss_kib:$rss} + $extra' >>"$RESULTS"
+    '{run:$run, tool:$tool, phase:$phase, wall_s:$wall, cpu_s:((($user+$sys)*100|round)/100), max_rss_kib:$rss} + $extra' >>"$RESULTS"
 }
 record() { jq -nc --argjson run "$1" --arg tool "$2" --arg phase "$3" --argjson extra "$4" '{run:$run, tool:$tool, phase:$phase} + $extra' >>"$RESULTS"; }
 bytes_of() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END {printf "%.0f\n", s}'; }

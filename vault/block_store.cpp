@@ -543,13 +543,14 @@ Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number
   return pack;
 }
 
-// Reads [offset, offset + n) of a pack into `out`. Long runs bypass the page cache: the packs
+// Reads [offset, offset + n) of a pack into `out`. Runs bypass the page cache: the packs
 // were appended with O_DIRECT, so they are rarely cached, and a buffered read would copy every
 // byte once more and fill the page cache with pages that are read once (measured on this
 // project's VM: 1.3 GB read buffered right after direct appends cost 2.4 CPU-seconds of kernel
 // time, read direct 0.05; docs/PERFORMANCE.md). The aligned range around the run is read into
-// `buffer` (kept by the caller across runs) and the run copied out of it. Short runs, and
-// packs whose filesystem refuses direct reads, are read through the page cache.
+// `buffer` (kept by the caller across runs) and the run copied out of it. Runs shorter than
+// kDirectReadMinBytes, and packs whose filesystem refuses direct reads, are read through the
+// page cache. (Get, for single blocks, reads through the page cache.)
 BlockStore::ReadCounts BlockStore::read_counts() const {
   return {pack_reads_.load(), pack_direct_reads_.load(), pack_read_bytes_.load()};
 }

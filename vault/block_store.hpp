@@ -205,8 +205,10 @@ class BlockStore {
     std::unique_ptr<char, Free> data;
     size_t capacity = 0;
   };
-  // Runs at least this long are read with O_DIRECT where the filesystem allows it.
-  static constexpr uint64_t kDirectReadMinBytes = 256 << 10;
+  // Runs at least this long are read with O_DIRECT where the filesystem allows it (shorter
+  // ones would read a whole page anyway). Reading every run direct, even single records,
+  // restored the 4 GiB image in 4.1-4.2 s against 4.3-4.6 s with a 256 KiB threshold.
+  static constexpr uint64_t kDirectReadMinBytes = 4 << 10;
   Status ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
                  DirectReadBuffer& buffer) const;
   Status IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack, uint64_t first_offset,

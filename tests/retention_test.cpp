@@ -920,14 +920,17 @@ TEST_CASE("block store: stored blocks are served before their index rows are wri
 
 namespace {
 
-// Runs `work` in a forked child that kills itself with SIGKILL when `work` returns true (a
-// vault process dying without any cleanup) and exits 1 otherwise; the test then requires the
-// SIGKILL.
-void RunThenSigkill(const std::function<bool()>& work) {
+// Runs `work` in a forked child, which must end by calling SigkillSelf() while its objects are
+// alive (a vault process dying without any cleanup: no destructor runs); a child that returns
+// from `work` exits 1. The test then requires the SIGKILL.
+void SigkillSelf() {
+  ::kill(::getpid(), SIGKILL);
+}
+void RunInChildKilled(const std::function<void()>& work) {
   const pid_t pid = ::fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
-    if (work()) ::kill(::getpid(), SIGKILL);
+    work();
     ::_exit(1);
   }
   int status = 0;
@@ -946,11 +949,11 @@ TEST_CASE(
   std::mt19937_64 rng(59);
   std::vector<std::string> contents;
   for (int i = 0; i < 5; ++i) contents.push_back(RandomBlock(rng));
-  RunThenSigkill([&] {  // the vault's store (default limits): five answered Puts, no SyncIndex
+  RunInChildKilled([&] {  // the vault's store (default limits): five answered Puts, no SyncIndex
     BlockStore store{blocks};
     bool ok = store.Open().ok();
     for (const auto& c : contents) ok = ok && store.Put({Encoded(c)}).ok();
-    return ok;
+    if (ok) SigkillSelf();
   });
   BlockStore store{blocks};
   REQUIRE(store.Open().ok());
@@ -967,10 +970,11 @@ TEST_CASE(
   const std::filesystem::path blocks = tmp / "blocks";
   std::mt19937_64 rng(53);
   const std::string kept = RandomBlock(rng), lost = RandomBlock(rng);
-  RunThenSigkill([&] {  // the "vault": stores both, syncs only the first, then is killed
+  RunInChildKilled([&] {  // the "vault": stores both, syncs only the first, then is killed
     BlockStore store{blocks, BlockStore::kPackTargetBytes, /*max_pending_rows=*/16};
-    return store.Open().ok() && store.Put({Encoded(kept)}).ok() && store.SyncIndex().ok() &&
-           store.Put({Encoded(lost)}).ok() && store.Has(Lib::IdOf(lost));
+    if (store.Open().ok() && store.Put({Encoded(kept)}).ok() && store.SyncIndex().ok() &&
+        store.Put({Encoded(lost)}).ok() && store.Has(Lib::IdOf(lost)))
+      SigkillSelf();
   });
   BlockStore store{blocks};
   REQUIRE(store.Open().ok());

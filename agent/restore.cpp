@@ -9,12 +9,12 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
-#include <new>
 #include <thread>
 #include <unordered_map>
 
 #include "agent/progress.hpp"
 #include "agent/vault_client.hpp"
+#include "common/aligned_buffer.hpp"
 #include "common/manifest.hpp"
 #include "platform/env.hpp"
 
@@ -68,14 +68,7 @@ struct FetchBuffers {
   // response's own string (moved in), so this one does not save an allocation: it keeps the
   // answer alive while the batch is decoded.
   std::string body;
-  // Aligned operator new/delete (std::aligned_alloc is missing from mingw-w64's C library).
-  struct AlignedDelete {
-    void operator()(std::byte* p) const {
-      ::operator delete (p, std::align_val_t{platform::DiskWriter::kDirectAlignment});
-    }
-  };
-  std::unique_ptr<std::byte, AlignedDelete> run;  // one run of consecutive blocks, decoded
-  size_t run_capacity = 0;
+  AlignedBuffer run;  // one run of consecutive blocks, decoded
 };
 
 Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
@@ -108,8 +101,8 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
   // buffered writes and the final fsync (docs/PERFORMANCE.md). Blocks are decoded (and
   // verified) straight into that buffer.
   constexpr size_t kAlign = platform::DiskWriter::kDirectAlignment;
-  auto& run = buffers.run;
-  size_t& run_capacity = buffers.run_capacity;
+  static_assert(AlignedBuffer::kAlignment % kAlign == 0);
+  AlignedBuffer& run = buffers.run;
   for (size_t i = b.begin; i < b.end;) {
     const uint64_t first = d.map.entries[i].index;
     size_t j = i;
@@ -117,17 +110,14 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
     const uint64_t off = first * bs;
     const uint64_t run_len = std::min<uint64_t>((j - i) * uint64_t{bs}, d.map.disk_size - off);
     const size_t need = (run_len + kAlign - 1) / kAlign * kAlign;
-    if (need > run_capacity) {
-      run.reset(static_cast<std::byte*>(::operator new (need, std::align_val_t{kAlign})));
-      run_capacity = need;
-    }
+    run.Reserve(need);
     for (size_t k = i; k < j; ++k) {
       const auto& e = d.map.entries[k];
       auto it = encoded.find(*e.id);
       if (it == encoded.end())
         return Status::Unavailable("the vault left out block " + e.id->Hex());
       const uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - e.index * bs);
-      Status st = DecodeBlockInto(*it->second, std::span(run.get() + (k - i) * bs, len));
+      Status st = DecodeBlockInto(*it->second, std::span(run.bytes() + (k - i) * bs, len));
       if (!st.ok())
         return Status::Corruption(
             "block " + std::to_string(e.index) + " (id " + e.id->Hex() + ") of disk " +
@@ -135,7 +125,7 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
                 " is corrupt on the vault: " + st.cause(),
             "the vault's copy of this block is damaged; restore another recovery point");
     }
-    VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(run.get(), run_len)));
+    VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(run.bytes(), run_len)));
     d.data_done += j - i;
     i = j;
   }

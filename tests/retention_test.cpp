@@ -964,31 +964,131 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "block store: with rows batched over uploads, a killed vault loses only pending rows; their "
-    "blocks are missing, not damaged, and are stored again") {
+    "block store: answered uploads whose index rows were pending when the vault was killed are "
+    "re-indexed at start; a damaged one is skipped and can be stored again") {
   TempDir tmp;
   const std::filesystem::path blocks = tmp / "blocks";
+  const std::filesystem::path damaged_at = tmp / "damaged-offset";
   std::mt19937_64 rng(53);
-  const std::string kept = RandomBlock(rng), lost = RandomBlock(rng);
-  RunInChildKilled([&] {  // the "vault": stores both, syncs only the first, then is killed
+  const std::string synced = RandomBlock(rng), a = RandomBlock(rng), damaged = RandomBlock(rng),
+                    c = RandomBlock(rng);
+  auto indexed = [&] {  // rows in the index (its log included), read beside the store
+    auto rows = BlockIndex(blocks)->Query("SELECT count(*) FROM blocks");
+    REQUIRE(rows.ok());
+    return (*rows)[0].Int(0);
+  };
+  RunInChildKilled([&] {  // the "vault": syncs the first block, three more stay pending
     BlockStore store{blocks, BlockStore::kPackTargetBytes, /*max_pending_rows=*/16};
-    if (store.Open().ok() && store.Put({Encoded(kept)}).ok() && store.SyncIndex().ok() &&
-        store.Put({Encoded(lost)}).ok() && store.Has(Lib::IdOf(lost)))
-      SigkillSelf();
+    if (!store.Open().ok() || !store.Put({Encoded(synced)}).ok() || !store.SyncIndex().ok()) return;
+    for (const std::string* content : {&a, &damaged, &c})
+      if (!store.Put({Encoded(*content)}).ok()) return;
+    auto where = store.Locate(Lib::IdOf(damaged));
+    if (!where.ok()) return;
+    std::ofstream(damaged_at) << where->record_offset;
+    SigkillSelf();
   });
+  CHECK(indexed() == 1);
+  // One pending record is damaged on disk (a byte of its payload flipped).
+  uint64_t offset = 0;
+  std::ifstream(damaged_at) >> offset;
+  REQUIRE(offset > 0);
+  {
+    std::fstream f(blocks / "packs/00000001.pack", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(offset + kRecordHeaderSize + 100));
+    const char byte = static_cast<char>(f.get());
+    f.seekp(static_cast<std::streamoff>(offset + kRecordHeaderSize + 100));
+    f.put(static_cast<char>(~byte));
+    REQUIRE(f.good());
+  }
   BlockStore store{blocks};
   REQUIRE(store.Open().ok());
-  CHECK(Plain(*store.Get(Lib::IdOf(kept))) == kept);
-  CHECK_FALSE(store.Has(Lib::IdOf(lost)));
-  CHECK(store.HasForUpload(std::vector<BlockId>{Lib::IdOf(lost)}) == std::vector<bool>{false});
-  // The lost block's record is dead bytes in the pack, not a row pointing anywhere.
+  CHECK(indexed() == 3);
+  for (const std::string* content : {&synced, &a, &c})
+    CHECK(Plain(*store.Get(Lib::IdOf(*content))) == *content);
+  CHECK_FALSE(store.Has(Lib::IdOf(damaged)));
+  CHECK(store.HasForUpload(std::vector<BlockId>{Lib::IdOf(damaged)}) == std::vector<bool>{false});
+  // The damaged record is dead bytes, not a row pointing at it.
   const vault::StoreUsage usage = store.Usage();
-  CHECK(usage.live_bytes == kRecordHeaderSize + kBlock);
+  CHECK(usage.live_bytes == 3 * (kRecordHeaderSize + kBlock));
   CHECK(usage.pack_bytes >= usage.live_bytes + kRecordHeaderSize + kBlock);
-  auto again = store.Put({Encoded(lost)});
+  auto again = store.Put({Encoded(damaged)});
   REQUIRE(again.ok());
   CHECK(again->stored == 1);
-  CHECK(Plain(*store.Get(Lib::IdOf(lost))) == lost);
+  CHECK(Plain(*store.Get(Lib::IdOf(damaged))) == damaged);
+  // A second start has nothing left to re-index: the position moved past every record.
+  REQUIRE(store.SyncIndex().ok());
+  auto from = BlockIndex(blocks)->Query("SELECT pack, offset FROM unindexed_from");
+  REQUIRE(from.ok());
+  REQUIRE(from->size() == 1);
+  CHECK((*from)[0].Int(0) == 2);  // the pack this run appended to
+  CHECK(static_cast<uint64_t>((*from)[0].Int(1)) ==
+        std::filesystem::file_size(blocks / "packs/00000002.pack"));
+}
+
+TEST_CASE(
+    "block store: a vault killed by SIGKILL at a random moment during concurrent uploads keeps "
+    "every upload it answered") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(61);
+  constexpr int kThreads = 4, kPutsPerThread = 30, kBlocksPerPut = 2;
+  constexpr int kPuts = kThreads * kPutsPerThread;
+  std::vector<std::string> contents;
+  constexpr int kRounds = 3;
+  for (int i = 0; i < kRounds * kPuts * kBlocksPerPut; ++i) contents.push_back(RandomBlock(rng));
+  std::set<int> answered;  // first content index of every Put answered in some round
+  // Each round starts a vault process on the same store (re-indexing what the last one left),
+  // which uploads new blocks from four threads, reporting each answered Put on a pipe, and is
+  // killed after a random number of answers.
+  for (int round = 0; round < kRounds; ++round) {
+    int report[2];
+    REQUIRE(::pipe(report) == 0);
+    const int kill_after = std::uniform_int_distribution<int>(5, kPuts - 5)(rng);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::close(report[0]);
+      BlockStore store{blocks, BlockStore::kPackTargetBytes, /*max_pending_rows=*/8};
+      if (!store.Open().ok()) ::_exit(1);
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kThreads; ++t)
+        threads.emplace_back([&, t] {
+          for (int k = 0; k < kPutsPerThread; ++k) {
+            const int put = (round * kPuts + t * kPutsPerThread + k) * kBlocksPerPut;
+            std::vector<EncodedBlock> batch;
+            for (int b = 0; b < kBlocksPerPut; ++b) batch.push_back(Encoded(contents[put + b]));
+            if (!store.Put(batch).ok()) ::_exit(1);
+            if (::write(report[1], &put, sizeof put) != sizeof put) ::_exit(1);
+          }
+        });
+      for (auto& t : threads) t.join();
+      for (;;) ::pause();  // every Put answered: wait for the signal
+    }
+    ::close(report[1]);
+    int put = 0, seen = 0;
+    while (::read(report[0], &put, sizeof put) == sizeof put) {
+      answered.insert(put);
+      if (++seen == kill_after) REQUIRE(::kill(pid, SIGKILL) == 0);
+    }
+    ::close(report[0]);
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    REQUIRE(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == SIGKILL);
+    BlockStore store{blocks};
+    REQUIRE(store.Open().ok());
+    int missing = 0;
+    for (int p : answered)
+      for (int b = 0; b < kBlocksPerPut; ++b) {
+        const std::string& content = contents[p + b];
+        if (!store.Has(Lib::IdOf(content)))
+          missing++;
+        else
+          CHECK(Plain(*store.Get(Lib::IdOf(content))) == content);
+      }
+    INFO("round ", round, ": killed after ", kill_after, " answers");
+    CHECK(missing == 0);
+  }
 }
 
 TEST_CASE("block store: a damaged record is reported as corruption, not served") {

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <unordered_set>
 
+#include "common/aligned_buffer.hpp"
 #include "common/bytes.hpp"
 #include "platform/env.hpp"
 #include "platform/linux/fd.hpp"
@@ -37,10 +38,8 @@ uint64_t AlignUp(uint64_t n) {
 // Records to append, in a buffer aligned for O_DIRECT and padded with zeros to kAlign.
 class AppendBuffer {
  public:
-  explicit AppendBuffer(uint64_t payload_bytes)
-      : size_(AlignUp(payload_bytes)),
-        data_(static_cast<char*>(::operator new (size_, std::align_val_t{kAlign}))) {
-    std::memset(data_.get() + payload_bytes, 0, size_ - payload_bytes);
+  explicit AppendBuffer(uint64_t payload_bytes) : size_(AlignUp(payload_bytes)), data_(size_) {
+    std::memset(data_.data() + payload_bytes, 0, size_ - payload_bytes);
   }
   // Writes one record (header + payload) at the current position.
   void Add(const BlockRecordView& b) {
@@ -48,22 +47,20 @@ class AppendBuffer {
   }
   // The next n bytes, for the caller to fill (a record copied as it is).
   char* Reserve(uint64_t n) {
-    char* at = data_.get() + used_;
+    char* at = data_.data() + used_;
     used_ += n;
     return at;
   }
-  std::string_view view() const { return {data_.get(), size_}; }
+  std::string_view view() const { return {data_.data(), size_}; }
 
  private:
-  struct Free {
-    void operator()(char* p) const { ::operator delete (p, std::align_val_t{kAlign}); }
-  };
   uint64_t size_;
   uint64_t used_ = 0;
-  std::unique_ptr<char, Free> data_;
+  AlignedBuffer data_;
 };
-// Pack files kept open for reading (each holds one descriptor, two once a long run was read
-// from it with O_DIRECT: at most 128 descriptors).
+static_assert(AlignedBuffer::kAlignment % kAlign == 0);
+// Pack files kept open for reading (each holds one descriptor, two once a run was read from
+// it with O_DIRECT: at most 128 descriptors).
 constexpr size_t kMaxOpenPacks = 64;
 // Index rows and migrated files per transaction when many are written at once.
 constexpr size_t kRowsPerTransaction = 4096;
@@ -166,9 +163,9 @@ struct BlockStore::Pack {
   Fd fd;
   Fd direct_fd;       // active pack: the same file opened with O_DIRECT, when supported
   uint64_t size = 0;  // active pack: bytes appended so far (a multiple of kAlign)
-  // Packs opened for reading: the file opened read-only with O_DIRECT at the first long run
-  // read from it (invalid where the filesystem refuses it), and whether a direct read was
-  // refused later (then buffered reads).
+  // Packs opened for reading: the file opened read-only with O_DIRECT at the first run read
+  // from it (invalid where the filesystem refuses it), and whether a direct read was refused
+  // later (then buffered reads).
   std::once_flag direct_read_open;
   Fd direct_read_fd;
   std::atomic<bool> direct_read_refused{false};
@@ -206,7 +203,9 @@ Status BlockStore::OpenIndex() {
       db_->Exec("CREATE TABLE IF NOT EXISTS blocks (id BLOB PRIMARY KEY, pack INTEGER NOT NULL, "
                 "offset INTEGER NOT NULL, length INTEGER NOT NULL, payload INTEGER NOT NULL, "
                 "touched_ms INTEGER NOT NULL) WITHOUT ROWID;"
-                "CREATE INDEX IF NOT EXISTS blocks_by_pack ON blocks(pack, offset);"));
+                "CREATE INDEX IF NOT EXISTS blocks_by_pack ON blocks(pack, offset);"
+                "CREATE TABLE IF NOT EXISTS unindexed_from (k INTEGER PRIMARY KEY CHECK (k = 1), "
+                "pack INTEGER NOT NULL, offset INTEGER NOT NULL);"));
   auto prepare = [&](std::unique_ptr<DbStatement>& out, const char* sql) -> Status {
     auto st = db_->Prepare(sql);
     if (!st.ok()) return st.take_status();
@@ -221,6 +220,9 @@ Status BlockStore::OpenIndex() {
                                  "payload, touched_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
   VMSNAP_RETURN_IF_ERROR(
       prepare(remove_, "DELETE FROM blocks WHERE id = ?1 AND touched_ms < ?2 RETURNING payload"));
+  VMSNAP_RETURN_IF_ERROR(prepare(set_unindexed_from_,
+                                 "INSERT OR REPLACE INTO unindexed_from (k, pack, offset) "
+                                 "VALUES (1, ?1, ?2)"));
   return Status::Ok();
 }
 
@@ -243,57 +245,111 @@ Status BlockStore::Open() {
     next_pack_ = std::max(next_pack_, PackNumberOf(it->path()) + 1);
   if (!had_index && next_pack_ > 1)
     VMSNAP_RETURN_IF_ERROR(RebuildIndex().InPhase("rebuild block index"));
-  return MigrateLegacyFiles().InPhase("move block files into packs");
+  else
+    VMSNAP_RETURN_IF_ERROR(
+        RecoverUnindexedRecords().InPhase("re-index blocks stored before a crash"));
+  VMSNAP_RETURN_IF_ERROR(MigrateLegacyFiles().InPhase("move block files into packs"));
+  // Everything in the packs is indexed now: records without rows can only come after this.
+  std::lock_guard lock(db_mu_);
+  return FlushPendingLocked().InPhase("open block store");
 }
 
 Status BlockStore::RebuildIndex() {
   spdlog::warn("block index {}/index.db is missing: rebuilding it from the pack files", root_);
+  std::lock_guard lock(db_mu_);
   uint64_t rows = 0;
   for (int64_t n = 1; n < next_pack_; ++n) {
-    const std::string path = PackPath(n);
-    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd.valid()) continue;
-    struct stat st {};
-    if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path);
-    const uint64_t size = static_cast<uint64_t>(st.st_size);
-    char magic[8];
-    if (size < kPackMagic.size() || !PreadAll(fd.get(), 0, magic, 8, path).ok() ||
-        std::string_view(magic, 8) != kPackMagic) {
-      spdlog::error("{} is not a pack file (bad header): skipped", path);
-      continue;
-    }
     Transaction tx(db_.get());
     VMSNAP_RETURN_IF_ERROR(tx.status());
-    const int64_t now = NowMs();
-    uint64_t off = kPackMagic.size();
-    while (off + kRecordHeaderSize <= size) {
-      char head[kRecordHeaderSize];
-      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, head, kRecordHeaderSize, path));
-      const RecordHeader h = ReadRecordHeader(head);
-      const uint64_t len = h.payload_size;
-      if (std::all_of(head, head + kRecordHeaderSize, [](char c) { return c == 0; })) {
-        off = AlignUp(off + 1);  // padding after an append
-        continue;
-      }
-      if (off + kRecordHeaderSize + len > size) {
-        spdlog::warn("{}: torn record at offset {} (a crash during an upload): ignored", path, off);
-        break;
-      }
-      insert_->Reset();
-      insert_->BindBlob(1, h.id.bytes.data(), 32);
-      insert_->BindInt(2, n);
-      insert_->BindInt(3, static_cast<int64_t>(off));
-      insert_->BindInt(4, static_cast<int64_t>(kRecordHeaderSize + len));
-      insert_->BindInt(5, len);
-      insert_->BindInt(6, now);
-      if (auto s = insert_->Step(); !s.ok()) return s.take_status();
-      rows++;
-      off += kRecordHeaderSize + len;
-    }
-    insert_->Reset();
+    VMSNAP_RETURN_IF_ERROR(IndexPackRecords(n, 0, /*verify=*/false, &rows));
     VMSNAP_RETURN_IF_ERROR(tx.Commit());
   }
   spdlog::info("block index rebuilt: {} blocks", rows);
+  return Status::Ok();
+}
+
+Status BlockStore::RecoverUnindexedRecords() {
+  std::lock_guard lock(db_mu_);
+  auto from = db_->Query("SELECT pack, offset FROM unindexed_from WHERE k = 1");
+  if (!from.ok()) return from.take_status();
+  // No row: an index written before the table existed, when every upload wrote its rows
+  // before it answered. Nothing to recover.
+  if (from->empty()) return Status::Ok();
+  const int64_t first_pack = (*from)[0].Int(0);
+  const uint64_t first_offset = static_cast<uint64_t>((*from)[0].Int(1));
+  uint64_t rows = 0;
+  Transaction tx(db_.get());
+  VMSNAP_RETURN_IF_ERROR(tx.status());
+  for (int64_t n = std::max<int64_t>(first_pack, 1); n < next_pack_; ++n)
+    VMSNAP_RETURN_IF_ERROR(
+        IndexPackRecords(n, n == first_pack ? first_offset : 0, /*verify=*/true, &rows));
+  VMSNAP_RETURN_IF_ERROR(tx.Commit());
+  if (rows)
+    spdlog::warn(
+        "block index: re-indexed {} blocks that were stored after the index's last write (the "
+        "vault stopped without writing their rows)",
+        rows);
+  return Status::Ok();
+}
+
+Status BlockStore::IndexPackRecords(int64_t number, uint64_t from, bool verify, uint64_t* rows) {
+  const std::string path = PackPath(number);
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT) return Status::Ok();  // deleted by compaction
+    return Status::FromErrno(errno, "open " + path);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  char magic[8];
+  if (size < kPackMagic.size() || !PreadAll(fd.get(), 0, magic, 8, path).ok() ||
+      std::string_view(magic, 8) != kPackMagic) {
+    spdlog::error("{} is not a pack file (bad header): skipped", path);
+    return Status::Ok();
+  }
+  const int64_t now = NowMs();
+  std::string record;
+  std::vector<std::byte> scratch;
+  uint64_t off = std::max<uint64_t>(from, kPackMagic.size());
+  while (off + kRecordHeaderSize <= size) {
+    char head[kRecordHeaderSize];
+    VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, head, kRecordHeaderSize, path));
+    const RecordHeader h = ReadRecordHeader(head);
+    const uint64_t len = h.payload_size;
+    if (std::all_of(head, head + kRecordHeaderSize, [](char c) { return c == 0; })) {
+      off = AlignUp(off + 1);  // padding after an append
+      continue;
+    }
+    if (off + kRecordHeaderSize + len > size || len > 2 * kMaxBlockSize) {
+      spdlog::warn("{}: torn record at offset {} (a crash during an upload): ignored", path, off);
+      break;
+    }
+    bool good = true;
+    if (verify) {
+      record.resize(kRecordHeaderSize + len);
+      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, record.data(), record.size(), path));
+      ByteReader r(record);
+      BlockRecordView b;
+      good = ReadRecord(r, b) && r.remaining() == 0 && VerifyBlock(b, scratch).ok();
+      if (!good)
+        spdlog::warn("{}: record at offset {} does not match its id {} (not indexed)", path, off,
+                     h.id.Hex());
+    }
+    if (good) {
+      insert_->Reset();
+      insert_->BindBlob(1, h.id.bytes.data(), 32);
+      insert_->BindInt(2, number);
+      insert_->BindInt(3, static_cast<int64_t>(off));
+      insert_->BindInt(4, static_cast<int64_t>(kRecordHeaderSize + len));
+      insert_->BindInt(5, static_cast<int64_t>(len));
+      insert_->BindInt(6, now);
+      if (auto s = insert_->Step(); !s.ok()) return s.take_status();
+      *rows += static_cast<uint64_t>(db_->Changes());
+    }
+    off += kRecordHeaderSize + len;
+  }
+  insert_->Reset();
   return Status::Ok();
 }
 
@@ -418,14 +474,29 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
       return std::move(st).WithFix("check free space on the vault's disk");
     }
     // Registered with the write, under the same lock: a flush that takes the list sees every
-    // write made before it.
-    if (!sync && std::find(unsynced_.begin(), unsynced_.end(), pack) == unsynced_.end())
-      unsynced_.push_back(pack);
+    // write made before it, and holds unindexed_from at or before every append whose rows are
+    // not pending yet.
+    if (!sync) {
+      if (std::find(unsynced_.begin(), unsynced_.end(), pack) == unsynced_.end())
+        unsynced_.push_back(pack);
+      in_flight_.emplace(pack->number, offset);
+    }
   }
   if (sync && ::fdatasync(pack->fd.get()) != 0)
     return Status::FromErrno(errno, "sync " + pack->path)
         .WithFix("check the vault's disk (the kernel reported a write error)");
   return std::make_pair(pack->number, offset);
+}
+
+void BlockStore::AppendIndexed(std::pair<int64_t, uint64_t> at) {
+  std::lock_guard lock(append_mu_);
+  if (auto it = in_flight_.find(at); it != in_flight_.end()) in_flight_.erase(it);
+}
+
+std::pair<int64_t, uint64_t> BlockStore::UnindexedFromLocked() const {
+  if (!in_flight_.empty()) return *in_flight_.begin();
+  if (active_) return {active_->number, active_->size};
+  return {next_pack_, 0};
 }
 
 Status BlockStore::IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack,
@@ -543,6 +614,10 @@ Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number
   return pack;
 }
 
+BlockStore::ReadCounts BlockStore::read_counts() const {
+  return {pack_reads_.load(), pack_direct_reads_.load(), pack_read_bytes_.load()};
+}
+
 // Reads [offset, offset + n) of a pack into `out`. Runs bypass the page cache: the packs
 // were appended with O_DIRECT, so they are rarely cached, and a buffered read would copy every
 // byte once more and fill the page cache with pages that are read once (measured on this
@@ -551,12 +626,8 @@ Result<std::shared_ptr<BlockStore::Pack>> BlockStore::PackForRead(int64_t number
 // `buffer` (kept by the caller across runs) and the run copied out of it. Runs shorter than
 // kDirectReadMinBytes, and packs whose filesystem refuses direct reads, are read through the
 // page cache. (Get, for single blocks, reads through the page cache.)
-BlockStore::ReadCounts BlockStore::read_counts() const {
-  return {pack_reads_.load(), pack_direct_reads_.load(), pack_read_bytes_.load()};
-}
-
 Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
-                           DirectReadBuffer& buffer) const {
+                           AlignedBuffer& buffer) const {
   pack_reads_.fetch_add(1, std::memory_order_relaxed);
   pack_read_bytes_.fetch_add(n, std::memory_order_relaxed);
   if (n < kDirectReadMinBytes || pack.direct_read_refused.load(std::memory_order_relaxed))
@@ -567,14 +638,11 @@ Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
   if (!pack.direct_read_fd.valid()) return PreadAll(pack.fd.get(), offset, out, n, pack.path);
   const uint64_t first = offset / kAlign * kAlign, last = AlignUp(offset + n);
   const size_t span = last - first;
-  if (span > buffer.capacity) {
-    buffer.data.reset(static_cast<char*>(::operator new (span, std::align_val_t{kAlign})));
-    buffer.capacity = span;
-  }
+  buffer.Reserve(span);
   size_t done = 0;
   const size_t need = offset + n - first;  // the aligned tail past the pack's end is not needed
   while (done < need) {
-    ssize_t r = ::pread(pack.direct_read_fd.get(), buffer.data.get() + done, span - done,
+    ssize_t r = ::pread(pack.direct_read_fd.get(), buffer.data() + done, span - done,
                         static_cast<off_t>(first + done));
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && errno == EINVAL && done == 0) {  // no direct reads here after all
@@ -588,7 +656,7 @@ Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
   }
   if (done < need) return Status::Corruption(pack.path + " ends early (truncated)");
   pack_direct_reads_.fetch_add(1, std::memory_order_relaxed);
-  std::memcpy(out, buffer.data.get() + (offset - first), n);
+  std::memcpy(out, buffer.data() + (offset - first), n);
   return Status::Ok();
 }
 
@@ -606,7 +674,7 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
   auto damaged = [&](size_t i, const std::string& why) {
     return DamagedBlock(ids[i], PackPath(where[i].pack), where[i].offset, why);
   };
-  DirectReadBuffer direct_buffer;
+  AlignedBuffer direct_buffer;
   for (size_t i = 0; i < ids.size();) {
     if (where[i].length < kRecordHeaderSize ||
         where[i].length > kRecordHeaderSize + 2 * kMaxBlockSize)
@@ -839,6 +907,11 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
     stats.packs_deleted++;
     stats.bytes_reclaimed += size;
   }
+  {
+    // The copies' rows are written: a restart need not look at them again.
+    std::lock_guard lock(db_mu_);
+    VMSNAP_RETURN_IF_ERROR(FlushPendingLocked());
+  }
   if (stats.packs_deleted) {
     VMSNAP_RETURN_IF_ERROR(SyncDir(root_ + "/packs"));
     spdlog::info(
@@ -900,6 +973,7 @@ Result<PutStats> BlockStore::Put(std::span<const BlockRecordView> blocks) {
     }
     offset += length;
   }
+  AppendIndexed(*at);
   if (pending_.size() >= max_pending_rows_ ||
       std::chrono::steady_clock::now() - pending_since_ >= kMaxPendingAge)
     if (Status st = FlushPendingLocked(); !st.ok())
@@ -908,10 +982,13 @@ Result<PutStats> BlockStore::Put(std::span<const BlockRecordView> blocks) {
 }
 
 Status BlockStore::FlushPendingLocked() const {
-  if (pending_.empty()) return Status::Ok();
   std::vector<std::shared_ptr<Pack>> packs;
+  std::pair<int64_t, uint64_t> unindexed_from;
   {
     std::lock_guard lock(append_mu_);
+    // Every record before this position has its row pending now (written below) or written.
+    unindexed_from = UnindexedFromLocked();
+    if (pending_.empty() && unindexed_from == unindexed_from_written_) return Status::Ok();
     packs.swap(unsynced_);
   }
   for (const auto& pack : packs) {
@@ -930,7 +1007,8 @@ Status BlockStore::FlushPendingLocked() const {
         .WithFix("check the vault's disk (the kernel reported a write error)");
   }
   // These rows are made durable by the next FULL transaction, checkpoint or SyncIndex; until
-  // then a power failure may forget them, which is what losing them while pending means.
+  // then a power failure may forget them (and the position with them: Open then scans from
+  // the older one).
   VMSNAP_RETURN_IF_ERROR(db_->Exec("PRAGMA synchronous=NORMAL"));
   Status st = [&]() -> Status {
     // In id order: each page of the index is then finished before the next one is touched,
@@ -954,13 +1032,20 @@ Status BlockStore::FlushPendingLocked() const {
       if (auto s = insert_->Step(); !s.ok()) return s.take_status();
     }
     insert_->Reset();
+    set_unindexed_from_->Reset();
+    set_unindexed_from_->BindInt(1, unindexed_from.first);
+    set_unindexed_from_->BindInt(2, static_cast<int64_t>(unindexed_from.second));
+    if (auto s = set_unindexed_from_->Step(); !s.ok()) return s.take_status();
+    set_unindexed_from_->Reset();
     return tx.Commit();
   }();
   insert_->Reset();
+  set_unindexed_from_->Reset();
   Status full = db_->Exec("PRAGMA synchronous=FULL");
   if (st.ok()) st = std::move(full);
   if (!st.ok()) return st;  // the packs are flushed: the rows stay pending for a later try
   pending_.clear();
+  unindexed_from_written_ = unindexed_from;
   return Status::Ok();
 }
 

@@ -9,13 +9,19 @@
 // Put verifies every new block first (decompressed and re-hashed: the id must be the SHA-256
 // of the plaintext; a bad block rejects the whole batch) and appends the batch's records to the
 // active pack. Their index rows are kept in memory (every lookup consults them) and written in
-// one transaction by the Put that finds max_pending_rows rows (the vault: every Put, before it
-// answers) or rows older than kMaxPendingAge pending, at SyncIndex, before garbage collection
-// and at destruction: the packs are flushed (fdatasync) first, then the rows are committed, so
-// no index row ever points at bytes that are not durable. A crash before that loses the
-// pending rows only: their records are dead bytes (reclaimed by Compact), the blocks count as
-// missing and the next backup uploads them again; no published recovery point refers to them
-// because Catalog::Commit calls SyncIndex before it publishes.
+// one transaction by the Put that finds max_pending_rows rows or rows older than
+// kMaxPendingAge pending, at SyncIndex, before garbage collection and at destruction: the
+// packs are flushed (fdatasync) first, then the rows are committed, so no index row ever
+// points at bytes that are not durable.
+// The same transaction records where in the packs records without index rows may start (the
+// table unindexed_from: the first record of the oldest append whose rows are not written yet,
+// else the end of the active pack). If the vault process dies, Open finds the records from
+// there on, verifies each (decompressed and re-hashed) and indexes them again: a Put that
+// answered is not lost by a crash of the vault process. A power failure before the next flush
+// may lose such records (not flushed yet); the blocks then count as missing, the backup's
+// commit refuses to publish a point that refers to them (Catalog::Commit calls SyncIndex and
+// checks every block), and its rerun uploads them again. Torn or damaged records found at
+// start are skipped (dead bytes, reclaimed by Compact).
 // Thread-safe: every method may be called from several threads at once. Concurrent puts of
 // the same block are harmless (the first index row wins; the other copy is dead bytes).
 //
@@ -37,7 +43,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <new>
+#include <set>
 #include <shared_mutex>
 #include <span>
 #include <string>
@@ -46,6 +52,10 @@
 
 #include "common/block_codec.hpp"
 #include "common/status.hpp"
+
+namespace vmsnap {
+class AlignedBuffer;
+}
 
 namespace vmsnap::vault {
 
@@ -95,18 +105,20 @@ class BlockStore {
   BlockStore(const BlockStore&) = delete;
   BlockStore& operator=(const BlockStore&) = delete;
 
-  // Creates the directories and the index, moves legacy block files into packs, rebuilds a
-  // missing index from the packs. New blocks go to a new pack (never appended to a pack a
-  // crashed run may have left with a torn tail). Call once, before any other method.
+  // Creates the directories and the index, rebuilds a missing index from the packs, indexes
+  // the records a crashed run appended without writing their rows (see the top of this file),
+  // moves legacy block files into packs. New blocks go to a new pack (never appended to a pack
+  // a crashed run may have left with a torn tail). Call once, before any other method.
   Status Open();
 
   bool Has(const BlockId& id) const;
   // Verifies then stores every block not present yet. kCorruption names the first block
   // whose content does not match its id (nothing of the batch is stored then).
   // The payloads are only read during the call (views into the request body, say).
-  // Durability: when Put returns, the records are written and every lookup finds them, but
-  // neither they nor their index rows are flushed yet (see the top of this file); the Put that
-  // takes the pending rows past the limit flushes them all (and fails if that flush fails).
+  // Durability: when Put returns, the records are written and every lookup finds them; they
+  // survive a crash of the process (Open re-indexes them) but neither they nor their index
+  // rows are flushed yet (see the top of this file); the Put that takes the pending rows past
+  // the limit flushes them all (and fails if that flush fails).
   Result<PutStats> Put(std::span<const BlockRecordView> blocks);
   Result<PutStats> Put(const std::vector<EncodedBlock>& blocks);
   // Makes every block stored so far durable: flushes the packs, writes the pending index rows
@@ -116,16 +128,12 @@ class BlockStore {
   // be flushed, the pending rows are dropped (their blocks count as missing, a backup sends
   // them again) and the error returned.
   Status SyncIndex();
-  // Index rows kept in memory before a Put writes them. The vault writes them at the end of
-  // every Put (1): an acknowledged upload then survives a crash of the vault process, which a
-  // backup running through a vault restart relies on (it does not send again what the vault
-  // acknowledged). Batching rows over several uploads (session 7: 16 384 rows, 41 instead of
-  // 303 fdatasync per 4 GiB full backup) needs a restart to re-index the acknowledged records
-  // found after the index's last write in the packs first (docs/PERFORMANCE.md, session 8);
-  // tests still run the batching with small limits.
-  static constexpr size_t kMaxPendingRows = 1;
-  // ...and at most this long, so that a vault that crashes in the middle of a backup keeps
-  // what was uploaded before the last couple of seconds (the backup's rerun sends the rest).
+  // Index rows kept in memory before a Put writes them: one transaction (and one fdatasync
+  // per pack) for many uploads. Writing each upload's rows on its own cost 303 instead of 41
+  // fdatasync calls and ~0.4 s in a 4 GiB full backup, and makes SQLite's log write each
+  // touched 4 KiB index page again for every upload (docs/PERFORMANCE.md, sessions 6-9).
+  static constexpr size_t kMaxPendingRows = 16384;
+  // ...and at most this long, which bounds what Open has to re-index after a crash.
   static constexpr std::chrono::milliseconds kMaxPendingAge{2000};
   // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
   Result<EncodedBlock> Get(const BlockId& id) const;
@@ -190,27 +198,32 @@ class BlockStore {
   Status OpenIndex();
   Status MigrateLegacyFiles();
   Status RebuildIndex();
+  // Indexes the records of pack `number` from `from` on (INSERT OR IGNORE: rows already there
+  // win), stopping at a torn record. `verify`: each record is decoded and re-hashed first and
+  // skipped when it does not match its id. Adds the rows inserted to *rows. Caller holds
+  // db_mu_ and a transaction.
+  Status IndexPackRecords(int64_t number, uint64_t from, bool verify, uint64_t* rows);
+  // Re-indexes the records found from unindexed_from on (a crashed run's answered uploads).
+  Status RecoverUnindexedRecords();
   // Appends records to the active pack (rotating it when full) and makes them durable.
   // Returns the pack number and the offset of the first record.
   // `records` starts at an address aligned to 4 KiB and its size is a multiple of 4 KiB.
-  // `sync`: flush the pack before returning; otherwise the pack is flushed by the next
-  // FlushPendingLocked.
+  // `sync`: flush the pack before returning; the caller writes the rows itself. Otherwise the
+  // pack is flushed by the next FlushPendingLocked, and the append stays "in flight" (it holds
+  // the unindexed_from watermark back) until the caller calls AppendIndexed.
   Result<std::pair<int64_t, uint64_t>> Append(std::string_view records, bool sync);
+  // The rows of an append made with sync=false are pending now. Caller holds db_mu_.
+  void AppendIndexed(std::pair<int64_t, uint64_t> at);
+  // Where records without index rows may start: the oldest append in flight, else the end of
+  // the active pack, else the start of the next pack. Caller holds append_mu_.
+  std::pair<int64_t, uint64_t> UnindexedFromLocked() const;
   Result<std::shared_ptr<Pack>> PackForRead(int64_t number) const;
-  // An aligned buffer for direct reads, reused from one run to the next.
-  struct DirectReadBuffer {
-    struct Free {
-      void operator()(char* p) const { ::operator delete (p, std::align_val_t{4096}); }
-    };
-    std::unique_ptr<char, Free> data;
-    size_t capacity = 0;
-  };
   // Runs at least this long are read with O_DIRECT where the filesystem allows it (shorter
   // ones would read a whole page anyway). Reading every run direct, even single records,
   // restored the 4 GiB image in 4.1-4.2 s against 4.3-4.6 s with a 256 KiB threshold.
   static constexpr uint64_t kDirectReadMinBytes = 4 << 10;
-  Status ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
-                 DirectReadBuffer& buffer) const;
+  // `buffer`: kept by the caller from one run to the next.
+  Status ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out, AlignedBuffer& buffer) const;
   Status IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack, uint64_t first_offset,
                      PutStats* stats);
   std::vector<bool> HasForUploadLocked(std::span<const BlockId> ids);
@@ -229,11 +242,16 @@ class BlockStore {
   size_t max_pending_rows_;
   mutable std::unordered_map<BlockId, PendingRow, BlockIdHash> pending_;
   std::chrono::steady_clock::time_point pending_since_;  // when the oldest pending row came
+  // The unindexed_from position last written to the index (under db_mu_; {-1, 0}: none yet).
+  mutable std::pair<int64_t, uint64_t> unindexed_from_written_{-1, 0};
+  std::unique_ptr<DbStatement> set_unindexed_from_;
   // The active pack, appended under append_mu_ (taken after db_mu_ when both are held).
   mutable std::mutex append_mu_;
   mutable std::shared_ptr<Pack> active_;
   // Packs written to since their last flush (under append_mu_).
   mutable std::vector<std::shared_ptr<Pack>> unsynced_;
+  // Appends (pack, offset) made by Put whose rows are not pending yet (under append_mu_).
+  std::multiset<std::pair<int64_t, uint64_t>> in_flight_;
   int64_t next_pack_ = 1;
   // Open read handles by pack number.
   mutable std::mutex packs_mu_;

@@ -625,7 +625,7 @@ BlockStore::ReadCounts BlockStore::read_counts() const {
 // time, read direct 0.05; docs/PERFORMANCE.md). The aligned range around the run is read into
 // `buffer` (kept by the caller across runs) and the run copied out of it. Runs shorter than
 // kDirectReadMinBytes, and packs whose filesystem refuses direct reads, are read through the
-// page cache. (Get, for single blocks, reads through the page cache.)
+// page cache.
 Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
                            AlignedBuffer& buffer) const {
   pack_reads_.fetch_add(1, std::memory_order_relaxed);
@@ -706,31 +706,15 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
 }
 
 Result<EncodedBlock> BlockStore::Get(const BlockId& id) const {
-  std::shared_lock gc_lock(gc_mu_);
-  int64_t pack_number = 0;
-  uint64_t offset = 0, length = 0;
-  {
-    std::lock_guard lock(db_mu_);
-    auto row = LookupLocked(id);
-    if (!row.ok()) return row.take_status();
-    pack_number = row->pack;
-    offset = row->offset;
-    length = row->length;
-  }
-  auto damaged = [&](const std::string& why) {
-    return DamagedBlock(id, PackPath(pack_number), offset, why);
-  };
-  if (length < kRecordHeaderSize || length > kRecordHeaderSize + 2 * kMaxBlockSize)
-    return damaged("its index row has an impossible length");
-  auto pack = PackForRead(pack_number);
-  if (!pack.ok()) return damaged(pack.status().cause());
-  std::string record(length, '\0');
-  if (Status st = PreadAll((*pack)->fd.get(), offset, record.data(), length, (*pack)->path);
-      !st.ok())
-    return damaged(st.cause());
+  std::string record;
+  // Checks the record's header against its id and index row (a damaged record is kCorruption).
+  VMSNAP_RETURN_IF_ERROR(AppendRecords(std::span(&id, 1), record));
   auto b = ParseRecord(record);
-  if (!b.ok()) return damaged("the record cannot be parsed");
-  if (b->id != id) return damaged("the record holds block " + b->id.Hex());
+  if (!b.ok()) {
+    auto where = Locate(id);
+    return DamagedBlock(id, where.ok() ? where->pack_path : "?",
+                        where.ok() ? where->record_offset : 0, "the record cannot be parsed");
+  }
   return std::move(*b);
 }
 

@@ -135,7 +135,8 @@ class BlockStore {
   static constexpr size_t kMaxPendingRows = 16384;
   // ...and at most this long, which bounds what Open has to re-index after a crash.
   static constexpr std::chrono::milliseconds kMaxPendingAge{2000};
-  // kNotFound if absent, kCorruption if the record cannot be read or holds another id.
+  // kNotFound if absent, kCorruption if the record cannot be read or holds another id (read
+  // like a fetch of one block: AppendRecords).
   Result<EncodedBlock> Get(const BlockId& id) const;
   // Appends the stored records of `ids` (in that order, duplicates repeated) to `out` as they
   // are in the packs, which is the VMB1 record format: the body of a fetch answer without its
@@ -171,8 +172,8 @@ class BlockStore {
   Result<CompactStats> Compact(double min_live_fraction = 0.5);
   StoreUsage Usage() const;
 
-  // Reads of pack files made by AppendRecords since Open (thread-safe counters): one per run
-  // of adjacent records; `direct` of them bypassed the page cache.
+  // Reads of pack files made by AppendRecords and Get since Open (thread-safe counters): one per
+  // run of adjacent records; `direct` of them bypassed the page cache.
   struct ReadCounts {
     uint64_t reads = 0, direct = 0, bytes = 0;
   };

@@ -47,13 +47,10 @@ json DiskReport::ToJson() const {
 json BackupReport::ToJson() const {
   json d = json::array();
   for (const auto& disk : disks) d.push_back(disk.ToJson());
-  return {{"recovery_point", recovery_point},
-          {"item", item},
-          {"consistency", consistency},
-          {"consistency_evidence", evidence},
-          {"duration_ms", duration_ms},
-          {"bytes_sent", bytes_sent},
-          {"disks", d}};
+  return {{"recovery_point", recovery_point}, {"item", item},
+          {"consistency", consistency},       {"consistency_evidence", evidence},
+          {"duration_ms", duration_ms},       {"phases_ms", phases_ms},
+          {"bytes_sent", bytes_sent},         {"disks", d}};
 }
 
 namespace {
@@ -641,6 +638,12 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     VMSNAP_RETURN_IF_ERROR(PlanDisk(*d, opt, *latest, **control));
   }
 
+  auto ms_since = [](Clock::time_point from) {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - from).count();
+  };
+  json phases_ms = {{"prepare", ms_since(t0)}};
+  const auto consistency_start = Clock::now();
+
   // 3. A consistent view: leftover recovery, scripts, freeze, snapshot, thaw. `view` owns
   // the snapshot and deletes it when it goes out of scope (any failure below) or at step 5.
   if (opt.on_progress)
@@ -684,6 +687,9 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
           .InPhase("open snapshot");
   }
   if (opt.cancel && opt.cancel->load()) return CancelledStatus();
+
+  phases_ms["consistency"] = ms_since(consistency_start);
+  const auto transfer_start = Clock::now();
 
   // 4. Session, then the pipeline over the snapshot. A guarded (live) read of an image file
   // is valid only if the file's identity did not change while it was read: retry once.
@@ -731,9 +737,13 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     for (auto& d : disks) ResetForRetry(*d);
   }
 
+  phases_ms["transfer"] = ms_since(transfer_start);
+  const auto commit_start = Clock::now();
+
   // 5. Every block is read: close the readers and delete the snapshot.
   for (auto& d : disks) d->reader.reset();
   BackupReport report;
+  report.phases_ms = phases_ms;
   report.item = opt.item;
   report.consistency = view->level_name();
   report.evidence = view->evidence();
@@ -820,8 +830,8 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   }
   report.bytes_sent = (*control)->bytes_sent();
   for (auto& c : upload_clients) report.bytes_sent += c->bytes_sent();
-  report.duration_ms =
-      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
+  report.phases_ms["commit"] = ms_since(commit_start);
+  report.duration_ms = ms_since(t0);
   progress.Done();
   return report;
 }

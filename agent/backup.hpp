@@ -98,6 +98,12 @@ struct BackupReport {
   // and "guarded_reads" (identity checks of live-read image files).
   nlohmann::json evidence;
   int64_t duration_ms = 0;
+  // Where the time went, in milliseconds: "prepare" (open the disks, ask the vault, plan),
+  // "consistency" (scripts, freeze, snapshot, thaw), "transfer" (read, compare, upload; a
+  // guarded read's retry included), "commit" (snapshot cleanup, manifests, the vault's commit,
+  // local state). "commit" is only in the agent's own report, not in the one the vault stores
+  // (which is sent during the commit).
+  nlohmann::json phases_ms = nlohmann::json::object();
   uint64_t bytes_sent = 0;  // on the wire, all connections, TLS payload
   std::vector<DiskReport> disks;
   nlohmann::json ToJson() const;

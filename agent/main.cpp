@@ -113,6 +113,14 @@ void PrintBackup(const BackupReport& r) {
   std::cout << "  " << HumanBytes(r.bytes_sent) << " on the wire in " << r.duration_ms / 1000.0
             << " s (" << HumanBytes(static_cast<uint64_t>(Rate(total, r.duration_ms)))
             << "/s of disk scanned)\n";
+  std::cout << "  time:";
+  const char* separator = " ";
+  for (const char* phase : {"prepare", "consistency", "transfer", "commit"}) {
+    if (!r.phases_ms.contains(phase)) continue;
+    std::cout << separator << phase << " " << r.phases_ms[phase].get<int64_t>() << " ms";
+    separator = ", ";
+  }
+  std::cout << "\n";
 }
 
 void PrintRestore(const RestoreReport& r) {

@@ -87,6 +87,16 @@ TEST_CASE("full backup, incremental uploads exactly the K changed blocks, restor
   CHECK(full["consistency"] == "crash");  // an image file nothing wrote during the read
   CHECK(full["recovery_point"].get<std::string>().size() > 10);
   CHECK(full["duration_ms"].is_number());
+  // The phases cover the job, in order, without overlap.
+  int64_t phases_total = 0;
+  for (const char* phase : {"prepare", "consistency", "transfer", "commit"}) {
+    INFO(phase);
+    REQUIRE(full["phases_ms"].contains(phase));
+    CHECK(full["phases_ms"][phase].get<int64_t>() >= 0);
+    phases_total += full["phases_ms"][phase].get<int64_t>();
+  }
+  CHECK(phases_total <= full["duration_ms"].get<int64_t>());
+  CHECK(phases_total >= full["duration_ms"].get<int64_t>() - 5);  // ms rounding of each phase
   const json& d0 = full["disks"][0];
   CHECK(d0["path"] == img);
   CHECK(d0["size_bytes"] == 32u << 20);

@@ -1212,6 +1212,14 @@ TEST_CASE("block store: cleanup drops untouched blocks and compaction returns th
   CHECK(after.pack_bytes + compacted->bytes_reclaimed ==
         before.pack_bytes + std::filesystem::file_size(blocks / "packs/00000005.pack"));
   CHECK(after.live_bytes == (64 - 35) * (kBlock + 41));
+  // The copies' rows are written, and the position from which a restart after a crash
+  // re-reads records moved past the copies.
+  auto from = BlockIndex(blocks)->Query("SELECT pack, offset FROM unindexed_from");
+  REQUIRE(from.ok());
+  REQUIRE(from->size() == 1);
+  CHECK((*from)[0].Int(0) == 5);
+  CHECK(static_cast<uint64_t>((*from)[0].Int(1)) ==
+        std::filesystem::file_size(blocks / "packs/00000005.pack"));
   for (int i = 0; i < 64; ++i) {
     const bool dropped = i < 48 && i % 4 != 0 && i != 1;
     auto got = store.Get(Lib::IdOf(contents[i]));

@@ -883,6 +883,10 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
       }
       stats.packs_rewritten++;
       stats.blocks_moved += rows.size();
+      // The copies' rows are written: a restart after a crash need not re-read them (bounds
+      // what Open re-indexes to one pack's live records).
+      std::lock_guard lock(db_mu_);
+      VMSNAP_RETURN_IF_ERROR(FlushPendingLocked());
     }
     forget(n);
     const std::string path = PackPath(n);
@@ -890,11 +894,6 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
       return Status::FromErrno(errno, "delete pack file " + path);
     stats.packs_deleted++;
     stats.bytes_reclaimed += size;
-  }
-  {
-    // The copies' rows are written: a restart need not look at them again.
-    std::lock_guard lock(db_mu_);
-    VMSNAP_RETURN_IF_ERROR(FlushPendingLocked());
   }
   if (stats.packs_deleted) {
     VMSNAP_RETURN_IF_ERROR(SyncDir(root_ + "/packs"));

@@ -6,6 +6,7 @@ if(VMSNAP_PLATFORM STREQUAL "linux")
   add_library(vmsnap_consistency STATIC
     ${PROJECT_SOURCE_DIR}/platform/linux/quiesce.cpp
     ${PROJECT_SOURCE_DIR}/platform/linux/snapshot.cpp
+    ${PROJECT_SOURCE_DIR}/platform/snapshot_command.cpp
     ${PROJECT_SOURCE_DIR}/agent/hooks.cpp
     ${PROJECT_SOURCE_DIR}/agent/consistency.cpp)
   target_link_libraries(vmsnap_consistency PUBLIC vmsnap_platform vmsnap_common vmsnap_settings

@@ -7,6 +7,7 @@
 # platform/CMakeLists.txt), the hooks and the consistency orchestration.
 add_library(vmsnap_consistency STATIC ${PROJECT_SOURCE_DIR}/platform/windows/quiesce.cpp
                                       ${PROJECT_SOURCE_DIR}/platform/windows/snapshot.cpp
+                                      ${PROJECT_SOURCE_DIR}/platform/snapshot_command.cpp
                                       ${PROJECT_SOURCE_DIR}/agent/hooks.cpp
                                       ${PROJECT_SOURCE_DIR}/agent/consistency.cpp)
 # Security descriptors and ACLs (advapi32).

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "platform/quiesce.hpp"
+#include "platform/snapshot_command.hpp"
 
 namespace vmsnap::platform {
 namespace fs = std::filesystem;
@@ -231,49 +232,13 @@ Result<std::unique_ptr<Snapshot>> TakeSnapshot(const std::vector<std::string>& d
 
   auto snap = std::make_unique<LinuxSnapshot>(p);
   if (p == "command") {
-    if (options.command_path.empty())
-      return Status::InvalidArgument("the command provider needs an executable",
-                                     "configure the snapshot command's path")
-          .InPhase(kPhase);
-    VMSNAP_RETURN_IF_ERROR(
-        Status(CheckTrustedFile(options.command_path, "snapshot command")).InPhase(kPhase));
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0)
-      return Status::Error(Code::kTimeout, "no time left before the freeze deadline")
-          .InPhase(kPhase);
-    ProcessSpec spec;
-    spec.path = options.command_path;
-    spec.args = options.command_args;
-    spec.args.insert(spec.args.end(), disks.begin(), disks.end());
-    spec.timeout = std::min(left, options.command_timeout);
-    auto run = RunProcess(spec);
-    if (!run.ok()) return run.take_status().InPhase(kPhase);
-    if (run->timed_out)
-      return Status::Error(Code::kTimeout,
-                           "snapshot command " + options.command_path +
-                               " ran past the freeze "
-                               "deadline and was killed after " +
-                               std::to_string(run->duration_ms) + " ms",
-                           "make the command faster or raise the freeze deadline (max 60 s)")
-          .InPhase(kPhase);
-    if (!run->succeeded())
-      return Status::IoError("snapshot command " + options.command_path +
-                                 " failed: " + run->Describe() + "; output: " + run->output_tail,
-                             "see the command's output")
-          .InPhase(kPhase);
-    std::vector<std::string> paths;
-    std::istringstream lines(run->stdout_text);
-    for (std::string line; std::getline(lines, line);)
-      if (!line.empty()) paths.push_back(line);
-    snap->cleanup_command_ = options.cleanup_command_path;  // cleans up even on a bad answer
-    if (paths.size() != disks.size())
-      return Status::InvalidArgument("snapshot command printed " + std::to_string(paths.size()) +
-                                         " paths for " + std::to_string(disks.size()) + " disks",
-                                     "print exactly one path to read per disk, in order")
-          .InPhase(kPhase);
+    bool command_succeeded = false;
+    auto paths = RunSnapshotCommand(disks, options, deadline, &command_succeeded);
+    if (command_succeeded)  // cleans up even on a bad answer
+      snap->cleanup_command_ = options.cleanup_command_path;
+    if (!paths.ok()) return paths.take_status();
     for (size_t i = 0; i < disks.size(); ++i)
-      snap->disks_.push_back({disks[i], paths[i], "command", true, ""});
+      snap->disks_.push_back({disks[i], (*paths)[i], "command", true, ""});
     snap->atomic_ = options.command_is_atomic;
     snap->completed_at_us_ = MonotonicNowUs();
     return std::unique_ptr<Snapshot>(std::move(snap));

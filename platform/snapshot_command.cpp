@@ -11,10 +11,10 @@ namespace {
 constexpr const char* kPhase = "snapshot";
 }  // namespace
 
-Result<std::vector<std::string>> RunSnapshotCommand(const std::vector<std::string>& disks,
-                                                    const SnapshotOptions& options,
-                                                    std::chrono::steady_clock::time_point deadline,
-                                                    bool* command_succeeded) {
+Result<std::vector<SnapshotDisk>> RunSnapshotCommand(const std::vector<std::string>& disks,
+                                                     const SnapshotOptions& options,
+                                                     std::chrono::steady_clock::time_point deadline,
+                                                     bool* command_succeeded) {
   *command_succeeded = false;
   if (options.command_path.empty())
     return Status::InvalidArgument("the command provider needs an executable",
@@ -57,7 +57,10 @@ Result<std::vector<std::string>> RunSnapshotCommand(const std::vector<std::strin
                                        " paths for " + std::to_string(disks.size()) + " disks",
                                    "print exactly one path to read per disk, in order")
         .InPhase(kPhase);
-  return paths;
+  std::vector<SnapshotDisk> taken;
+  for (size_t i = 0; i < disks.size(); ++i)
+    taken.push_back({disks[i], paths[i], "command", /*point_in_time=*/true, ""});
+  return taken;
 }
 
 }  // namespace vmsnap::platform

@@ -233,12 +233,11 @@ Result<std::unique_ptr<Snapshot>> TakeSnapshot(const std::vector<std::string>& d
   auto snap = std::make_unique<LinuxSnapshot>(p);
   if (p == "command") {
     bool command_succeeded = false;
-    auto paths = RunSnapshotCommand(disks, options, deadline, &command_succeeded);
+    auto taken = RunSnapshotCommand(disks, options, deadline, &command_succeeded);
     if (command_succeeded)  // cleans up even on a bad answer
       snap->cleanup_command_ = options.cleanup_command_path;
-    if (!paths.ok()) return paths.take_status();
-    for (size_t i = 0; i < disks.size(); ++i)
-      snap->disks_.push_back({disks[i], (*paths)[i], "command", true, ""});
+    if (!taken.ok()) return taken.take_status();
+    snap->disks_ = std::move(*taken);
     snap->atomic_ = options.command_is_atomic;
     snap->completed_at_us_ = MonotonicNowUs();
     return std::unique_ptr<Snapshot>(std::move(snap));

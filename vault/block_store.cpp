@@ -243,15 +243,20 @@ Status BlockStore::Open() {
   for (auto it = fs::directory_iterator(root_ + "/packs", ec);
        !ec && it != fs::directory_iterator(); it.increment(ec))
     next_pack_ = std::max(next_pack_, PackNumberOf(it->path()) + 1);
+  const std::string check_packs = "check the vault's disk and the pack files in " + root_ +
+                                  "/packs (the kernel log names read errors)";
   if (!had_index && next_pack_ > 1)
-    VMSNAP_RETURN_IF_ERROR(RebuildIndex().InPhase("rebuild block index"));
+    VMSNAP_RETURN_IF_ERROR(RebuildIndex().InPhase("rebuild block index").WithFix(check_packs));
   else
-    VMSNAP_RETURN_IF_ERROR(
-        RecoverUnindexedRecords().InPhase("re-index blocks stored before a crash"));
+    VMSNAP_RETURN_IF_ERROR(RecoverUnindexedRecords()
+                               .InPhase("re-index blocks stored before a crash")
+                               .WithFix(check_packs));
   VMSNAP_RETURN_IF_ERROR(MigrateLegacyFiles().InPhase("move block files into packs"));
   // Everything in the packs is indexed now: records without rows can only come after this.
   std::lock_guard lock(db_mu_);
-  return FlushPendingLocked().InPhase("open block store");
+  return FlushPendingLocked()
+      .InPhase("open block store")
+      .WithFix("check free space and the vault's disk under " + root_);
 }
 
 Status BlockStore::RebuildIndex() {

@@ -25,7 +25,9 @@ Result<std::vector<SnapshotDisk>> RunSnapshotCommand(const std::vector<std::stri
   auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
       deadline - std::chrono::steady_clock::now());
   if (left.count() <= 0)
-    return Status::Error(Code::kTimeout, "no time left before the freeze deadline").InPhase(kPhase);
+    return Status::Error(Code::kTimeout, "no time left before the freeze deadline",
+                         "make the freeze scripts faster or raise the freeze deadline (max 60 s)")
+        .InPhase(kPhase);
   ProcessSpec spec;
   spec.path = options.command_path;
   spec.args = options.command_args;

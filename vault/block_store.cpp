@@ -332,8 +332,10 @@ Status BlockStore::IndexPackRecords(int64_t number, uint64_t from, bool verify, 
     }
     bool good = true;
     if (verify) {
+      record.assign(head, kRecordHeaderSize);  // the header is read already: the payload only
       record.resize(kRecordHeaderSize + len);
-      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off, record.data(), record.size(), path));
+      VMSNAP_RETURN_IF_ERROR(PreadAll(fd.get(), off + kRecordHeaderSize,
+                                      record.data() + kRecordHeaderSize, len, path));
       ByteReader r(record);
       BlockRecordView b;
       good = ReadRecord(r, b) && r.remaining() == 0 && VerifyBlock(b, scratch).ok();

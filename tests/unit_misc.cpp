@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include "agent/local_state.hpp"
+#include "common/aligned_buffer.hpp"
 #include "common/http_types.hpp"
 #include "common/https_client.hpp"
 #include "common/status.hpp"
@@ -23,6 +24,36 @@ TEST_CASE("status carries phase, cause, fix and an exit code") {
   Status inner = Status::IoError("disk gone").InPhase("read disk");
   inner.InPhase("backup");
   CHECK(inner.phase() == "read disk");
+}
+
+TEST_CASE("aligned buffer pool: buffers come back for reuse, within its bounds") {
+  AlignedBufferPool pool(/*max_kept=*/2, /*max_bytes=*/1 << 20);
+  CHECK(pool.Take().capacity() == 0);  // nothing kept yet
+  const char* first = nullptr;
+  {
+    AlignedBufferPool::Lease lease(pool);
+    lease->Reserve(64 << 10);
+    first = lease->data();
+    CHECK(reinterpret_cast<uintptr_t>(first) % AlignedBuffer::kAlignment == 0);
+  }
+  {
+    AlignedBufferPool::Lease again(pool);  // the same memory, no new allocation
+    CHECK(again->data() == first);
+    CHECK(again->capacity() == (64u << 10));
+  }
+  // Too large to keep: freed when given back.
+  AlignedBuffer big(2 << 20);
+  pool.Give(std::move(big));
+  AlignedBuffer a = pool.Take();
+  CHECK(a.data() == first);
+  CHECK(pool.Take().capacity() == 0);
+  // At most max_kept are kept.
+  pool.Give(std::move(a));
+  pool.Give(AlignedBuffer(4096));
+  pool.Give(AlignedBuffer(8192));
+  CHECK(pool.Take().capacity() > 0);
+  CHECK(pool.Take().capacity() > 0);
+  CHECK(pool.Take().capacity() == 0);
 }
 
 TEST_CASE("HTTP error responses carry the status back to the client") {

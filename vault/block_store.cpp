@@ -35,11 +35,18 @@ uint64_t AlignUp(uint64_t n) {
   return (n + kAlign - 1) / kAlign * kAlign;
 }
 
-// Records to append, in a buffer aligned for O_DIRECT and padded with zeros to kAlign.
+// Records to append, in a buffer aligned for O_DIRECT and padded with zeros to kAlign. Its
+// memory comes from the pool and goes back to it (uploads of a backup follow each other: fresh
+// memory for each was 15 % of the vault's CPU in a full backup, zeroing pages on first touch).
 class AppendBuffer {
+  // Capacity grows in steps, so that a kept buffer fits the next batch of a similar size.
+  static constexpr uint64_t kReserveStep = 4 << 20;
+
  public:
-  explicit AppendBuffer(uint64_t payload_bytes) : size_(AlignUp(payload_bytes)), data_(size_) {
-    std::memset(data_.data() + payload_bytes, 0, size_ - payload_bytes);
+  AppendBuffer(uint64_t payload_bytes, AlignedBufferPool& pool)
+      : size_(AlignUp(payload_bytes)), data_(pool) {
+    data_->Reserve((size_ + kReserveStep - 1) / kReserveStep * kReserveStep);
+    std::memset(data_->data() + payload_bytes, 0, size_ - payload_bytes);
   }
   // Writes one record (header + payload) at the current position.
   void Add(const BlockRecordView& b) {
@@ -47,16 +54,16 @@ class AppendBuffer {
   }
   // The next n bytes, for the caller to fill (a record copied as it is).
   char* Reserve(uint64_t n) {
-    char* at = data_.data() + used_;
+    char* at = data_->data() + used_;
     used_ += n;
     return at;
   }
-  std::string_view view() const { return {data_.data(), size_}; }
+  std::string_view view() { return {data_->data(), size_}; }
 
  private:
   uint64_t size_;
   uint64_t used_ = 0;
-  AlignedBuffer data_;
+  AlignedBufferPool::Lease data_;
 };
 static_assert(AlignedBuffer::kAlignment % kAlign == 0);
 // Pack files kept open for reading (each holds one descriptor, two once a run was read from
@@ -407,7 +414,7 @@ Status BlockStore::MigrateLegacyFiles() {
       if (blocks.empty()) continue;
       uint64_t bytes = 0;
       for (const auto& b : blocks) bytes += kRecordHeaderSize + b.payload.size();
-      AppendBuffer records(bytes);
+      AppendBuffer records(bytes, append_buffers_);
       for (const auto& b : blocks) records.Add(b);
       auto at = Append(records.view(), /*sync=*/true);
       if (!at.ok()) return at.take_status();
@@ -681,7 +688,7 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
   auto damaged = [&](size_t i, const std::string& why) {
     return DamagedBlock(ids[i], PackPath(where[i].pack), where[i].offset, why);
   };
-  AlignedBuffer direct_buffer;
+  AlignedBufferPool::Lease direct_buffer(read_buffers_);
   for (size_t i = 0; i < ids.size();) {
     if (where[i].length < kRecordHeaderSize ||
         where[i].length > kRecordHeaderSize + 2 * kMaxBlockSize)
@@ -698,7 +705,7 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
     if (!pack.ok()) return damaged(i, pack.status().cause());
     const size_t base = out.size();
     out.resize(base + run);
-    if (Status st = ReadRun(**pack, where[i].offset, run, out.data() + base, direct_buffer);
+    if (Status st = ReadRun(**pack, where[i].offset, run, out.data() + base, *direct_buffer);
         !st.ok())
       return damaged(i, st.cause());
     for (size_t k = i, at = base; k < j; at += where[k].length, ++k) {
@@ -862,7 +869,7 @@ Result<CompactStats> BlockStore::Compact(double min_live_fraction) {
         size_t first = i;
         uint64_t bytes = 0;
         while (i < rows.size() && bytes < (8u << 20)) bytes += std::get<2>(rows[i++]);
-        AppendBuffer chunk(bytes);
+        AppendBuffer chunk(bytes, append_buffers_);
         for (size_t k = first; k < i; ++k) {
           const auto& [id, offset, length] = rows[k];
           // Copied as it is, damage included: verify must still see it.
@@ -943,7 +950,7 @@ Result<PutStats> BlockStore::Put(std::span<const BlockRecordView> blocks) {
     bytes += kRecordHeaderSize + b.payload.size();
   }
   if (fresh.empty()) return stats;
-  AppendBuffer records(bytes);
+  AppendBuffer records(bytes, append_buffers_);
   for (const BlockRecordView& b : fresh) records.Add(b);
   auto at = Append(records.view(), /*sync=*/false);
   if (!at.ok()) return std::move(at.take_status()).InPhase("store block");

@@ -50,12 +50,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/aligned_buffer.hpp"
 #include "common/block_codec.hpp"
 #include "common/status.hpp"
 
-namespace vmsnap {
-class AlignedBuffer;
-}
+namespace vmsnap {}
 
 namespace vmsnap::vault {
 
@@ -254,6 +253,10 @@ class BlockStore {
   // Appends (pack, offset) made by Put whose rows are not pending yet (under append_mu_).
   std::multiset<std::pair<int64_t, uint64_t>> in_flight_;
   int64_t next_pack_ = 1;
+  // Buffers kept for the next append and the next direct read (a few concurrent uploads or
+  // fetches of up to 8 MiB each, at most 4 x 16 MiB per pool).
+  mutable AlignedBufferPool append_buffers_{4, 16 << 20};
+  mutable AlignedBufferPool read_buffers_{4, 16 << 20};
   // Open read handles by pack number.
   mutable std::mutex packs_mu_;
   mutable std::map<int64_t, std::shared_ptr<Pack>> open_packs_;

@@ -182,6 +182,12 @@ bool LooksIncompressible(std::span<const std::byte> data) {
   return bits / kSamples > 7.9;
 }
 
+// Level 1 with a hash table of 2^16 entries (256 KiB, fits a core's L2 cache) instead of the
+// 2^13 level 1 picks for a 32 KiB input: it finds more matches sooner. On the benchmark's
+// compressible data 11 % faster and 0.7 % smaller; on a tar of /usr/bin, /usr/share/doc and
+// /usr/include 7 % faster and 0.8 % smaller (docs/PERFORMANCE.md). Decoders need nothing new.
+constexpr int kZstdHashLog = 16;
+
 EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   EncodedBlock out;
   out.id = id;
@@ -198,7 +204,9 @@ EncodedBlock EncodeBlock(const BlockId& id, std::span<const std::byte> plain) {
   // payload size would hold several times their budget.
   const size_t bound = ZSTD_compressBound(plain.size());
   std::unique_ptr<char[]> scratch(new char[bound]);
-  size_t n = ZSTD_compressCCtx(cctx, scratch.get(), bound, plain.data(), plain.size(), 1);
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, 1);
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_hashLog, kZstdHashLog);
+  size_t n = ZSTD_compress2(cctx, scratch.get(), bound, plain.data(), plain.size());
   if (!ZSTD_isError(n) && n < plain.size()) {
     out.payload.assign(scratch.get(), n);
     out.codec = BlockCodec::kZstd;

@@ -88,7 +88,22 @@ std::string Sha256Hex(std::string_view data) {
   return Sha256Block(std::as_bytes(std::span(data.data(), data.size()))).Hex();
 }
 
+#ifdef VMSNAP_XXH3_AVX2
+namespace detail {
+void Xxh3_128Avx2(const void* data, size_t size, unsigned long long* low,
+                  unsigned long long* high);  // fast_hash_avx2.cpp
+}
+#endif
+
 FastHash FastHashBlock(std::span<const std::byte> data) {
+#ifdef VMSNAP_XXH3_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    unsigned long long low = 0, high = 0;
+    detail::Xxh3_128Avx2(data.data(), data.size(), &low, &high);
+    return FastHash{low, high};
+  }
+#endif
   XXH128_hash_t h = XXH3_128bits(data.data(), data.size());
   return FastHash{h.low64, h.high64};
 }

@@ -73,6 +73,16 @@ class DiskWriter {
   static constexpr size_t kDirectAlignment = 4096;
 };
 
+// The error OpenDiskForWrite returns on every platform when an existing target (a device, or a
+// file that is not empty) holds fewer bytes than the disk to restore.
+inline Status RestoreTargetTooSmall(const std::string& path, uint64_t have, uint64_t need) {
+  return Status::InvalidArgument("restore target " + path +
+                                     " is too small: " + std::to_string(have) +
+                                     " bytes, the disk needs " + std::to_string(need) + " bytes",
+                                 "restore to a device or file of at least " + std::to_string(need) +
+                                     " bytes, or to a new file path");
+}
+
 // Where the agent keeps its files by default on this platform.
 struct AgentPaths {
   std::string config_file;  // Linux /etc/vmsnap/agent.json; Windows %ProgramData%\vmsnap\agent.json

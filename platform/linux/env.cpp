@@ -198,12 +198,7 @@ class LinuxEnv final : public Env {
       return std::unique_ptr<DiskWriter>(
           std::make_unique<LinuxDiskWriter>(path, std::move(fd), size, true));
     }
-    if (id->size < size)
-      return Status::InvalidArgument(
-          "restore target " + path + " is too small: " + std::to_string(id->size) +
-              " bytes, the disk needs " + std::to_string(size) + " bytes",
-          "restore to a device or file of at least " + std::to_string(size) +
-              " bytes, or to a new file path");
+    if (id->size < size) return RestoreTargetTooSmall(path, id->size, size);
     return std::unique_ptr<DiskWriter>(
         std::make_unique<LinuxDiskWriter>(path, std::move(fd), id->size, false));
   }

@@ -37,7 +37,7 @@ uint64_t AlignUp(uint64_t n) {
 
 // Records to append, in a buffer aligned for O_DIRECT and padded with zeros to kAlign. Its
 // memory comes from the pool and goes back to it (uploads of a backup follow each other: fresh
-// memory for each was 15 % of the vault's CPU in a full backup, zeroing pages on first touch).
+// memory for each was 16 % of the vault's CPU in a full backup, zeroing pages on first touch).
 class AppendBuffer {
   // Capacity grows in steps, so that a kept buffer fits the next batch of a similar size.
   static constexpr uint64_t kReserveStep = 4 << 20;

@@ -54,8 +54,6 @@
 #include "common/block_codec.hpp"
 #include "common/status.hpp"
 
-namespace vmsnap {}
-
 namespace vmsnap::vault {
 
 class Db;

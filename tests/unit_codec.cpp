@@ -1,9 +1,11 @@
 #include <doctest/doctest.h>
 
 #include <xxhash.h>
+#include <atomic>
 #include <random>
 #include <span>
 #include <string>
+#include <thread>
 
 #include "common/block_codec.hpp"
 #include "common/manifest.hpp"
@@ -24,6 +26,25 @@ std::vector<std::byte> TextBytes(size_t n) {
   return v;
 }
 }  // namespace
+
+TEST_CASE("block ids are SHA-256: the standard test vectors, from several threads") {
+  auto bytes = [](std::string_view s) { return std::as_bytes(std::span(s.data(), s.size())); };
+  CHECK(Sha256Block(bytes("")).Hex() ==
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(Sha256Block(bytes("abc")).Hex() ==
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  const std::string million(1000000, 'a');
+  const std::string want = "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0";
+  std::vector<std::thread> threads;
+  std::atomic<int> right{0};
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      for (int i = 0; i < 3; ++i)
+        if (Sha256Block(bytes(million)).Hex() == want) right++;
+    });
+  for (auto& t : threads) t.join();
+  CHECK(right == 12);
+}
 
 TEST_CASE("compressible block round-trips through zstd and keeps its id") {
   auto plain = TextBytes(65536);

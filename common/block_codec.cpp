@@ -79,20 +79,7 @@ Result<BlockId> BlockId::FromHex(std::string_view hex) {
 }
 
 BlockId Sha256Block(std::span<const std::byte> data) {
-  // OpenSSL 3's SHA256() looks the algorithm up by name and allocates a context on every
-  // call (EVP_Q_digest); a block hashed twice per backup pays that 65 536 times per 2 GiB.
-  // The algorithm is fetched once, and each thread keeps its context.
-  struct CtxFree {
-    void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-  };
-  static EVP_MD* const sha256 = EVP_MD_fetch(nullptr, "SHA256", nullptr);  // kept until exit
-  thread_local std::unique_ptr<EVP_MD_CTX, CtxFree> ctx(EVP_MD_CTX_new());
   BlockId id;
-  unsigned int len = 0;
-  if (sha256 && ctx && EVP_DigestInit_ex(ctx.get(), sha256, nullptr) == 1 &&
-      EVP_DigestUpdate(ctx.get(), data.data(), data.size()) == 1 &&
-      EVP_DigestFinal_ex(ctx.get(), id.bytes.data(), &len) == 1 && len == id.bytes.size())
-    return id;
   SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), id.bytes.data());
   return id;
 }

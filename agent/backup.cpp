@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "agent/composed_disk_reader.hpp"
 #include "agent/local_state.hpp"
 #include "agent/progress.hpp"
+#include "agent/scratch.hpp"
 #include "agent/vault_client.hpp"
 #include "common/manifest.hpp"
 #include "platform/env.hpp"
@@ -47,18 +49,30 @@ json DiskReport::ToJson() const {
 json BackupReport::ToJson() const {
   json d = json::array();
   for (const auto& disk : disks) d.push_back(disk.ToJson());
-  return {{"recovery_point", recovery_point}, {"item", item},
-          {"consistency", consistency},       {"consistency_evidence", evidence},
-          {"duration_ms", duration_ms},       {"phases_ms", phases_ms},
-          {"bytes_sent", bytes_sent},         {"disks", d}};
+  return {{"recovery_point", recovery_point},
+          {"item", item},
+          {"consistency", consistency},
+          {"consistency_evidence", evidence},
+          {"duration_ms", duration_ms},
+          {"phases_ms", phases_ms},
+          {"bytes_sent", bytes_sent},
+          {"peak_memory_bytes", peak_memory_bytes},
+          {"disks", d}};
 }
 
 namespace {
 
 enum class Mode { kFull, kLocalState, kVaultMap };
 
+// Blocks per segment: the unit a worker reads, hashes and encodes (4 MiB of the disk).
+uint64_t SegmentBlocks(uint32_t bs) {
+  return std::max<uint64_t>(1, (4ull << 20) / bs);
+}
+
 // Everything the pipeline knows about one disk. Counters are atomics (workers and uploaders
-// update them concurrently); new_hashes[i] is written only by the worker owning block i.
+// update them concurrently). What grows with the disk or with the changes is kept in scratch
+// files, not in memory (docs/ARCHITECTURE.md, "Memory bounds"); each range of them is written
+// only by the worker owning that segment.
 struct DiskJob {
   int index = 0;
   std::string path;       // as named: the key in the vault and the local state (DiskKey)
@@ -71,33 +85,63 @@ struct DiskJob {
   Mode mode = Mode::kFull;
   std::string parent;
   std::string state_path;
-  std::vector<FastHash> old_hashes;           // kLocalState
-  std::vector<ManifestEntry> parent_entries;  // kVaultMap: the parent's full map
-  std::vector<FastHash> new_hashes;
+  std::unique_ptr<DiskStateReader> old_state;  // kLocalState: the hashes of the last backup
+  // kVaultMap: the parent's resolved map, the entry of block i in slot i (agent/scratch.hpp).
+  std::unique_ptr<platform::ScratchFile> parent_map;
+  // The new XXH3 hash of block i at i * 16 (saved as the next local state after the commit).
+  std::unique_ptr<platform::ScratchFile> new_hashes;
+  // This backup's manifest entries: the n entries of the segment starting at block b lie in
+  // slots b .. b+n-1, in index order; segment_entries[b / SegmentBlocks(bs)] holds n.
+  std::unique_ptr<platform::ScratchFile> entries;
+  std::vector<uint32_t> segment_entries;
   platform::FileIdentity identity_before;
   // A physical drive read through its volumes' shadow copies: what came from where (merged
   // into the consistency evidence of this disk); null otherwise.
   json composition;
 
-  std::mutex entries_mu;
-  std::vector<ManifestEntry> entries;
-
   std::atomic<uint64_t> zero{0}, read{0}, changed{0}, uploaded{0}, bytes_uploaded{0},
       bytes_changed{0}, bytes_done{0};
-
-  // The parent's id of block `idx` in kVaultMap mode (nullopt: zero in the parent).
-  std::optional<BlockId> ParentId(uint64_t idx) const {
-    auto it = std::lower_bound(parent_entries.begin(), parent_entries.end(), idx,
-                               [](const ManifestEntry& e, uint64_t i) { return e.index < i; });
-    if (it != parent_entries.end() && it->index == idx) return it->id;
-    return std::nullopt;
-  }
 };
 
 struct Segment {
   DiskJob* disk;
   uint64_t first_block;
   uint64_t count;
+  uint64_t index_in_disk;
+};
+
+// What one worker reuses from segment to segment.
+struct WorkerBuffers {
+  explicit WorkerBuffers(uint64_t seg_blocks, uint32_t bs)
+      : data(seg_blocks * bs),
+        has_data(seg_blocks),
+        old_hashes(seg_blocks),
+        new_hashes(seg_blocks) {}
+  std::vector<std::byte> data;
+  std::vector<char> has_data;
+  std::vector<FastHash> old_hashes, new_hashes;
+  std::vector<ManifestEntry> entries;
+  std::vector<ManifestEntry> parent_entries;  // kVaultMap: the parent's entry of each block
+  std::string slot_buffer;
+};
+
+// Ids of blocks already queued in this backup, so that the same content is encoded and sent
+// once. Bounded: when it holds kMaxIds it starts over (a block seen again after that is only
+// sent to the vault's "missing" query again, which filters it out). 256 Ki ids cover 8 GiB of
+// distinct data at 32 KiB blocks in about 20 MiB.
+class QueuedIds {
+ public:
+  static constexpr size_t kMaxIds = 256 * 1024;
+  // True the first time `id` is seen (since the last start-over).
+  bool Insert(const BlockId& id) {
+    std::lock_guard lock(mu_);
+    if (ids_.size() >= kMaxIds) ids_.clear();
+    return ids_.insert(id).second;
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_set<BlockId, BlockIdHash> ids_;
 };
 
 // Encoded blocks of one segment, in disk order. The vault appends each upload to its packs as
@@ -178,22 +222,38 @@ Status PlanDisk(DiskJob& d, const BackupOptions& opt, const std::optional<json>&
     return Status::Ok();
   }
   d.parent = (*latest)["id"];
-  auto state = LoadDiskState(d.state_path);
-  if (state.ok() && state->recovery_point == d.parent && state->vault_url == opt.client.url &&
-      state->item == opt.item && state->disk_size == d.size &&
-      state->block_size == opt.block_size && state->hashes.size() == d.blocks) {
-    d.mode = Mode::kLocalState;
-    d.old_hashes = std::move(state->hashes);
-    return Status::Ok();
+  auto state = DiskStateReader::Open(d.state_path);
+  if (state.ok()) {
+    const DiskStateInfo& s = (*state)->info();
+    if (s.recovery_point == d.parent && s.vault_url == opt.client.url && s.item == opt.item &&
+        s.disk_size == d.size && s.block_size == opt.block_size && s.blocks == d.blocks) {
+      d.mode = Mode::kLocalState;
+      d.old_state = std::move(*state);
+      return Status::Ok();
+    }
   }
   spdlog::info(
       "disk {}: local change-tracking state {} the latest recovery point; comparing "
       "with the vault's block map instead",
       d.path, state.ok() ? "does not match" : "is missing for");
-  auto map = control.ResolvedManifest(d.parent, parent_index);
-  if (!map.ok()) return std::move(map.take_status()).InPhase("read parent block map");
+  auto scratch = CreateScratch(opt.state_dir);
+  if (!scratch.ok()) return scratch.take_status();
+  d.parent_map = std::move(*scratch);
+  std::string buf;
+  Status st = control.ResolvedManifestPages(
+      d.parent, parent_index, opt.map_page_entries, [&](const Manifest& page) -> Status {
+        // Each run of consecutive blocks with one write.
+        const auto& e = page.entries;
+        for (size_t i = 0, j; i < e.size(); i = j) {
+          if (e[i].index >= d.blocks) return Status::Corruption("parent block map out of range");
+          for (j = i + 1; j < e.size() && e[j].index == e[j - 1].index + 1 && j - i < 4096;) ++j;
+          VMSNAP_RETURN_IF_ERROR(
+              WriteEntrySlots(*d.parent_map, e[i].index, std::span(e.data() + i, j - i), buf));
+        }
+        return Status::Ok();
+      });
+  if (!st.ok()) return std::move(st).InPhase("read parent block map");
   d.mode = Mode::kVaultMap;
-  d.parent_entries = std::move(map->entries);
   return Status::Ok();
 }
 
@@ -212,11 +272,33 @@ uint32_t BlockSizeOfLatest(const std::optional<json>& latest,
 // Bytes read with one call and hashed before the next read (fits a core's L2 cache).
 constexpr uint64_t kHashPieceBytes = 256 << 10;
 
-void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf,
-                    std::vector<char>& has_data, BoundedQueue<UploadItem>& queue,
-                    std::mutex& dedup_mu, std::unordered_set<BlockId, BlockIdHash>& dedup,
-                    FailureLatch& failure) {
+// Writes what a segment found to its disk's scratch files: the new hashes and the entries.
+// Hashes of a segment that is all zero are not written: the fresh scratch file reads as zero
+// there (a retried transfer starts with a new one), so a sparse disk costs no writes.
+Status RecordSegment(const Segment& seg, WorkerBuffers& w) {
   DiskJob& d = *seg.disk;
+  std::span<const FastHash> hashes(w.new_hashes.data(), seg.count);
+  if (std::any_of(hashes.begin(), hashes.end(), [](const FastHash& h) { return h != FastHash{}; }))
+    VMSNAP_RETURN_IF_ERROR(
+        d.new_hashes->WriteAt(seg.first_block * sizeof(FastHash), std::as_bytes(hashes)));
+  d.segment_entries[seg.index_in_disk] = static_cast<uint32_t>(w.entries.size());
+  return WriteEntrySlots(*d.entries, seg.first_block, w.entries, w.slot_buffer);
+}
+
+void ProcessSegment(const Segment& seg, uint32_t bs, WorkerBuffers& w,
+                    BoundedQueue<UploadItem>& queue, QueuedIds& queued, FailureLatch& failure) {
+  DiskJob& d = *seg.disk;
+  auto& buf = w.data;
+  auto& has_data = w.has_data;
+  if (d.mode == Mode::kLocalState) {
+    Status st = d.old_state->ReadHashes(seg.first_block, std::span(w.old_hashes.data(), seg.count));
+    if (!st.ok()) return failure.Set(std::move(st).InPhase("read change-tracking state"));
+  }
+  if (d.mode == Mode::kVaultMap) {
+    Status st =
+        ReadEntrySlots(*d.parent_map, seg.first_block, seg.count, w.parent_entries, w.slot_buffer);
+    if (!st.ok()) return failure.Set(std::move(st).InPhase("read parent block map"));
+  }
   const uint64_t start = seg.first_block * bs;
   const uint64_t end = std::min(d.size, start + seg.count * bs);
   // Which blocks hold data? Holes of sparse files are never read.
@@ -232,7 +314,8 @@ void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf
   // Read runs of data blocks with one call each, in pieces small enough to stay in the CPU's
   // cache while they are hashed right after the read (4 MiB reads then hashing was slower).
   const uint64_t piece_blocks = std::max<uint64_t>(1, kHashPieceBytes / bs);
-  std::vector<ManifestEntry> local_entries;
+  std::vector<ManifestEntry>& local_entries = w.entries;
+  local_entries.clear();
   UploadItem group{&d, {}, 0};
   auto push_group = [&] {
     if (group.blocks.empty()) return true;
@@ -257,10 +340,10 @@ void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf
       d.bytes_done += len;
       if (has_data[i]) d.read++;
       if (!has_data[i] || IsAllZero(block)) {
-        d.new_hashes[idx] = FastHash{};
+        w.new_hashes[i] = FastHash{};
         d.zero++;
-        bool was_data = d.mode == Mode::kLocalState ? d.old_hashes[idx] != FastHash{}
-                        : d.mode == Mode::kVaultMap ? d.ParentId(idx).has_value()
+        bool was_data = d.mode == Mode::kLocalState ? w.old_hashes[i] != FastHash{}
+                        : d.mode == Mode::kVaultMap ? w.parent_entries[i].id.has_value()
                                                     : false;
         if (was_data) {
           local_entries.push_back({idx, std::nullopt});
@@ -269,17 +352,14 @@ void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf
         continue;
       }
       FastHash fh = FastHashBlock(block);
-      d.new_hashes[idx] = fh;
-      if (d.mode == Mode::kLocalState && d.old_hashes[idx] == fh) continue;
+      w.new_hashes[i] = fh;
+      if (d.mode == Mode::kLocalState && w.old_hashes[i] == fh) continue;
       BlockId id = Sha256Block(block);
-      if (d.mode == Mode::kVaultMap && d.ParentId(idx) == id) continue;
+      if (d.mode == Mode::kVaultMap && w.parent_entries[i].id == id) continue;
       local_entries.push_back({idx, id});
       d.changed++;
       d.bytes_changed += len;
-      {
-        std::lock_guard lock(dedup_mu);
-        if (!dedup.insert(id).second) continue;  // same content already queued in this backup
-      }
+      if (!queued.Insert(id)) continue;  // same content already queued in this backup
       EncodedBlock enc = EncodeBlock(id, block);
       group.payload_bytes += enc.payload.size();
       group.blocks.push_back(std::move(enc));
@@ -287,8 +367,8 @@ void ProcessSegment(const Segment& seg, uint32_t bs, std::vector<std::byte>& buf
     }
   }
   if (!push_group()) return;
-  std::lock_guard lock(d.entries_mu);
-  d.entries.insert(d.entries.end(), local_entries.begin(), local_entries.end());
+  if (Status st = RecordSegment(seg, w); !st.ok())
+    failure.Set(std::move(st).InPhase("record changed blocks"));
 }
 
 // Uploads queued blocks in batches: ask which ids are missing, send only those.
@@ -369,14 +449,15 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
                 std::vector<std::unique_ptr<VaultClient>>& upload_clients,
                 ProgressReporter& progress) {
   const uint32_t bs = opt.block_size;
-  const uint64_t seg_blocks = std::max<uint64_t>(1, (4ull << 20) / bs);
+  const uint64_t seg_blocks = SegmentBlocks(bs);
   std::vector<Segment> segments;
   {
     std::vector<std::vector<Segment>> per_disk;
     for (auto& d : disks) {
       per_disk.emplace_back();
       for (uint64_t b = 0; b < d->blocks; b += seg_blocks)
-        per_disk.back().push_back({d.get(), b, std::min(seg_blocks, d->blocks - b)});
+        per_disk.back().push_back(
+            {d.get(), b, std::min(seg_blocks, d->blocks - b), b / seg_blocks});
     }
     for (size_t k = 0;; ++k) {  // interleave so that all disks advance together
       bool any = false;
@@ -391,8 +472,7 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
   BoundedQueue<UploadItem> queue(opt.queue_bytes);
   FailureLatch failure;
   RateLimiter limiter(opt.max_rate_bytes_per_s);
-  std::mutex dedup_mu;
-  std::unordered_set<BlockId, BlockIdHash> dedup;
+  QueuedIds queued;
   std::atomic<size_t> next_segment{0};
   std::vector<std::thread> uploaders, workers;
   // The watcher below wakes when a worker or uploader ends (not only every 200 ms), so the
@@ -415,10 +495,9 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
     });
   for (int w = 0; w < opt.workers; ++w) {
     workers.emplace_back([&] {
-      std::vector<std::byte> buf(seg_blocks * bs);
-      std::vector<char> has_data(seg_blocks);
+      WorkerBuffers buffers(seg_blocks, bs);
       for (size_t s; !failure.failed() && (s = next_segment++) < segments.size();)
-        ProcessSegment(segments[s], bs, buf, has_data, queue, dedup_mu, dedup, failure);
+        ProcessSegment(segments[s], bs, buffers, queue, queued, failure);
       if (failure.failed()) queue.Cancel();  // release everyone blocked on the queue
       finished(workers_running);
     });
@@ -469,14 +548,49 @@ Status Transfer(std::vector<std::unique_ptr<DiskJob>>& disks, const BackupOption
 
 // Forgets what one transfer found, for a second attempt (blocks already uploaded stay in the
 // vault; its "missing" answer keeps them from being sent twice).
-void ResetForRetry(DiskJob& d) {
-  d.entries.clear();
-  std::fill(d.new_hashes.begin(), d.new_hashes.end(), FastHash{});
+Status ResetForRetry(DiskJob& d, const std::string& state_dir) {
+  auto hashes = CreateScratch(state_dir);
+  if (!hashes.ok()) return hashes.take_status();
+  d.new_hashes = std::move(*hashes);
+  std::fill(d.segment_entries.begin(), d.segment_entries.end(), 0);
   d.zero = 0;
   d.read = 0;
   d.changed = 0;
   d.bytes_changed = 0;
   d.bytes_done = 0;
+  return Status::Ok();
+}
+
+// Sends the manifest of disk `d` from its entry scratch file, encoding it as it goes: in one
+// request when it fits in `part_bytes`, else in parts followed by a seal, so that neither the
+// agent nor one request ever holds the manifest of a large disk whole.
+Status SendManifest(DiskJob& d, uint32_t bs, const std::string& parent, uint64_t part_bytes,
+                    VaultClient& control, const std::string& session) {
+  const uint64_t seg_blocks = SegmentBlocks(bs);
+  uint64_t count = 0;
+  for (uint32_t n : d.segment_entries) count += n;
+  ManifestEncoder encoder(d.size, bs, parent, count);
+  std::vector<ManifestEntry> entries;
+  std::string buf;
+  uint64_t sent = 0;
+  for (size_t s = 0; s < d.segment_entries.size(); ++s) {
+    if (d.segment_entries[s] == 0) continue;
+    VMSNAP_RETURN_IF_ERROR(
+        ReadEntrySlots(*d.entries, s * seg_blocks, d.segment_entries[s], entries, buf));
+    for (const auto& e : entries) encoder.Add(e);
+    if (encoder.pending_bytes() >= part_bytes) {
+      std::string part = encoder.Take();
+      const uint64_t size = part.size();
+      VMSNAP_RETURN_IF_ERROR(control.PutManifestPart(session, d.index, sent, std::move(part)));
+      sent += size;
+    }
+  }
+  auto rest = encoder.Finish();
+  if (!rest.ok()) return rest.take_status();
+  if (sent == 0) return control.PutManifest(session, d.index, std::move(*rest));
+  const uint64_t size = sent + rest->size();
+  VMSNAP_RETURN_IF_ERROR(control.PutManifestPart(session, d.index, sent, std::move(*rest)));
+  return control.SealManifest(session, d.index, size);
 }
 
 // A leftover freeze, for the evidence and the log.
@@ -634,7 +748,13 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   if (opt.block_size == 0) opt.block_size = BlockSizeOfLatest(*latest, disks);
   for (auto& d : disks) {
     d->blocks = (d->size + opt.block_size - 1) / opt.block_size;
-    d->new_hashes.resize(d->blocks);
+    d->segment_entries.assign(
+        (d->blocks + SegmentBlocks(opt.block_size) - 1) / SegmentBlocks(opt.block_size), 0);
+    for (auto* file : {&d->new_hashes, &d->entries}) {
+      auto scratch = CreateScratch(opt.state_dir);
+      if (!scratch.ok()) return scratch.take_status();
+      *file = std::move(*scratch);
+    }
     VMSNAP_RETURN_IF_ERROR(PlanDisk(*d, opt, *latest, **control));
   }
 
@@ -734,14 +854,18 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
                            "configure the command snapshot provider")
           .InPhase("read disk");
     spdlog::warn("image file {} was modified while it was read; reading it once more", changed);
-    for (auto& d : disks) ResetForRetry(*d);
+    for (auto& d : disks) VMSNAP_RETURN_IF_ERROR(ResetForRetry(*d, opt.state_dir));
   }
 
   phases_ms["transfer"] = ms_since(transfer_start);
   const auto commit_start = Clock::now();
 
   // 5. Every block is read: close the readers and delete the snapshot.
-  for (auto& d : disks) d->reader.reset();
+  for (auto& d : disks) {
+    d->reader.reset();
+    d->old_state.reset();
+    d->parent_map.reset();
+  }
   BackupReport report;
   report.phases_ms = phases_ms;
   report.item = opt.item;
@@ -770,14 +894,9 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
 
   // 6. Manifests, then the atomic commit.
   for (auto& d : disks) {
-    std::sort(d->entries.begin(), d->entries.end(),
-              [](const ManifestEntry& a, const ManifestEntry& b) { return a.index < b.index; });
-    Manifest m;
-    m.disk_size = d->size;
-    m.block_size = bs;
-    m.parent = d->mode == Mode::kFull ? "" : d->parent;
-    m.entries = std::move(d->entries);
-    Status st = (*control)->PutManifest(*session, d->index, m);
+    const std::string parent = d->mode == Mode::kFull ? "" : d->parent;
+    Status st = SendManifest(*d, bs, parent, std::max<uint64_t>(1, opt.manifest_part_bytes),
+                             **control, *session);
     if (!st.ok()) return std::move(st).InPhase("upload manifest");
     DiskReport r;
     r.index = d->index;
@@ -789,7 +908,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
     r.mode = d->mode == Mode::kFull         ? "full"
              : d->mode == Mode::kLocalState ? "incremental"
                                             : "incremental-vault-map";
-    r.parent = m.parent;
+    r.parent = parent;
     r.blocks_total = d->blocks;
     r.blocks_zero = d->zero;
     r.blocks_read = d->read;
@@ -805,6 +924,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
         {{"index", r.index}, {"key", DiskKey(r.path)}, {"stats", r.ToJson()}});
   report.duration_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
+  report.peak_memory_bytes = platform::PeakResidentBytes();
   commit["report"] = report.ToJson();
   commit["origin"] = opt.origin;
   if (opt.cancel && opt.cancel->load()) return CancelledStatus();  // last safe point
@@ -819,9 +939,11 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
 
   // 7. Remember what was backed up, for the next incremental.
   for (auto& d : disks) {
-    DiskState s{opt.client.url, opt.item, DiskKey(d->path),        report.recovery_point,
-                d->size,        bs,       std::move(d->new_hashes)};
-    Status st = SaveDiskState(d->state_path, s);
+    DiskStateInfo info{opt.client.url, opt.item, DiskKey(d->path), report.recovery_point,
+                       d->size,        bs,       d->blocks};
+    Status st = SaveDiskState(d->state_path, info, [&](uint64_t first, std::span<FastHash> out) {
+      return d->new_hashes->ReadAt(first * sizeof(FastHash), std::as_writable_bytes(out));
+    });
     if (!st.ok())
       spdlog::warn(
           "could not save change-tracking state ({}); the next backup compares with the "
@@ -832,6 +954,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   for (auto& c : upload_clients) report.bytes_sent += c->bytes_sent();
   report.phases_ms["commit"] = ms_since(commit_start);
   report.duration_ms = ms_since(t0);
+  report.peak_memory_bytes = platform::PeakResidentBytes();
   progress.Done();
   return report;
 }

@@ -54,7 +54,13 @@ struct BackupOptions {
   uint64_t max_rate_bytes_per_s = 0;   // 0: unlimited
   uint64_t batch_bytes = 8ull << 20;   // upload batch size
   uint64_t queue_bytes = 32ull << 20;  // encoded data in flight, bounds memory
-  bool progress = true;                // progress lines on stderr for long jobs
+  // A manifest larger than this goes to the vault in parts of about this size (each part is
+  // one request, below the vault's 96 MiB limit); smaller ones in one request.
+  uint64_t manifest_part_bytes = 32ull << 20;
+  // Entries per request when the vault's block map of the parent is read (the incremental
+  // without local state): 1 Mi entries are about 41 MB.
+  uint64_t map_page_entries = 1 << 20;
+  bool progress = true;  // progress lines on stderr for long jobs
   // Set by another thread to stop at the next safe point: nothing is committed and the job
   // ends with kCancelled. Not owned; may be null.
   const std::atomic<bool>* cancel = nullptr;
@@ -104,7 +110,8 @@ struct BackupReport {
   // local state). "commit" is only in the agent's own report, not in the one the vault stores
   // (which is sent during the commit).
   nlohmann::json phases_ms = nlohmann::json::object();
-  uint64_t bytes_sent = 0;  // on the wire, all connections, TLS payload
+  uint64_t bytes_sent = 0;         // on the wire, all connections, TLS payload
+  uint64_t peak_memory_bytes = 0;  // the agent's peak resident memory (0: unknown)
   std::vector<DiskReport> disks;
   nlohmann::json ToJson() const;
 };

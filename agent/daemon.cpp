@@ -222,6 +222,7 @@ class Daemon {
     } else if (type == "restore") {
       const json& params = job.value("params", json::object());
       RestoreOptions ro;
+      ro.state_dir = cfg_.state_dir;
       ro.client = cfg_.Client();
       ro.recovery_point = params.value("recovery_point", "");
       ro.disk = params.value("disk", -1);

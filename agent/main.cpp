@@ -166,6 +166,15 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 32));
   backup->add_option("--max-rate", bopt.max_rate_bytes_per_s, "Upload limit in bytes/s (0: none)");
+  backup->add_option("--map-page-entries", bopt.map_page_entries)
+      ->group("")
+      ->check(CLI::PositiveNumber);
+  backup
+      ->add_option("--manifest-part-size", bopt.manifest_part_bytes,
+                   "A disk's block list larger than this many bytes is sent in parts of this "
+                   "size (each one request)")
+      ->capture_default_str()
+      ->check(CLI::Range(uint64_t{4096}, uint64_t{64} << 20));
   backup->add_flag("--json", as_json, "Print one JSON object with the report on stdout");
   ConsistencyOptions& copt = bopt.consistency;
   int freeze_deadline_s = 10;
@@ -236,6 +245,15 @@ int main(int argc, char** argv) {
   restore->add_option("--fetchers", ropt.fetchers, "Parallel download connections")
       ->capture_default_str()
       ->check(CLI::Range(1, 32));
+  restore
+      ->add_option("--state-dir", ropt.state_dir,
+                   "Where the block maps being restored are kept meanwhile (41 bytes per "
+                   "block with data)")
+      ->capture_default_str();
+  // Entries per request when a block map is read from the vault (tests use small pages).
+  restore->add_option("--map-page-entries", ropt.map_page_entries)
+      ->group("")
+      ->check(CLI::PositiveNumber);
   restore->add_flag("--json", as_json, "Print one JSON object with the report on stdout");
 
   // list

@@ -13,6 +13,7 @@
 #include <unordered_map>
 
 #include "agent/progress.hpp"
+#include "agent/scratch.hpp"
 #include "agent/vault_client.hpp"
 #include "common/aligned_buffer.hpp"
 #include "common/manifest.hpp"
@@ -49,7 +50,13 @@ namespace {
 
 struct DiskTarget {
   RestoreDiskReport report;
-  Manifest map;
+  uint64_t disk_size = 0;
+  uint32_t block_size = 0;
+  uint64_t block_count() const { return (disk_size + block_size - 1) / block_size; }
+  // The resolved map's data entries, in index order, one per slot (agent/scratch.hpp): read
+  // from the vault page by page and kept out of memory.
+  std::unique_ptr<platform::ScratchFile> map;
+  uint64_t map_entries = 0;
   std::string write_path;  // target, or target.vmsnap-partial for a new file
   std::unique_ptr<platform::DiskWriter> writer;
   std::atomic<uint64_t> data_done{0}, fetched{0};
@@ -57,7 +64,7 @@ struct DiskTarget {
 
 struct Batch {
   DiskTarget* disk;
-  size_t begin, end;  // range of map.entries
+  uint64_t begin, end;  // range of map slots
 };
 
 // A fetcher's buffers, kept from one batch to the next (the write buffer is reused; the
@@ -68,17 +75,22 @@ struct FetchBuffers {
   // response's own string (moved in), so this one does not save an allocation: it keeps the
   // answer alive while the batch is decoded.
   std::string body;
-  AlignedBuffer run;  // one run of consecutive blocks, decoded
+  AlignedBuffer run;                   // one run of consecutive blocks, decoded
+  std::vector<ManifestEntry> entries;  // the batch's part of the map
+  std::string slots;
 };
 
 Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
                     FetchBuffers& buffers) {
   DiskTarget& d = *b.disk;
-  const uint32_t bs = d.map.block_size;
+  const uint32_t bs = d.block_size;
+  std::vector<ManifestEntry>& entries = buffers.entries;
+  VMSNAP_RETURN_IF_ERROR(ReadEntrySlots(*d.map, b.begin, b.end - b.begin, entries, buffers.slots));
   std::vector<BlockId> ids;
-  for (size_t i = b.begin; i < b.end; ++i)
-    if (std::find(ids.begin(), ids.end(), *d.map.entries[i].id) == ids.end())
-      ids.push_back(*d.map.entries[i].id);
+  for (const auto& e : entries) {
+    if (!e.id) return Status::Internal("the restore's block map holds a zero entry");
+    if (std::find(ids.begin(), ids.end(), *e.id) == ids.end()) ids.push_back(*e.id);
+  }
   auto blocks = client.Fetch(ids, buffers.body);
   if (!blocks.ok()) {
     Status st = blocks.take_status();
@@ -103,20 +115,20 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
   constexpr size_t kAlign = platform::DiskWriter::kDirectAlignment;
   static_assert(AlignedBuffer::kAlignment % kAlign == 0);
   AlignedBuffer& run = buffers.run;
-  for (size_t i = b.begin; i < b.end;) {
-    const uint64_t first = d.map.entries[i].index;
+  for (size_t i = 0; i < entries.size();) {
+    const uint64_t first = entries[i].index;
     size_t j = i;
-    while (j < b.end && d.map.entries[j].index == first + (j - i)) ++j;
+    while (j < entries.size() && entries[j].index == first + (j - i)) ++j;
     const uint64_t off = first * bs;
-    const uint64_t run_len = std::min<uint64_t>((j - i) * uint64_t{bs}, d.map.disk_size - off);
+    const uint64_t run_len = std::min<uint64_t>((j - i) * uint64_t{bs}, d.disk_size - off);
     const size_t need = (run_len + kAlign - 1) / kAlign * kAlign;
     run.Reserve(need);
     for (size_t k = i; k < j; ++k) {
-      const auto& e = d.map.entries[k];
+      const auto& e = entries[k];
       auto it = encoded.find(*e.id);
       if (it == encoded.end())
         return Status::Unavailable("the vault left out block " + e.id->Hex());
-      const uint64_t len = std::min<uint64_t>(bs, d.map.disk_size - e.index * bs);
+      const uint64_t len = std::min<uint64_t>(bs, d.disk_size - e.index * bs);
       Status st = DecodeBlockInto(*it->second, std::span(run.bytes() + (k - i) * bs, len));
       if (!st.ok())
         return Status::Corruption(
@@ -135,11 +147,11 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
 // Writes zeros over every block the map does not list (only for targets not created empty).
 Status ZeroGaps(DiskTarget& d) {
   if (d.writer->starts_zeroed()) return Status::Ok();
-  const uint64_t bs = d.map.block_size;
+  const uint64_t bs = d.block_size;
   std::vector<std::byte> zeros(4u << 20);
   uint64_t next = 0;  // first block not yet covered
   auto fill = [&](uint64_t from_block, uint64_t to_block) -> Status {
-    uint64_t off = from_block * bs, end = std::min(d.map.disk_size, to_block * bs);
+    uint64_t off = from_block * bs, end = std::min(d.disk_size, to_block * bs);
     while (off < end) {
       uint64_t n = std::min<uint64_t>(zeros.size(), end - off);
       VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(zeros.data(), n)));
@@ -147,11 +159,17 @@ Status ZeroGaps(DiskTarget& d) {
     }
     return Status::Ok();
   };
-  for (const auto& e : d.map.entries) {
-    if (e.index > next) VMSNAP_RETURN_IF_ERROR(fill(next, e.index));
-    next = e.index + 1;
+  std::vector<ManifestEntry> entries;
+  std::string slots;
+  for (uint64_t first = 0; first < d.map_entries; first += 65536) {
+    VMSNAP_RETURN_IF_ERROR(ReadEntrySlots(
+        *d.map, first, std::min<uint64_t>(65536, d.map_entries - first), entries, slots));
+    for (const auto& e : entries) {
+      if (e.index > next) VMSNAP_RETURN_IF_ERROR(fill(next, e.index));
+      next = e.index + 1;
+    }
   }
-  return fill(next, d.map.block_count());
+  return fill(next, d.block_count());
 }
 
 }  // namespace
@@ -201,21 +219,34 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     d->report.target = opt.targets[i];
     for (const auto& rd : rp_disks)
       if (rd.value("index", -1) == selected[i]) d->report.source = rd.value("key", "");
-    auto map = (*control)->ResolvedManifest(opt.recovery_point, selected[i]);
-    if (!map.ok()) {
+    auto scratch = CreateScratch(opt.state_dir);
+    if (!scratch.ok()) {
       cleanup_partials();
-      return std::move(map.take_status()).InPhase("read block map");
+      return scratch.take_status();
     }
-    d->map = std::move(*map);
-    d->report.size_bytes = d->map.disk_size;
-    d->report.blocks_total = d->map.block_count();
-    d->report.blocks_data = d->map.entries.size();
+    d->map = std::move(*scratch);
+    std::string slots;
+    Status map_status = (*control)->ResolvedManifestPages(
+        opt.recovery_point, selected[i], opt.map_page_entries, [&](const Manifest& page) {
+          d->disk_size = page.disk_size;
+          d->block_size = page.block_size;
+          VMSNAP_RETURN_IF_ERROR(WriteEntrySlots(*d->map, d->map_entries, page.entries, slots));
+          d->map_entries += page.entries.size();
+          return Status::Ok();
+        });
+    if (!map_status.ok()) {
+      cleanup_partials();
+      return std::move(map_status).InPhase("read block map");
+    }
+    d->report.size_bytes = d->disk_size;
+    d->report.blocks_total = d->block_count();
+    d->report.blocks_data = d->map_entries;
     d->report.blocks_zero = d->report.blocks_total - d->report.blocks_data;
     std::error_code ec;
     bool exists = fs::exists(d->report.target, ec);
     d->write_path = exists ? d->report.target : d->report.target + ".vmsnap-partial";
     if (!exists) fs::remove(d->write_path, ec);
-    auto writer = env->OpenDiskForWrite(d->write_path, d->map.disk_size);
+    auto writer = env->OpenDiskForWrite(d->write_path, d->disk_size);
     if (!writer.ok()) {
       cleanup_partials();
       Status st = writer.take_status();
@@ -233,9 +264,9 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     std::vector<std::vector<Batch>> per;
     for (auto& d : disks) {
       per.emplace_back();
-      size_t step = std::max<size_t>(1, (4u << 20) / d->map.block_size);
-      for (size_t i = 0; i < d->map.entries.size(); i += step)
-        per.back().push_back({d.get(), i, std::min(d->map.entries.size(), i + step)});
+      const uint64_t step = std::max<uint64_t>(1, (4u << 20) / d->block_size);
+      for (uint64_t i = 0; i < d->map_entries; i += step)
+        per.back().push_back({d.get(), i, std::min(d->map_entries, i + step)});
     }
     for (size_t k = 0;; ++k) {
       bool any = false;
@@ -284,7 +315,7 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
       running_cv.notify_all();
     });
   uint64_t total = 0;
-  for (auto& d : disks) total += d->map.entries.size() * d->map.block_size;
+  for (auto& d : disks) total += d->map_entries * d->block_size;
   ProgressReporter progress("restore", total, opt.progress);
   for (;;) {
     {
@@ -293,7 +324,7 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
         break;
     }
     uint64_t done = 0;
-    for (auto& d : disks) done += d->data_done * d->map.block_size;
+    for (auto& d : disks) done += d->data_done * d->block_size;
     progress.Update(done);
   }
   for (auto& t : threads) t.join();

@@ -16,6 +16,7 @@
 
 #include "common/https_client.hpp"
 #include "common/status.hpp"
+#include "platform/env.hpp"
 
 namespace vmsnap::agent {
 
@@ -26,6 +27,10 @@ struct RestoreOptions {
   std::vector<std::string> targets;  // devices or files, in disk order
   int fetchers = 6;
   bool progress = true;
+  // Where the block maps of the disks being restored are kept while the restore runs (41 B per
+  // block with data, in nameless scratch files; agent/scratch.hpp).
+  std::string state_dir = platform::DefaultAgentPaths().state_dir;
+  uint64_t map_page_entries = 1 << 20;  // entries per request when the map is read (≈ 41 MB)
 };
 
 struct RestoreDiskReport {

@@ -62,10 +62,38 @@ Result<json> VaultClient::ListRecoveryPoints(const std::string& item) {
 }
 
 Result<Manifest> VaultClient::ResolvedManifest(const std::string& rp_id, int disk_index) {
-  auto r = http_->Call(
-      "GET", "/v1/rps/" + UrlEncode(rp_id) + "/disks/" + std::to_string(disk_index) + "/map");
-  if (!r.ok()) return r.take_status();
-  return DecodeManifest(r->body);
+  Manifest map;
+  Status st = ResolvedManifestPages(rp_id, disk_index, kMapPageEntries, [&](const Manifest& page) {
+    map.disk_size = page.disk_size;
+    map.block_size = page.block_size;
+    map.entries.insert(map.entries.end(), page.entries.begin(), page.entries.end());
+    return Status::Ok();
+  });
+  if (!st.ok()) return st;
+  return map;
+}
+
+Status VaultClient::ResolvedManifestPages(const std::string& rp_id, int disk_index,
+                                          uint64_t page_entries,
+                                          const std::function<Status(const Manifest&)>& on_page) {
+  const std::string target =
+      "/v1/rps/" + UrlEncode(rp_id) + "/disks/" + std::to_string(disk_index) + "/map";
+  page_entries = std::max<uint64_t>(1, page_entries);
+  for (uint64_t from = 0;;) {
+    auto r = http_->Call(
+        "GET", target + "?from=" + std::to_string(from) + "&limit=" + std::to_string(page_entries));
+    if (!r.ok()) return r.take_status();
+    auto page = DecodeManifest(r->body);
+    if (!page.ok()) return page.take_status();
+    // A vault without paging answers with the whole map: it is then the only page.
+    const bool whole = page->entries.size() > page_entries;
+    if (!whole && !page->entries.empty() && page->entries.front().index < from)
+      return Status::Corruption("the vault sent a map page that starts before index " +
+                                std::to_string(from));
+    VMSNAP_RETURN_IF_ERROR(on_page(*page));
+    if (whole || page->entries.size() < page_entries) return Status::Ok();
+    from = page->entries.back().index + 1;
+  }
 }
 
 Result<std::string> VaultClient::CreateSession(const std::string& item) {
@@ -85,10 +113,26 @@ Status VaultClient::Upload(const std::vector<EncodedBlock>& blocks) {
   return r.ok() ? Status::Ok() : r.take_status();
 }
 
-Status VaultClient::PutManifest(const std::string& session, int disk_index,
-                                const Manifest& manifest) {
+Status VaultClient::PutManifest(const std::string& session, int disk_index, std::string encoded) {
   auto r = http_->Call("PUT", "/v1/sessions/" + session + "/disks/" + std::to_string(disk_index),
-                       EncodeManifest(manifest), kBinary);
+                       std::move(encoded), kBinary);
+  return r.ok() ? Status::Ok() : r.take_status();
+}
+
+Status VaultClient::PutManifestPart(const std::string& session, int disk_index, uint64_t offset,
+                                    std::string part) {
+  auto r = http_->Call("PUT",
+                       "/v1/sessions/" + session + "/disks/" + std::to_string(disk_index) +
+                           "/part?offset=" + std::to_string(offset),
+                       std::move(part), kBinary);
+  return r.ok() ? Status::Ok() : r.take_status();
+}
+
+Status VaultClient::SealManifest(const std::string& session, int disk_index, uint64_t size) {
+  auto r = http_->Call("POST",
+                       "/v1/sessions/" + session + "/disks/" + std::to_string(disk_index) +
+                           "/seal?size=" + std::to_string(size),
+                       std::string(), kBinary);
   return r.ok() ? Status::Ok() : r.take_status();
 }
 

@@ -3,6 +3,7 @@
 // HttpsClient does; all calls are idempotent on the vault side (commit included, per session).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -24,12 +25,26 @@ class VaultClient {
   Result<nlohmann::json> GetRecoveryPoint(const std::string& id);
   // Oldest first; an empty item lists every item the token can see.
   Result<nlohmann::json> ListRecoveryPoints(const std::string& item);
+  // The resolved (full) block map of a disk, read in pages of kMapPageEntries (so a map of any
+  // size fits the response limit), held whole in memory: ≈ 48 B per block with data.
   Result<Manifest> ResolvedManifest(const std::string& rp_id, int disk_index);
+  static constexpr uint64_t kMapPageEntries = 1 << 20;  // ≈ 41 MB per response
+  // The same map read in pages of at most `page_entries` entries, for maps larger than one
+  // response: `on_page` gets each page in index order (the first one even when the map is
+  // empty; each holds the disk's geometry). Stops at the first error, which it returns.
+  Status ResolvedManifestPages(const std::string& rp_id, int disk_index, uint64_t page_entries,
+                               const std::function<Status(const Manifest&)>& on_page);
 
   Result<std::string> CreateSession(const std::string& item);
   Result<std::vector<BlockId>> Missing(const std::vector<BlockId>& ids);
   Status Upload(const std::vector<EncodedBlock>& blocks);
-  Status PutManifest(const std::string& session, int disk_index, const Manifest& manifest);
+  // An encoded manifest (VMSNAPM1) in one request: up to the vault's request limit.
+  Status PutManifest(const std::string& session, int disk_index, std::string encoded);
+  // A larger one in parts: each part at its offset, in order, then the seal with the total
+  // size (docs/PROTOCOL.md). Both are safe to retry.
+  Status PutManifestPart(const std::string& session, int disk_index, uint64_t offset,
+                         std::string part);
+  Status SealManifest(const std::string& session, int disk_index, uint64_t size);
   Result<nlohmann::json> Commit(const std::string& session, const nlohmann::json& body);
 
   // The blocks of `ids` as the vault stores them (not verified yet: DecodeBlockInto does).

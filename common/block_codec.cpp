@@ -11,6 +11,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <vector>
 
 #include "common/bytes.hpp"
@@ -81,6 +82,32 @@ Result<BlockId> BlockId::FromHex(std::string_view hex) {
 BlockId Sha256Block(std::span<const std::byte> data) {
   BlockId id;
   SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), id.bytes.data());
+  return id;
+}
+
+struct Sha256Stream::Context {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> md{EVP_MD_CTX_new(), &EVP_MD_CTX_free};
+};
+
+// EVP_DigestInit_ex, Update and Final fail only on allocation failure or a provider without
+// SHA-256; both are programming or installation errors that no caller could act on.
+Sha256Stream::Sha256Stream() : ctx_(std::make_unique<Context>()) {
+  if (!ctx_->md || EVP_DigestInit_ex(ctx_->md.get(), EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("SHA-256 is not available from OpenSSL");
+}
+
+Sha256Stream::~Sha256Stream() = default;
+
+void Sha256Stream::Update(std::string_view data) {
+  if (EVP_DigestUpdate(ctx_->md.get(), data.data(), data.size()) != 1)
+    throw std::runtime_error("SHA-256 update failed");
+}
+
+BlockId Sha256Stream::Finish() {
+  BlockId id;
+  unsigned int len = 0;
+  if (EVP_DigestFinal_ex(ctx_->md.get(), id.bytes.data(), &len) != 1 || len != 32)
+    throw std::runtime_error("SHA-256 final failed");
   return id;
 }
 

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -61,6 +62,22 @@ BlockId Sha256Block(std::span<const std::byte> data);
 FastHash FastHashBlock(std::span<const std::byte> data);
 bool IsAllZero(std::span<const std::byte> data);
 std::string Sha256Hex(std::string_view data);
+
+// SHA-256 of data given in pieces (files and streams too large to hold at once). One thread at
+// a time; Update after Finish is not allowed. Owns its OpenSSL context.
+class Sha256Stream {
+ public:
+  Sha256Stream();
+  ~Sha256Stream();
+  Sha256Stream(const Sha256Stream&) = delete;
+  Sha256Stream& operator=(const Sha256Stream&) = delete;
+  void Update(std::string_view data);
+  BlockId Finish();
+
+ private:
+  struct Context;
+  std::unique_ptr<Context> ctx_;
+};
 
 enum class BlockCodec : uint8_t { kRaw = 0, kZstd = 1 };
 

@@ -1,5 +1,8 @@
 #include "common/manifest.hpp"
 
+#include <cstring>
+#include <utility>
+
 #include "common/bytes.hpp"
 
 namespace vmsnap {
@@ -9,27 +12,51 @@ constexpr uint8_t kZeroEntry = 0;
 constexpr uint8_t kDataEntry = 1;
 }  // namespace
 
-std::string EncodeManifest(const Manifest& m) {
+ManifestEncoder::ManifestEncoder(uint64_t disk_size, uint32_t block_size, std::string_view parent,
+                                 uint64_t entry_count)
+    : sum_(std::make_unique<Sha256Stream>()), expected_(entry_count) {
   ByteWriter w;
-  w.str().reserve(64 + m.parent.size() + m.entries.size() * 41);
   w.bytes(kMagic);
-  w.u64(m.disk_size);
-  w.u32(m.block_size);
-  w.u16(static_cast<uint16_t>(m.parent.size()));
-  w.bytes(m.parent);
-  w.u64(m.entries.size());
-  for (const auto& e : m.entries) {
-    w.u64(e.index);
-    if (e.id) {
-      w.u8(kDataEntry);
-      w.bytes(e.id->bytes.data(), 32);
-    } else {
-      w.u8(kZeroEntry);
-    }
-  }
-  BlockId sum = Sha256Block(std::as_bytes(std::span(w.str().data(), w.str().size())));
-  w.bytes(sum.bytes.data(), 32);
-  return w.take();
+  w.u64(disk_size);
+  w.u32(block_size);
+  w.u16(static_cast<uint16_t>(parent.size()));
+  w.bytes(parent);
+  w.u64(entry_count);
+  out_ = w.take();
+}
+
+ManifestEncoder::~ManifestEncoder() = default;
+
+void ManifestEncoder::Add(const ManifestEntry& e) {
+  char entry[41];
+  for (int i = 0; i < 8; ++i) entry[i] = static_cast<char>((e.index >> (8 * i)) & 0xff);
+  entry[8] = static_cast<char>(e.id ? kDataEntry : kZeroEntry);
+  if (e.id) std::memcpy(entry + 9, e.id->bytes.data(), 32);
+  out_.append(entry, e.id ? 41 : 9);
+  ++added_;
+}
+
+std::string ManifestEncoder::Take() {
+  sum_->Update(out_);
+  return std::exchange(out_, std::string());
+}
+
+Result<std::string> ManifestEncoder::Finish() {
+  if (added_ != expected_)
+    return Status::Internal("manifest encoder: " + std::to_string(added_) + " entries added, " +
+                            std::to_string(expected_) + " announced");
+  std::string rest = Take();
+  BlockId sum = sum_->Finish();
+  rest.append(reinterpret_cast<const char*>(sum.bytes.data()), 32);
+  return rest;
+}
+
+std::string EncodeManifest(const Manifest& m) {
+  ManifestEncoder enc(m.disk_size, m.block_size, m.parent, m.entries.size());
+  for (const auto& e : m.entries) enc.Add(e);
+  std::string out = enc.Take();
+  out += *enc.Finish();  // the count matches by construction
+  return out;
 }
 
 Result<Manifest> DecodeManifest(std::string_view data) {

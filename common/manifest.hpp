@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -37,6 +38,33 @@ struct Manifest {
 
 // Binary encoding with a trailing SHA-256 checksum.
 std::string EncodeManifest(const Manifest& m);
+
+// Encodes a manifest piece by piece, for manifests too large to hold in memory (the agent
+// sends the manifest of a large disk to the vault in parts): the header first (the number of
+// entries must be known), then the entries in strictly increasing index order, then the
+// checksum. Take() returns the bytes encoded since the last Take(); all of them followed by
+// Finish() are exactly EncodeManifest's output. One thread at a time.
+class ManifestEncoder {
+ public:
+  ManifestEncoder(uint64_t disk_size, uint32_t block_size, std::string_view parent,
+                  uint64_t entry_count);
+  ~ManifestEncoder();
+  ManifestEncoder(const ManifestEncoder&) = delete;
+  ManifestEncoder& operator=(const ManifestEncoder&) = delete;
+
+  void Add(const ManifestEntry& e);
+  // Bytes encoded and not yet taken.
+  size_t pending_bytes() const { return out_.size(); }
+  std::string Take();
+  // The remaining bytes and the checksum. kInternal if the number of entries added differs
+  // from the count in the header (the manifest would not decode). Call once, last.
+  Result<std::string> Finish();
+
+ private:
+  std::string out_;
+  std::unique_ptr<Sha256Stream> sum_;
+  uint64_t expected_ = 0, added_ = 0;
+};
 
 // Fails with kCorruption on a bad magic, truncation, checksum mismatch, an unsorted or
 // out-of-range index, or a zero entry in a full manifest.

@@ -73,6 +73,32 @@ class DiskWriter {
   static constexpr size_t kDirectAlignment = 4096;
 };
 
+// A temporary file for data too large to hold in memory (the agent's block hashes and manifest
+// entries during a backup: 16 B per block of the disk and 41 B per changed block). It has no
+// name that outlives it: Linux creates it with O_TMPFILE (or unlinks it at once), Windows
+// deletes it when its handle closes, so even a killed agent leaves nothing behind on Linux.
+// ReadAt and WriteAt are positioned and may be called from several threads at once for
+// disjoint ranges; bytes never written (holes, beyond the end) read as zero.
+class ScratchFile {
+ public:
+  virtual ~ScratchFile() = default;
+  virtual Status WriteAt(uint64_t offset, std::span<const std::byte> data) = 0;
+  virtual Status ReadAt(uint64_t offset, std::span<std::byte> data) = 0;
+};
+
+// A file written in pieces and then published at its path atomically, like WriteFileAtomic:
+// a temporary name in the same directory, flushed, renamed over the path, directory synced.
+// One thread at a time. Destroyed before Commit() (or after a failed one), it removes its
+// temporary file and the path keeps its old content.
+class AtomicFileWriter {
+ public:
+  virtual ~AtomicFileWriter() = default;
+  // Appends at the end of what was written so far.
+  virtual Status Append(std::string_view data) = 0;
+  // Flushes, renames over the path and makes the rename durable. Call once.
+  virtual Status Commit() = 0;
+};
+
 // The error OpenDiskForWrite returns on every platform when an existing target (a device, or a
 // file that is not empty) holds fewer bytes than the disk to restore.
 inline Status RestoreTargetTooSmall(const std::string& path, uint64_t have, uint64_t need) {
@@ -107,6 +133,11 @@ std::vector<std::string> CommandLineArguments(int argc, char** argv);
 // Windows: nothing (its heap already keeps freed blocks).
 void TuneAllocatorForLargeBuffers();
 
+// The largest resident memory of this process so far, in bytes (Linux: VmHWM of
+// /proc/self/status, which unlike getrusage's ru_maxrss does not include the memory of the
+// process that spawned it before exec; Windows: the peak working set). 0 if unknown.
+uint64_t PeakResidentBytes();
+
 class Env {
  public:
   virtual ~Env() = default;
@@ -124,8 +155,21 @@ class Env {
 
   // Writes data to `path` durably: a temporary name in the same directory, fsync, rename
   // over `path`, fsync of the directory. A crash leaves either the old or the new content.
-  virtual Status WriteFileAtomic(const std::string& path, std::string_view data,
-                                 int mode = 0644) = 0;
+  Status WriteFileAtomic(const std::string& path, std::string_view data, int mode = 0644) {
+    auto writer = CreateFileAtomic(path, mode);
+    if (!writer.ok()) return writer.take_status();
+    Status st = (*writer)->Append(data);
+    return st.ok() ? (*writer)->Commit() : st;
+  }
+
+  // The same for content produced in pieces (see AtomicFileWriter). `mode` as for open(2);
+  // Windows: a mode without group/other bits gets a DACL for SYSTEM, Administrators and the
+  // owner only.
+  virtual Result<std::unique_ptr<AtomicFileWriter>> CreateFileAtomic(const std::string& path,
+                                                                     int mode = 0644) = 0;
+
+  // A ScratchFile in directory `dir` (which must exist).
+  virtual Result<std::unique_ptr<ScratchFile>> CreateScratchFile(const std::string& dir) = 0;
 
   // Writes data to `path` without syncing (the caller batches durability with
   // SyncFilesystem). Creates or truncates.

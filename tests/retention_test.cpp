@@ -647,6 +647,97 @@ TEST_CASE("cleanup racing an upload never loses a block") {
   lib.CheckAll();
 }
 
+TEST_CASE("a manifest in parts: in order, resent parts replace, the seal checks size and content") {
+  Lib lib;
+  std::mt19937_64 rng(11);
+  std::vector<std::string> blocks;
+  Manifest m;
+  m.block_size = kBlock;
+  m.disk_size = 64 * kBlock;
+  for (uint64_t i = 0; i < 64; i += 2) {
+    blocks.push_back(RandomBlock(rng));
+    lib.PutBlock(blocks.back());
+    m.entries.push_back({i, Lib::IdOf(blocks.back())});
+  }
+  const std::string enc = EncodeManifest(m);
+  REQUIRE(enc.size() > 1000);
+  auto session = lib.catalog.CreateSession("parts");
+  REQUIRE(session.ok());
+  auto& c = lib.catalog;
+  // A part beyond what arrived is a conflict that names where to resume.
+  Status gap = c.PutManifestPart(*session, 0, 500, enc.substr(500, 500));
+  CHECK(gap.code() == Code::kConflict);
+  CHECK(gap.fix().find("from offset 0") != std::string::npos);
+  REQUIRE(c.PutManifestPart(*session, 0, 0, enc.substr(0, 500)).ok());
+  REQUIRE(c.PutManifestPart(*session, 0, 500, "garbage that a resend replaces").ok());
+  REQUIRE(c.PutManifestPart(*session, 0, 500, enc.substr(500, 500)).ok());
+  // Sealed too early: the size does not match, nothing is published.
+  Status early = c.SealManifest(*session, 0, enc.size());
+  CHECK(early.code() == Code::kConflict);
+  CHECK(early.fix().find("from offset 1000") != std::string::npos);
+  REQUIRE(c.PutManifestPart(*session, 0, 1000, enc.substr(1000)).ok());
+  REQUIRE(c.SealManifest(*session, 0, enc.size()).ok());
+  CHECK(c.SealManifest(*session, 0, enc.size()).ok());  // a repeated seal (lost answer)
+  auto rp = c.Commit(*session, {{"consistency", "crash"},
+                                {"disks", json::array({{{"index", 0}, {"key", "/p"}}})}});
+  REQUIRE(rp.ok());
+  auto back = c.LoadManifest(rp->id, 0);
+  REQUIRE(back.ok());
+  CHECK(*back == m);
+
+  // Damaged content is refused at the seal and its parts are dropped.
+  auto s2 = c.CreateSession("parts");
+  REQUIRE(s2.ok());
+  std::string bad = enc;
+  bad[100] ^= 1;
+  REQUIRE(c.PutManifestPart(*s2, 1, 0, bad).ok());
+  CHECK(c.SealManifest(*s2, 1, bad.size()).code() == Code::kCorruption);
+  CHECK(c.SealManifest(*s2, 1, bad.size()).code() == Code::kConflict);  // no parts left
+  CHECK(c.PutManifestPart("0123456789abcdef0123456789abcdef", 0, 0, "x").code() == Code::kNotFound);
+  CHECK(c.PutManifestPart(*s2, 0, Catalog::kMaxManifestBytes, "x").code() ==
+        Code::kInvalidArgument);
+}
+
+TEST_CASE("the resolved map in pages: every entry once, in order, from any index") {
+  Lib lib;
+  std::mt19937_64 rng(12);
+  Image image;
+  for (int i = 0; i < 10; ++i) image.push_back(i % 3 == 2 ? "" : RandomBlock(rng));
+  std::string first = lib.Backup("m", image);
+  image[2] = RandomBlock(rng);
+  image[4] = "";
+  std::string second = lib.Backup("m", image);
+  auto whole = lib.catalog.ResolvedManifest(second, 0);
+  REQUIRE(whole.ok());
+  REQUIRE(whole->entries.size() == 7);
+  for (uint64_t limit : {1u, 2u, 3u, 7u, 100u}) {
+    CAPTURE(limit);
+    std::vector<ManifestEntry> seen;
+    for (uint64_t from = 0;;) {
+      auto page = lib.catalog.ResolvedManifestPage(second, 0, from, limit);
+      REQUIRE(page.ok());
+      CHECK(page->disk_size == whole->disk_size);
+      CHECK(page->entries.size() <= limit);
+      seen.insert(seen.end(), page->entries.begin(), page->entries.end());
+      if (page->entries.size() < limit) break;
+      from = page->entries.back().index + 1;
+    }
+    CHECK(seen == whole->entries);
+  }
+  // From the middle of a gap: the next entry with a larger index comes first.
+  auto mid = lib.catalog.ResolvedManifestPage(second, 0, 5, 2);
+  REQUIRE(mid.ok());
+  REQUIRE(mid->entries.size() == 2);
+  CHECK(mid->entries[0].index == 6);
+  // Paging one point and then another gives each its own map.
+  auto other = lib.catalog.ResolvedManifestPage(first, 0, 0, 100);
+  REQUIRE(other.ok());
+  CHECK(other->entries.size() == 7);
+  CHECK(other->entries[2].index == 3);
+  CHECK(lib.catalog.ResolvedManifestPage("no-such-point", 0, 0, 1).status().code() ==
+        Code::kNotFound);
+}
+
 TEST_CASE("a point is not expired while its item has an open session or a job") {
   Lib lib;
   std::mt19937_64 rng(9);

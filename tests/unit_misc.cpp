@@ -1,5 +1,8 @@
 #include <doctest/doctest.h>
 
+#include <filesystem>
+#include <thread>
+
 #include "agent/local_state.hpp"
 #include "common/aligned_buffer.hpp"
 #include "common/http_types.hpp"
@@ -94,19 +97,123 @@ TEST_CASE("vault URLs must be https with a host and numeric port") {
 
 TEST_CASE("agent state round trip; damage makes it unusable, not wrong") {
   test::TempDir dir;
-  agent::DiskState s{"https://127.0.0.1:1",   "vm", "/dev/vdb", "rp1", 3 * 65536, 65536,
+  agent::DiskState s{{"https://127.0.0.1:1", "vm", "/dev/vdb", "rp1", 3 * 65536, 65536, 3},
                      {{1, 2}, {0, 0}, {3, 4}}};
-  std::string path = agent::DiskStatePath(dir.path(), s.vault_url, s.item, s.disk_key);
-  CHECK(path != agent::DiskStatePath(dir.path(), s.vault_url, s.item, "/dev/vdc"));
+  std::string path =
+      agent::DiskStatePath(dir.path(), s.info.vault_url, s.info.item, s.info.disk_key);
+  CHECK(path != agent::DiskStatePath(dir.path(), s.info.vault_url, s.info.item, "/dev/vdc"));
   REQUIRE(agent::SaveDiskState(path, s).ok());
   auto back = agent::LoadDiskState(path);
   REQUIRE(back.ok());
-  CHECK(back->recovery_point == "rp1");
+  CHECK(back->info.recovery_point == "rp1");
+  CHECK(back->info.blocks == 3);
   CHECK(back->hashes == s.hashes);
   std::string data = test::ReadWhole(path);
   data[data.size() / 2] ^= 1;
   REQUIRE(platform::Env::Default()->WriteFileAtomic(path, data).ok());
   CHECK(agent::LoadDiskState(path).status().code() == Code::kCorruption);
+  data[data.size() / 2] ^= 1;
+  data.pop_back();
+  REQUIRE(platform::Env::Default()->WriteFileAtomic(path, data).ok());
+  CHECK(agent::LoadDiskState(path).status().code() == Code::kCorruption);
+}
+
+TEST_CASE("agent state of a large disk is streamed in ranges, and read back by range") {
+  test::TempDir dir;
+  // 200 000 blocks: more than three of SaveDiskState's 64 Ki-block ranges.
+  const uint64_t blocks = 200000;
+  auto hash_of = [](uint64_t i) { return FastHash{i * 7 + 1, ~i}; };
+  agent::DiskStateInfo info{"https://127.0.0.1:1", "vm", "/dev/vdb", "rp9",
+                            blocks * 4096,         4096, blocks};
+  const std::string path = dir.path() + "/big.state";
+  std::vector<std::pair<uint64_t, size_t>> asked;
+  REQUIRE(agent::SaveDiskState(path, info, [&](uint64_t first, std::span<FastHash> out) {
+            asked.emplace_back(first, out.size());
+            for (size_t k = 0; k < out.size(); ++k) out[k] = hash_of(first + k);
+            return Status::Ok();
+          }).ok());
+  REQUIRE(asked.size() == 4);
+  CHECK(asked[0] == std::pair<uint64_t, size_t>{0, 65536});
+  CHECK(asked[3] == std::pair<uint64_t, size_t>{196608, 3392});
+  auto reader = agent::DiskStateReader::Open(path);
+  REQUIRE(reader.ok());
+  CHECK((*reader)->info().recovery_point == "rp9");
+  CHECK((*reader)->info().blocks == blocks);
+  std::vector<FastHash> some(1000);
+  REQUIRE((*reader)->ReadHashes(65000, some).ok());
+  for (size_t k = 0; k < some.size(); ++k) CHECK(some[k] == hash_of(65000 + k));
+  CHECK((*reader)->ReadHashes(blocks - 10, some).code() == Code::kInternal);
+  // A source that fails leaves no state file behind (and no temporary file).
+  const std::string other = dir.path() + "/failed.state";
+  Status st = agent::SaveDiskState(other, info, [](uint64_t first, std::span<FastHash>) {
+    return first > 0 ? Status::IoError("scratch read failed") : Status::Ok();
+  });
+  CHECK(st.code() == Code::kIoError);
+  size_t files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++files;
+  CHECK(files == 1);
+}
+
+TEST_CASE("env: scratch files have no name, read back what was written and zero elsewhere") {
+  test::TempDir dir;
+  auto* env = platform::Env::Default();
+  auto scratch = env->CreateScratchFile(dir.path());
+  REQUIRE(scratch.ok());
+  // Several threads write disjoint ranges, far apart (a sparse file).
+  std::vector<std::thread> writers;
+  for (int t = 0; t < 4; ++t)
+    writers.emplace_back([&, t] {
+      std::string piece(1000, static_cast<char>('a' + t));
+      REQUIRE((*scratch)->WriteAt(uint64_t(t) << 30, std::as_bytes(std::span(piece))).ok());
+    });
+  for (auto& w : writers) w.join();
+  for (int t = 0; t < 4; ++t) {
+    std::string back(1000, '\0');
+    REQUIRE((*scratch)->ReadAt(uint64_t(t) << 30, std::as_writable_bytes(std::span(back))).ok());
+    CHECK(back == std::string(1000, static_cast<char>('a' + t)));
+  }
+  std::string hole(100, 'x'), beyond(100, 'x');
+  REQUIRE((*scratch)->ReadAt(5000, std::as_writable_bytes(std::span(hole))).ok());
+  REQUIRE((*scratch)->ReadAt(5ull << 30, std::as_writable_bytes(std::span(beyond))).ok());
+  CHECK(hole == std::string(100, '\0'));
+  CHECK(beyond == std::string(100, '\0'));
+  // Linux: nothing in the directory carries its name, even while it is open. Windows: its
+  // name goes with its handle.
+#ifndef _WIN32
+  CHECK(std::filesystem::is_empty(dir.path()));
+#endif
+  scratch->reset();
+  CHECK(std::filesystem::is_empty(dir.path()));
+  auto missing = env->CreateScratchFile(dir / "no-such-dir");
+  CHECK_FALSE(missing.ok());
+  CHECK(missing.status().fix().find("writable") != std::string::npos);
+}
+
+TEST_CASE("env: a file written in pieces appears whole at commit, or not at all") {
+  test::TempDir dir;
+  auto* env = platform::Env::Default();
+  const std::string path = dir / "state";
+  REQUIRE(env->WriteFileAtomic(path, "old").ok());
+  {
+    auto w = env->CreateFileAtomic(path, 0600);
+    REQUIRE(w.ok());
+    REQUIRE((*w)->Append("new ").ok());
+    CHECK(test::ReadWhole(path) == "old");  // not yet
+  }                                         // dropped without Commit
+  CHECK(test::ReadWhole(path) == "old");
+  size_t files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++files;
+  CHECK(files == 1);  // its temporary file is gone
+  auto w = env->CreateFileAtomic(path, 0600);
+  REQUIRE(w.ok());
+  REQUIRE((*w)->Append("new ").ok());
+  REQUIRE((*w)->Append("content").ok());
+  REQUIRE((*w)->Commit().ok());
+  CHECK(test::ReadWhole(path) == "new content");
+#ifndef _WIN32  // Windows: a protected DACL instead of mode bits
+  CHECK((std::filesystem::status(path).permissions() & std::filesystem::perms::others_read) ==
+        std::filesystem::perms::none);
+#endif
 }
 
 TEST_CASE("env: sparse files report holes; restore targets are size-checked") {

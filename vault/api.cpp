@@ -5,6 +5,7 @@
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
+#include <charconv>
 #include <nlohmann/json.hpp>
 #include <regex>
 
@@ -13,6 +14,12 @@ namespace vmsnap::vault {
 using nlohmann::json;
 
 namespace {
+
+// A decimal u64 and nothing else.
+bool ParseU64(const std::string& text, uint64_t& value) {
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  return ec == std::errc() && end == text.data() + text.size() && !text.empty();
+}
 
 HttpResponse Json(const json& j, int status = 200) {
   return HttpResponse{status, "application/json", j.dump()};
@@ -87,6 +94,8 @@ HttpResponse VaultApi::Handle(const HttpRequest& req) {
 
 Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& who) {
   static const std::regex kSessionDisk(R"(^/v1/sessions/([0-9a-f]{32})/disks/([0-9]{1,3})$)");
+  static const std::regex kSessionDiskPart(
+      R"(^/v1/sessions/([0-9a-f]{32})/disks/([0-9]{1,3})/(part|seal)$)");
   static const std::regex kSessionCommit(R"(^/v1/sessions/([0-9a-f]{32})/commit$)");
   static const std::regex kRp(R"(^/v1/rps/([^/]+)$)");
   static const std::regex kRpMap(R"(^/v1/rps/([^/]+)/disks/([0-9]{1,3})/map$)");
@@ -155,6 +164,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     return Json({{"session", *sid}}, 201);
   }
   if ((put && std::regex_match(p, m, kSessionDisk)) ||
+      ((put || post) && std::regex_match(p, m, kSessionDiskPart)) ||
       (post && std::regex_match(p, m, kSessionCommit))) {
     auto item = catalog_->SessionItem(m[1]);
     if (!item.ok()) return item.take_status();
@@ -163,6 +173,22 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
   if (put && std::regex_match(p, m, kSessionDisk)) {
     VMSNAP_RETURN_IF_ERROR(catalog_->PutManifest(m[1], std::stoi(m[2]), req.body));
     return Json({{"stored", true}});
+  }
+  if ((put || post) && std::regex_match(p, m, kSessionDiskPart)) {
+    const bool part = m[3] == "part";
+    if (part != put) return Status::InvalidArgument("use PUT .../part and POST .../seal");
+    const char* key = part ? "offset" : "size";
+    auto it = req.query.find(key);
+    uint64_t value = 0;
+    if (it == req.query.end() || !ParseU64(it->second, value))
+      return Status::InvalidArgument(std::string("manifest ") + (part ? "part" : "seal") +
+                                     " needs ?" + key + "=N");
+    if (part) {
+      VMSNAP_RETURN_IF_ERROR(catalog_->PutManifestPart(m[1], std::stoi(m[2]), value, req.body));
+      return Json({{"stored", true}, {"end", value + req.body.size()}});
+    }
+    VMSNAP_RETURN_IF_ERROR(catalog_->SealManifest(m[1], std::stoi(m[2]), value));
+    return Json({{"stored", true}, {"bytes", value}});
   }
   if (post && std::regex_match(p, m, kSessionCommit)) {
     json body = json::parse(req.body, nullptr, false);
@@ -186,6 +212,16 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     if (!rp.ok() || !owns(rp->item)) return NotYours("recovery point " + std::string(m[1]));
   }
   if (get && std::regex_match(p, m, kRpMap)) {
+    if (req.query.count("from") || req.query.count("limit")) {
+      uint64_t from = 0, limit = 0;
+      auto f = req.query.find("from"), l = req.query.find("limit");
+      if ((f != req.query.end() && !ParseU64(f->second, from)) || l == req.query.end() ||
+          !ParseU64(l->second, limit) || limit == 0)
+        return Status::InvalidArgument("a map page needs ?limit=N (N > 0) and an optional ?from=I");
+      auto page = catalog_->ResolvedManifestPage(m[1], std::stoi(m[2]), from, limit);
+      if (!page.ok()) return page.take_status();
+      return Binary(EncodeManifest(*page));
+    }
     auto manifest = catalog_->ResolvedManifest(m[1], std::stoi(m[2]));
     if (!manifest.ok()) return manifest.take_status();
     return Binary(EncodeManifest(*manifest));

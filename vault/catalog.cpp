@@ -4,6 +4,7 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "platform/env.hpp"
@@ -173,6 +174,83 @@ Status Catalog::PutManifest(const std::string& session, int disk_index, std::str
   if (!m.ok()) return m.take_status();
   return platform::Env::Default()->WriteFileAtomic(
       SessionDir(session) + "/disk-" + std::to_string(disk_index) + ".manifest", data);
+}
+
+namespace {
+Status CheckSessionDisk(const std::string& dir, bool valid_id, int disk_index,
+                        const std::string& session) {
+  if (!valid_id || !fs::exists(dir))
+    return Status::NotFound("backup session " + session + " does not exist",
+                            "start the backup again");
+  if (disk_index < 0 || disk_index > 255) return Status::InvalidArgument("bad disk index");
+  return Status::Ok();
+}
+}  // namespace
+
+Status Catalog::PutManifestPart(const std::string& session, int disk_index, uint64_t offset,
+                                std::string_view data) {
+  const bool valid = ValidSessionId(session);
+  const std::string dir = valid ? SessionDir(session) : "";
+  VMSNAP_RETURN_IF_ERROR(CheckSessionDisk(dir, valid, disk_index, session));
+  if (offset + data.size() > kMaxManifestBytes)
+    return Status::InvalidArgument(
+        "manifest larger than the vault's limit of " + std::to_string(kMaxManifestBytes) + " bytes",
+        "back up with a larger --block-size (the next backup is then a full one)");
+  const std::string part = dir + "/disk-" + std::to_string(disk_index) + ".manifest.partial";
+  std::lock_guard lock(parts_mu_);
+  std::error_code ec;
+  const uint64_t have = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
+  if (ec) return Status::IoError("size of " + part + ": " + ec.message());
+  if (offset > have)
+    return Status::Error(Code::kConflict,
+                         "manifest part at offset " + std::to_string(offset) + " but only " +
+                             std::to_string(have) + " bytes of it were received",
+                         "send the parts in order, from offset " + std::to_string(have));
+  {
+    if (have == 0) std::ofstream(part, std::ios::binary).close();
+    std::fstream f(part, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(offset));
+    f.write(data.data(), static_cast<std::streamsize>(data.size()));
+    f.flush();
+    if (!f) return Status::IoError("write manifest part to " + part, "check the vault's disk");
+  }
+  fs::resize_file(part, offset + data.size(), ec);
+  if (ec) return Status::IoError("resize " + part + ": " + ec.message(), "check the vault's disk");
+  return Status::Ok();
+}
+
+Status Catalog::SealManifest(const std::string& session, int disk_index, uint64_t size) {
+  const bool valid = ValidSessionId(session);
+  const std::string dir = valid ? SessionDir(session) : "";
+  VMSNAP_RETURN_IF_ERROR(CheckSessionDisk(dir, valid, disk_index, session));
+  const std::string name = dir + "/disk-" + std::to_string(disk_index) + ".manifest";
+  const std::string part = name + ".partial";
+  std::lock_guard lock(parts_mu_);
+  auto* env = platform::Env::Default();
+  auto data = env->ReadFile(part);
+  if (!data.ok()) {
+    // A repeated seal whose first answer was lost: the manifest is already in place.
+    auto sealed = env->ReadFile(name);
+    if (sealed.ok() && sealed->size() == size && DecodeManifest(*sealed).ok()) return Status::Ok();
+    return Status::Error(Code::kConflict,
+                         "no manifest parts were received for disk " + std::to_string(disk_index),
+                         "send the parts, then seal");
+  }
+  if (data->size() != size)
+    return Status::Error(Code::kConflict,
+                         "manifest of disk " + std::to_string(disk_index) + " has " +
+                             std::to_string(data->size()) + " bytes, the seal says " +
+                             std::to_string(size),
+                         "resend the parts from offset " + std::to_string(data->size()));
+  if (auto m = DecodeManifest(*data); !m.ok()) {
+    std::error_code ec;
+    fs::remove(part, ec);
+    return m.take_status();
+  }
+  VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(name, *data));
+  std::error_code ec;
+  fs::remove(part, ec);
+  return Status::Ok();
 }
 
 Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& body) {
@@ -353,6 +431,40 @@ Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_in
   }
   resolved.parent.clear();
   return resolved;
+}
+
+Result<Manifest> Catalog::ResolvedManifestPage(const std::string& rp_id, int disk_index,
+                                               uint64_t from, uint64_t limit) const {
+  const std::string key = rp_id + "/" + std::to_string(disk_index);
+  std::shared_ptr<const Manifest> map;
+  {
+    std::lock_guard lock(page_mu_);
+    if (paged_key_ == key) map = paged_map_;
+  }
+  std::error_code ec;
+  if (map && !fs::exists(RpDir(rp_id), ec)) map.reset();  // removed since the last page
+  if (!map) {
+    auto resolved = ResolvedManifest(rp_id, disk_index);
+    if (!resolved.ok()) return resolved.take_status();
+    map = std::make_shared<const Manifest>(std::move(*resolved));
+  }
+  auto first = std::lower_bound(map->entries.begin(), map->entries.end(), from,
+                                [](const ManifestEntry& e, uint64_t i) { return e.index < i; });
+  const uint64_t available = static_cast<uint64_t>(map->entries.end() - first);
+  const uint64_t n = std::min(limit, available);
+  Manifest page;
+  page.disk_size = map->disk_size;
+  page.block_size = map->block_size;
+  page.entries.assign(first, first + static_cast<std::ptrdiff_t>(n));
+  std::lock_guard lock(page_mu_);
+  if (n < available) {
+    paged_key_ = key;
+    paged_map_ = std::move(map);
+  } else if (paged_key_ == key) {
+    paged_key_.clear();
+    paged_map_.reset();
+  }
+  return page;
 }
 
 namespace {

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <shared_mutex>
@@ -78,6 +79,17 @@ class Catalog {
   // The item a session was opened for (kNotFound for unknown sessions).
   Result<std::string> SessionItem(const std::string& session) const;
   Status PutManifest(const std::string& session, int disk_index, std::string_view data);
+  // A manifest too large for one request, in parts (docs/PROTOCOL.md): each part is written at
+  // `offset` of DATA/staging/<session>/disk-<n>.manifest.partial, which is cut to end there
+  // (so a resent part replaces what followed it). kConflict if `offset` lies beyond the bytes
+  // received so far. SealManifest checks that exactly `size` bytes arrived, decodes them
+  // (kCorruption: invalid, and the partial file is removed) and publishes them as the disk's
+  // manifest, as PutManifest would. Both are safe to repeat.
+  Status PutManifestPart(const std::string& session, int disk_index, uint64_t offset,
+                         std::string_view data);
+  Status SealManifest(const std::string& session, int disk_index, uint64_t size);
+  // Largest manifest accepted in parts (≈ 104 M data entries: ≈ 3 TiB of data at 32 KiB).
+  static constexpr uint64_t kMaxManifestBytes = 4ull << 30;
   // body: {"consistency": "...", "disks": [{"index", "key", "stats"...}], "report": {...}}
   Result<RecoveryPoint> Commit(const std::string& session, const nlohmann::json& body);
 
@@ -87,6 +99,12 @@ class Catalog {
   Result<RecoveryPoint> Latest(const std::string& item) const;
   // The full block map of one disk of a recovery point, parents applied.
   Result<Manifest> ResolvedManifest(const std::string& rp_id, int disk_index) const;
+  // One page of that map: the entries with index >= `from`, at most `limit` of them, so that
+  // a client can read a map larger than one response (docs/PROTOCOL.md). The map resolved for
+  // a page is kept for the next one (one map at a time: dropped once its last page is served,
+  // or replaced when another map is paged; a removed point is resolved again, and fails).
+  Result<Manifest> ResolvedManifestPage(const std::string& rp_id, int disk_index, uint64_t from,
+                                        uint64_t limit) const;
   // The manifest of one disk as stored (full or incremental).
   Result<Manifest> LoadManifest(const std::string& rp_id, int disk_index) const;
 
@@ -113,8 +131,12 @@ class Catalog {
   std::string staging_;
   BlockStore* store_;
   NowFn now_;
-  int64_t last_created_ms_ = 0;         // recovery point times strictly increase (ids sort by them)
-  mutable std::mutex mu_;               // commits and removals
+  int64_t last_created_ms_ = 0;    // recovery point times strictly increase (ids sort by them)
+  mutable std::mutex mu_;          // commits and removals
+  std::mutex parts_mu_;            // manifest parts
+  mutable std::mutex page_mu_;     // the map being paged:
+  mutable std::string paged_key_;  //   "<rp id>/<disk index>"
+  mutable std::shared_ptr<const Manifest> paged_map_;
   mutable std::shared_mutex chain_mu_;  // shared: chain walks; exclusive: RemovePoint
 };
 

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 namespace vmsnap::platform {
@@ -55,6 +56,24 @@ Status WriteAll(int fd, const char* p, size_t n, uint64_t offset, const std::str
   return Status::Ok();
 }
 
+// Positioned reads that zero-fill what lies beyond the end of the file.
+Status ReadAllAt(int fd, std::span<std::byte> buf, uint64_t offset, const std::string& path) {
+  size_t done = 0;
+  while (done < buf.size()) {
+    ssize_t r =
+        ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno,
+                               "read " + path + " at offset " + std::to_string(offset + done));
+    }
+    if (r == 0) break;  // end of file
+    done += static_cast<size_t>(r);
+  }
+  if (done < buf.size()) std::memset(buf.data() + done, 0, buf.size() - done);
+  return Status::Ok();
+}
+
 class LinuxDiskReader final : public DiskReader {
  public:
   LinuxDiskReader(std::string path, Fd fd, uint64_t size, bool block_device)
@@ -65,20 +84,7 @@ class LinuxDiskReader final : public DiskReader {
   bool is_block_device() const override { return block_device_; }
 
   Status ReadAt(uint64_t offset, std::span<std::byte> buf) override {
-    size_t done = 0;
-    while (done < buf.size()) {
-      ssize_t r = ::pread(fd_.get(), buf.data() + done, buf.size() - done,
-                          static_cast<off_t>(offset + done));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        return Status::FromErrno(errno,
-                                 "read " + path_ + " at offset " + std::to_string(offset + done));
-      }
-      if (r == 0) break;  // end of disk
-      done += static_cast<size_t>(r);
-    }
-    if (done < buf.size()) std::memset(buf.data() + done, 0, buf.size() - done);
-    return Status::Ok();
+    return ReadAllAt(fd_.get(), buf, offset, path_);
   }
 
   Result<std::optional<ByteRange>> NextData(uint64_t offset) override {
@@ -149,11 +155,64 @@ class LinuxDiskWriter final : public DiskWriter {
   bool zeroed_;
 };
 
-std::string ParentDir(const std::string& path) {
-  std::filesystem::path p(path);
-  auto parent = p.parent_path();
-  return parent.empty() ? "." : parent.string();
+Status SyncDirectory(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) return Status::FromErrno(errno, "open directory " + path);
+  if (::fsync(fd.get()) != 0) return Status::FromErrno(errno, "fsync directory " + path);
+  return Status::Ok();
 }
+
+class LinuxScratchFile final : public ScratchFile {
+ public:
+  LinuxScratchFile(const std::string& dir, Fd fd)
+      : what_("scratch file in " + dir), fd_(std::move(fd)) {}
+  Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
+    return WriteAll(fd_.get(), reinterpret_cast<const char*>(data.data()), data.size(), offset,
+                    what_);
+  }
+  Status ReadAt(uint64_t offset, std::span<std::byte> data) override {
+    return ReadAllAt(fd_.get(), data, offset, what_);
+  }
+
+ private:
+  std::string what_;
+  Fd fd_;
+};
+
+class LinuxAtomicFileWriter final : public AtomicFileWriter {
+ public:
+  LinuxAtomicFileWriter(std::string path, std::string tmp, Fd fd, int mode)
+      : path_(std::move(path)), tmp_(std::move(tmp)), fd_(std::move(fd)), mode_(mode) {}
+  ~LinuxAtomicFileWriter() override {
+    if (!committed_) {
+      fd_.Reset();
+      ::unlink(tmp_.c_str());
+    }
+  }
+  Status Append(std::string_view data) override {
+    VMSNAP_RETURN_IF_ERROR(WriteAll(fd_.get(), data.data(), data.size(), offset_, tmp_));
+    offset_ += data.size();
+    return Status::Ok();
+  }
+  Status Commit() override {
+    if (::fchmod(fd_.get(), static_cast<mode_t>(mode_)) != 0)
+      return Status::FromErrno(errno, "chmod " + tmp_);
+    if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + tmp_);
+    fd_.Reset();
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0)
+      return Status::FromErrno(errno, "rename " + tmp_ + " to " + path_);
+    committed_ = true;
+    const auto parent = std::filesystem::path(path_).parent_path();
+    return SyncDirectory(parent.empty() ? "." : parent.string());
+  }
+
+ private:
+  std::string path_, tmp_;
+  Fd fd_;
+  int mode_;
+  uint64_t offset_ = 0;
+  bool committed_ = false;
+};
 
 class LinuxEnv final : public Env {
  public:
@@ -209,27 +268,28 @@ class LinuxEnv final : public Env {
     return WriteAll(fd.get(), data.data(), data.size(), 0, path);
   }
 
-  Status WriteFileAtomic(const std::string& path, std::string_view data, int mode) override {
+  Result<std::unique_ptr<AtomicFileWriter>> CreateFileAtomic(const std::string& path,
+                                                             int mode) override {
     thread_local std::mt19937_64 rng(std::random_device{}());
     std::string tmp = path + ".tmp." + std::to_string(rng());
-    {
-      Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode));
-      if (!fd.valid()) return Status::FromErrno(errno, "create " + tmp);
-      Status st = WriteAll(fd.get(), data.data(), data.size(), 0, tmp);
-      if (st.ok() && ::fchmod(fd.get(), static_cast<mode_t>(mode)) != 0)
-        st = Status::FromErrno(errno, "chmod " + tmp);
-      if (st.ok() && ::fsync(fd.get()) != 0) st = Status::FromErrno(errno, "fsync " + tmp);
-      if (!st.ok()) {
-        ::unlink(tmp.c_str());
-        return st;
-      }
+    Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode));
+    if (!fd.valid()) return Status::FromErrno(errno, "create " + tmp);
+    return std::unique_ptr<AtomicFileWriter>(
+        std::make_unique<LinuxAtomicFileWriter>(path, std::move(tmp), std::move(fd), mode));
+  }
+
+  Result<std::unique_ptr<ScratchFile>> CreateScratchFile(const std::string& dir) override {
+    Fd fd(::open(dir.c_str(), O_RDWR | O_TMPFILE | O_CLOEXEC, 0600));
+    if (!fd.valid() && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+      // A filesystem without O_TMPFILE: a unique name, unlinked at once.
+      std::string name = dir + "/.vmsnap-scratch-XXXXXX";
+      fd = Fd(::mkostemp(name.data(), O_CLOEXEC));
+      if (fd.valid()) ::unlink(name.c_str());
     }
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      int err = errno;
-      ::unlink(tmp.c_str());
-      return Status::FromErrno(err, "rename " + tmp + " to " + path);
-    }
-    return SyncDir(ParentDir(path));
+    if (!fd.valid())
+      return Status::FromErrno(errno, "create a scratch file in " + dir,
+                               "make the directory writable, or free space on its filesystem");
+    return std::unique_ptr<ScratchFile>(std::make_unique<LinuxScratchFile>(dir, std::move(fd)));
   }
 
   Status SyncFilesystem(const std::string& path) override {
@@ -239,12 +299,7 @@ class LinuxEnv final : public Env {
     return Status::Ok();
   }
 
-  Status SyncDir(const std::string& path) override {
-    Fd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (!fd.valid()) return Status::FromErrno(errno, "open directory " + path);
-    if (::fsync(fd.get()) != 0) return Status::FromErrno(errno, "fsync directory " + path);
-    return Status::Ok();
-  }
+  Status SyncDir(const std::string& path) override { return SyncDirectory(path); }
 
   Result<std::string> ReadFile(const std::string& path) override {
     Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -304,6 +359,14 @@ void TuneAllocatorForLargeBuffers() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 32 << 20);
 #endif
+}
+
+uint64_t PeakResidentBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtoull(line.c_str() + 6, nullptr, 10) * 1024;
+  return 0;
 }
 
 const AgentPaths& DefaultAgentPaths() {

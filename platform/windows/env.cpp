@@ -8,6 +8,7 @@
 #include <windows.h>
 // after windows.h
 #include <knownfolders.h>
+#include <psapi.h>
 #include <sddl.h>
 #include <shellapi.h>
 #include <shlobj.h>
@@ -254,6 +255,73 @@ class WindowsDiskWriter final : public DiskWriter {
   bool zeroed_;
 };
 
+// Positioned reads that zero-fill what lies beyond the end of the file.
+Status ReadAllAt(HANDLE h, std::span<std::byte> buf, uint64_t offset, const std::string& path) {
+  size_t done = 0;
+  while (done < buf.size()) {
+    OVERLAPPED ov = At(offset + done);
+    DWORD got = 0;
+    const size_t want = std::min<uint64_t>(buf.size() - done, kMaxIo);
+    if (!::ReadFile(h, buf.data() + done, static_cast<DWORD>(want), &got, &ov)) {
+      DWORD err = ::GetLastError();
+      if (err == ERROR_HANDLE_EOF) break;
+      return FromWin32(err, "read " + path + " at offset " + std::to_string(offset + done));
+    }
+    if (got == 0) break;  // end of file
+    done += got;
+  }
+  if (done < buf.size()) std::memset(buf.data() + done, 0, buf.size() - done);
+  return Status::Ok();
+}
+
+class WindowsScratchFile final : public ScratchFile {
+ public:
+  WindowsScratchFile(std::string name, Handle h) : name_(std::move(name)), h_(std::move(h)) {}
+  Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
+    return WriteAll(h_.get(), reinterpret_cast<const char*>(data.data()), data.size(), offset,
+                    name_);
+  }
+  Status ReadAt(uint64_t offset, std::span<std::byte> data) override {
+    return ReadAllAt(h_.get(), data, offset, name_);
+  }
+
+ private:
+  std::string name_;
+  Handle h_;
+};
+
+class WindowsAtomicFileWriter final : public AtomicFileWriter {
+ public:
+  WindowsAtomicFileWriter(std::string path, std::string tmp, Handle h)
+      : path_(std::move(path)), tmp_(std::move(tmp)), h_(std::move(h)) {}
+  ~WindowsAtomicFileWriter() override {
+    if (!committed_) {
+      h_.Reset();
+      ::DeleteFileW(Widen(tmp_).c_str());
+    }
+  }
+  Status Append(std::string_view data) override {
+    VMSNAP_RETURN_IF_ERROR(WriteAll(h_.get(), data.data(), data.size(), offset_, tmp_));
+    offset_ += data.size();
+    return Status::Ok();
+  }
+  Status Commit() override {
+    if (!::FlushFileBuffers(h_.get())) return FromWin32(::GetLastError(), "flush " + tmp_);
+    h_.Reset();
+    if (!::MoveFileExW(Widen(tmp_).c_str(), Widen(path_).c_str(),
+                       MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH))
+      return FromWin32(::GetLastError(), "rename " + tmp_ + " to " + path_);
+    committed_ = true;
+    return Status::Ok();
+  }
+
+ private:
+  std::string path_, tmp_;
+  Handle h_;
+  uint64_t offset_ = 0;
+  bool committed_ = false;
+};
+
 // Files written with a mode without group/other bits (0600: credentials, state) get a
 // protected DACL: full control for SYSTEM, Administrators and the file's owner only.
 class PrivateSecurity {
@@ -355,30 +423,31 @@ class WindowsEnv final : public Env {
   // Temporary file in the same directory, flushed, then MoveFileExW over `path` with
   // MOVEFILE_WRITE_THROUGH (returns once the rename is on disk; NTFS journals the metadata,
   // there is no directory fsync to do).
-  Status WriteFileAtomic(const std::string& path, std::string_view data, int mode) override {
+  Result<std::unique_ptr<AtomicFileWriter>> CreateFileAtomic(const std::string& path,
+                                                             int mode) override {
     thread_local std::mt19937_64 rng(std::random_device{}());
-    const std::string tmp = path + ".tmp." + std::to_string(rng());
-    const std::wstring wtmp = Widen(tmp);
-    {
-      PrivateSecurity security(mode);
-      Handle h(::CreateFileW(wtmp.c_str(), GENERIC_WRITE, 0, security.get(), CREATE_NEW,
-                             FILE_ATTRIBUTE_NORMAL, nullptr));
-      if (!h.valid()) return FromWin32(::GetLastError(), "create " + tmp);
-      Status st = WriteAll(h.get(), data.data(), data.size(), 0, tmp);
-      if (st.ok() && !::FlushFileBuffers(h.get())) st = FromWin32(::GetLastError(), "flush " + tmp);
-      if (!st.ok()) {
-        h.Reset();
-        ::DeleteFileW(wtmp.c_str());
-        return st;
-      }
-    }
-    if (!::MoveFileExW(wtmp.c_str(), Widen(path).c_str(),
-                       MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH)) {
-      DWORD err = ::GetLastError();
-      ::DeleteFileW(wtmp.c_str());
-      return FromWin32(err, "rename " + tmp + " to " + path);
-    }
-    return Status::Ok();
+    std::string tmp = path + ".tmp." + std::to_string(rng());
+    PrivateSecurity security(mode);
+    Handle h(::CreateFileW(Widen(tmp).c_str(), GENERIC_WRITE, 0, security.get(), CREATE_NEW,
+                           FILE_ATTRIBUTE_NORMAL, nullptr));
+    if (!h.valid()) return FromWin32(::GetLastError(), "create " + tmp);
+    return std::unique_ptr<AtomicFileWriter>(
+        std::make_unique<WindowsAtomicFileWriter>(path, std::move(tmp), std::move(h)));
+  }
+
+  // A unique name in `dir`, opened exclusively with FILE_FLAG_DELETE_ON_CLOSE: the file goes
+  // away with its handle (after a crash too, when the process's handles are closed).
+  Result<std::unique_ptr<ScratchFile>> CreateScratchFile(const std::string& dir) override {
+    thread_local std::mt19937_64 rng(std::random_device{}());
+    const std::string name = dir + "\\.vmsnap-scratch-" + std::to_string(rng());
+    PrivateSecurity security(0600);
+    Handle h(::CreateFileW(Widen(name).c_str(), GENERIC_READ | GENERIC_WRITE, 0, security.get(),
+                           CREATE_NEW, FILE_ATTRIBUTE_TEMPORARY | FILE_FLAG_DELETE_ON_CLOSE,
+                           nullptr));
+    if (!h.valid())
+      return FromWin32(::GetLastError(), "create a scratch file in " + dir,
+                       "make the directory writable, or free space on its volume");
+    return std::unique_ptr<ScratchFile>(std::make_unique<WindowsScratchFile>(name, std::move(h)));
   }
 
   // Windows has no syncfs for an unprivileged caller; flushing the volume needs
@@ -461,6 +530,12 @@ class WindowsEnv final : public Env {
 }  // namespace
 
 void TuneAllocatorForLargeBuffers() {}  // the Windows heap keeps freed blocks itself
+
+uint64_t PeakResidentBytes() {
+  PROCESS_MEMORY_COUNTERS counters{};
+  if (!::K32GetProcessMemoryInfo(::GetCurrentProcess(), &counters, sizeof counters)) return 0;
+  return counters.PeakWorkingSetSize;
+}
 
 std::vector<std::string> CommandLineArguments(int argc, char** argv) {
   int n = 0;

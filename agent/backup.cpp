@@ -242,15 +242,7 @@ Status PlanDisk(DiskJob& d, const BackupOptions& opt, const std::optional<json>&
   std::string buf;
   Status st = control.ResolvedManifestPages(
       d.parent, parent_index, opt.map_page_entries, [&](const Manifest& page) -> Status {
-        // Each run of consecutive blocks with one write.
-        const auto& e = page.entries;
-        for (size_t i = 0, j; i < e.size(); i = j) {
-          if (e[i].index >= d.blocks) return Status::Corruption("parent block map out of range");
-          for (j = i + 1; j < e.size() && e[j].index == e[j - 1].index + 1 && j - i < 4096;) ++j;
-          VMSNAP_RETURN_IF_ERROR(
-              WriteEntrySlots(*d.parent_map, e[i].index, std::span(e.data() + i, j - i), buf));
-        }
-        return Status::Ok();
+        return WriteEntriesAtTheirIndex(*d.parent_map, page.entries, d.blocks, buf);
       });
   if (!st.ok()) return std::move(st).InPhase("read parent block map");
   d.mode = Mode::kVaultMap;

@@ -42,6 +42,18 @@ Status WriteEntrySlots(platform::ScratchFile& file, uint64_t first_slot,
   return file.WriteAt(first_slot * kEntrySlot, std::as_bytes(std::span(buf.data(), buf.size())));
 }
 
+Status WriteEntriesAtTheirIndex(platform::ScratchFile& file, std::span<const ManifestEntry> e,
+                                uint64_t block_count, std::string& buf) {
+  for (size_t i = 0, j; i < e.size(); i = j) {
+    for (j = i + 1; j < e.size() && e[j].index == e[j - 1].index + 1 && j - i < 4096;) ++j;
+    if (e[j - 1].index >= block_count || e[i].index > e[j - 1].index)
+      return Status::Corruption("a block map entry lies beyond the disk's " +
+                                std::to_string(block_count) + " blocks");
+    VMSNAP_RETURN_IF_ERROR(WriteEntrySlots(file, e[i].index, e.subspan(i, j - i), buf));
+  }
+  return Status::Ok();
+}
+
 Status ReadEntrySlots(platform::ScratchFile& file, uint64_t first_slot, uint64_t count,
                       std::vector<ManifestEntry>& out, std::string& buf) {
   buf.resize(count * kEntrySlot);

@@ -34,6 +34,12 @@ Result<std::unique_ptr<platform::ScratchFile>> CreateScratch(const std::string& 
 Status WriteEntrySlots(platform::ScratchFile& file, uint64_t first_slot,
                        std::span<const ManifestEntry> entries, std::string& buf);
 
+// Writes each entry into the slot of its block index (a block map addressed by index: slots of
+// blocks without an entry stay zero, i.e. "no entry"), each run of consecutive indexes with one
+// write. kCorruption if an index is not below `block_count`.
+Status WriteEntriesAtTheirIndex(platform::ScratchFile& file, std::span<const ManifestEntry> entries,
+                                uint64_t block_count, std::string& buf);
+
 // Reads `count` slots starting at slot `first_slot` into `out` (replacing its content), one
 // entry per slot: a slot of kind 0 gives an entry without id.
 Status ReadEntrySlots(platform::ScratchFile& file, uint64_t first_slot, uint64_t count,

@@ -624,6 +624,7 @@ TEST_CASE("image reads without root: identical bytes, zero blocks cost nothing, 
   o.fetch = vmsnap::mount::ShortFetchOptions(vault.client());
   o.recovery_point = r.json()["recovery_point"];
   o.cache_bytes = 3 * kBlock;  // smaller than the data: eviction happens
+  o.map_page_entries = 2;      // the map of 5 data blocks read in pages of 2, 2 and 1
   auto images = vmsnap::mount::RecoveryPointImages::Open(o);
   REQUIRE(images.ok());
   auto& im = **images;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <unordered_map>
 
+#include "agent/scratch.hpp"
 #include "agent/vault_client.hpp"
 
 namespace vmsnap::mount {
@@ -23,22 +24,27 @@ ClientOptions ShortFetchOptions(const ClientOptions& base) {
 
 struct RecoveryPointImages::Disk {
   DiskImageInfo info;
-  Manifest map;  // resolved: entries sorted by index, every entry has an id
+  uint64_t disk_size = 0;
+  uint32_t block_size = 0;
+  // The resolved map, the entry of block i in slot i (agent/scratch.hpp): read from the vault
+  // page by page and kept out of memory, like a restore's.
+  std::unique_ptr<platform::ScratchFile> map;
   std::mutex seq_mu;
   uint64_t next_offset = 0;  // where a sequential reader would continue
   uint32_t window = 0;       // current read-ahead in blocks
 
-  uint64_t block_count() const { return map.block_count(); }
+  uint64_t block_count() const { return (disk_size + block_size - 1) / block_size; }
   uint64_t BlockLength(uint64_t index) const {
-    uint64_t off = index * map.block_size;
-    return std::min<uint64_t>(map.block_size, map.disk_size - off);
+    uint64_t off = index * block_size;
+    return std::min<uint64_t>(block_size, disk_size - off);
   }
-  // The block's id, or nullptr for a zero block.
-  const BlockId* Find(uint64_t index) const {
-    auto it = std::lower_bound(map.entries.begin(), map.entries.end(), index,
-                               [](const ManifestEntry& e, uint64_t i) { return e.index < i; });
-    if (it == map.entries.end() || it->index != index || !it->id) return nullptr;
-    return &*it->id;
+  // The block's id into `id`, or nullopt for a zero block. Thread-safe.
+  Status Find(uint64_t index, std::optional<BlockId>& id) const {
+    std::vector<ManifestEntry> slot;
+    std::string buf;
+    VMSNAP_RETURN_IF_ERROR(agent::ReadEntrySlots(*map, index, 1, slot, buf));
+    id = slot[0].id;
+    return Status::Ok();
   }
 };
 
@@ -63,14 +69,22 @@ Result<std::unique_ptr<RecoveryPointImages>> RecoveryPointImages::Open(
     auto d = std::make_unique<Disk>();
     d->info.index = rd.value("index", 0u);
     d->info.source = rd.value("key", "");
-    auto map = (*control)->ResolvedManifest(options.recovery_point, d->info.index);
-    if (!map.ok())
-      return std::move(map.take_status())
-          .InPhase("read block map of disk " + std::to_string(d->info.index));
-    d->map = std::move(*map);
-    d->info.size_bytes = d->map.disk_size;
-    d->info.block_size = d->map.block_size;
-    d->info.data_blocks = d->map.entries.size();
+    auto scratch = agent::CreateScratch(options.scratch_dir);
+    if (!scratch.ok()) return scratch.take_status();
+    d->map = std::move(*scratch);
+    std::string buf;
+    Status st = (*control)->ResolvedManifestPages(
+        options.recovery_point, static_cast<int>(d->info.index), options.map_page_entries,
+        [&](const Manifest& page) {
+          d->disk_size = page.disk_size;
+          d->block_size = page.block_size;
+          d->info.data_blocks += page.entries.size();
+          return agent::WriteEntriesAtTheirIndex(*d->map, page.entries, page.block_count(), buf);
+        });
+    if (!st.ok())
+      return std::move(st).InPhase("read block map of disk " + std::to_string(d->info.index));
+    d->info.size_bytes = d->disk_size;
+    d->info.block_size = d->block_size;
     images->info_.push_back(d->info);
     images->disks_.push_back(std::move(d));
   }
@@ -107,7 +121,8 @@ Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& in
   std::vector<BlockId> ids;
   std::unordered_map<BlockId, std::vector<uint64_t>, BlockIdHash> where;
   for (uint64_t index : indexes) {
-    const BlockId* id = d.Find(index);
+    std::optional<BlockId> id;
+    VMSNAP_RETURN_IF_ERROR(d.Find(index, id));
     if (!id) continue;
     auto& w = where[*id];
     if (w.empty()) ids.push_back(*id);
@@ -158,10 +173,10 @@ Result<size_t> RecoveryPointImages::Read(size_t disk_pos, uint64_t offset,
                                          std::span<std::byte> out) {
   if (disk_pos >= disks_.size()) return Status::InvalidArgument("no such disk");
   Disk& d = *disks_[disk_pos];
-  if (offset >= d.map.disk_size || out.empty()) return size_t{0};
-  const size_t len = static_cast<size_t>(std::min<uint64_t>(out.size(), d.map.disk_size - offset));
+  if (offset >= d.disk_size || out.empty()) return size_t{0};
+  const size_t len = static_cast<size_t>(std::min<uint64_t>(out.size(), d.disk_size - offset));
   ++reads_;
-  const uint64_t bs = d.map.block_size;
+  const uint64_t bs = d.block_size;
   const uint64_t first = offset / bs, last = (offset + len - 1) / bs;
 
   uint32_t window = 0;
@@ -177,8 +192,10 @@ Result<size_t> RecoveryPointImages::Read(size_t disk_pos, uint64_t offset,
 
   std::vector<BlockData> have(last - first + 1);
   std::vector<uint64_t> missing;
+  std::optional<BlockId> id;
   for (uint64_t b = first; b <= last; ++b) {
-    if (!d.Find(b)) {
+    VMSNAP_RETURN_IF_ERROR(d.Find(b, id));
+    if (!id) {
       ++zero_block_reads_;
       continue;
     }
@@ -187,11 +204,13 @@ Result<size_t> RecoveryPointImages::Read(size_t disk_pos, uint64_t offset,
   }
   if (!missing.empty()) {
     std::vector<uint64_t> want = missing;
-    for (uint64_t b = last + 1, added = 0; added < window && b < d.block_count(); ++b, ++added)
-      if (d.Find(b) && !cache_.Contains(d.info.index, b)) {
+    for (uint64_t b = last + 1, added = 0; added < window && b < d.block_count(); ++b, ++added) {
+      VMSNAP_RETURN_IF_ERROR(d.Find(b, id));
+      if (id && !cache_.Contains(d.info.index, b)) {
         want.push_back(b);
         ++readahead_blocks_;
       }
+    }
     std::unordered_map<uint64_t, BlockData> got;
     Status st = FetchBlocks(d, want, got);
     if (!st.ok()) {

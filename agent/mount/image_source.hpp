@@ -30,6 +30,7 @@
 #include "agent/mount/block_cache.hpp"
 #include "common/https_client.hpp"
 #include "common/manifest.hpp"
+#include "platform/env.hpp"
 
 namespace vmsnap::agent {
 class VaultClient;
@@ -43,6 +44,10 @@ struct ImageOptions {
   std::string recovery_point;
   uint64_t cache_bytes = 256ull << 20;
   uint32_t max_readahead_blocks = 8;
+  // Where the block maps are kept while the images are open: nameless scratch files in
+  // `scratch_dir`/disks if that exists, else /var/tmp (agent/scratch.hpp); 41 B per block.
+  std::string scratch_dir = platform::DefaultAgentPaths().state_dir;
+  uint64_t map_page_entries = 1 << 20;  // entries per request when a map is read
 };
 
 // Fetch options derived from `base`: few attempts, short backoff and I/O timeout, so that an

@@ -144,7 +144,8 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
   return Status::Ok();
 }
 
-// Writes zeros over every block the map does not list (only for targets not created empty).
+// Makes every block the map does not list read as zero (only for targets not created empty):
+// a hole punched in a file target (no space, no writes), else zeros written.
 Status ZeroGaps(DiskTarget& d) {
   if (d.writer->starts_zeroed()) return Status::Ok();
   const uint64_t bs = d.block_size;
@@ -152,6 +153,7 @@ Status ZeroGaps(DiskTarget& d) {
   uint64_t next = 0;  // first block not yet covered
   auto fill = [&](uint64_t from_block, uint64_t to_block) -> Status {
     uint64_t off = from_block * bs, end = std::min(d.disk_size, to_block * bs);
+    if (off < end && d.writer->PunchHole(off, end - off)) return Status::Ok();
     while (off < end) {
       uint64_t n = std::min<uint64_t>(zeros.size(), end - off);
       VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(zeros.data(), n)));

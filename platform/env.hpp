@@ -69,6 +69,10 @@ class DiskWriter {
   // filesystem supports it): callers that write much pass large aligned runs. Sync() makes
   // every write durable either way.
   virtual Status WriteAt(uint64_t offset, std::span<const std::byte> data) = 0;
+  // Makes [offset, offset + length) read as zeros by giving its space back, where the target
+  // can (Linux: a regular file on a filesystem with hole punching). Returns false where it
+  // cannot (devices, Windows, other filesystems): the caller then writes zeros. Thread-safe.
+  virtual bool PunchHole(uint64_t offset, uint64_t length) = 0;
   virtual Status Sync() = 0;
   static constexpr size_t kDirectAlignment = 4096;
 };

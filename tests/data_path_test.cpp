@@ -2,6 +2,7 @@
 // real vmsnap-agent binary and asserting on its --json reports and on restored bytes.
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -133,6 +134,20 @@ TEST_CASE("full backup, incremental uploads exactly the K changed blocks, restor
   r = Restore(vault, inc["recovery_point"], {dir / "restored.img"});
   REQUIRE(r.exit_code == 0);
   CHECK(FileSha256(dir / "restored.img") == want_now);
+  // ... by punching holes: over a file full of other data, the 9 data blocks (576 KiB) are
+  // all that stays allocated of its 32 MiB.
+  {
+    std::vector<uint64_t> every(512);
+    for (uint64_t i = 0; i < every.size(); ++i) every[i] = i;
+    CreateSparseFile(dir / "full.img", 32 << 20);
+    WriteRandomBlocks(dir / "full.img", kBlock, every, 8);
+    r = Restore(vault, inc["recovery_point"], {dir / "full.img"});
+    REQUIRE(r.exit_code == 0);
+    CHECK(FileSha256(dir / "full.img") == want_now);
+    struct stat st {};
+    REQUIRE(::stat((dir / "full.img").c_str(), &st) == 0);
+    CHECK(uint64_t(st.st_blocks) * 512 < (2u << 20));
+  }
 
   auto points = List(vault);
   REQUIRE(points.size() == 2);

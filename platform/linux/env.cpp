@@ -141,6 +141,12 @@ class LinuxDiskWriter final : public DiskWriter {
     }
     return WriteAll(fd_.get(), p, data.size(), offset, path_);
   }
+  bool PunchHole(uint64_t offset, uint64_t length) override {
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+    return ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       static_cast<off_t>(offset), static_cast<off_t>(length)) == 0;
+  }
   Status Sync() override {
     if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
     return Status::Ok();

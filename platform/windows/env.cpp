@@ -243,6 +243,7 @@ class WindowsDiskWriter final : public DiskWriter {
     return WriteAll(h_.get(), reinterpret_cast<const char*>(data.data()), data.size(), offset,
                     path_);
   }
+  bool PunchHole(uint64_t, uint64_t) override { return false; }  // zeros are written instead
   Status Sync() override {
     if (!::FlushFileBuffers(h_.get())) return FromWin32(::GetLastError(), "flush " + path_);
     return Status::Ok();

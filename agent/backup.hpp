@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "agent/consistency.hpp"
+#include "agent/vault_client.hpp"
 #include "common/block_codec.hpp"
 #include "common/https_client.hpp"
 #include "common/status.hpp"
@@ -59,7 +60,7 @@ struct BackupOptions {
   uint64_t manifest_part_bytes = 32ull << 20;
   // Entries per request when the vault's block map of the parent is read (the incremental
   // without local state): 1 Mi entries are about 41 MB.
-  uint64_t map_page_entries = 1 << 20;
+  uint64_t map_page_entries = kMapPageEntries;
   bool progress = true;  // progress lines on stderr for long jobs
   // Set by another thread to stop at the next safe point: nothing is committed and the job
   // ends with kCancelled. Not owned; may be null.

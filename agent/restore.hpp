@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "agent/vault_client.hpp"
 #include "common/https_client.hpp"
 #include "common/status.hpp"
 #include "platform/env.hpp"
@@ -30,7 +31,7 @@ struct RestoreOptions {
   // Where the block maps of the disks being restored are kept while the restore runs (41 B per
   // block with data, in nameless scratch files; agent/scratch.hpp).
   std::string state_dir = platform::DefaultAgentPaths().state_dir;
-  uint64_t map_page_entries = 1 << 20;  // entries per request when the map is read (≈ 41 MB)
+  uint64_t map_page_entries = kMapPageEntries;  // entries per request when the map is read
 };
 
 struct RestoreDiskReport {

@@ -61,18 +61,6 @@ Result<json> VaultClient::ListRecoveryPoints(const std::string& item) {
   return (*r)["recovery_points"];
 }
 
-Result<Manifest> VaultClient::ResolvedManifest(const std::string& rp_id, int disk_index) {
-  Manifest map;
-  Status st = ResolvedManifestPages(rp_id, disk_index, kMapPageEntries, [&](const Manifest& page) {
-    map.disk_size = page.disk_size;
-    map.block_size = page.block_size;
-    map.entries.insert(map.entries.end(), page.entries.begin(), page.entries.end());
-    return Status::Ok();
-  });
-  if (!st.ok()) return st;
-  return map;
-}
-
 Status VaultClient::ResolvedManifestPages(const std::string& rp_id, int disk_index,
                                           uint64_t page_entries,
                                           const std::function<Status(const Manifest&)>& on_page) {

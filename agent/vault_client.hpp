@@ -16,6 +16,9 @@
 
 namespace vmsnap::agent {
 
+// Entries per request when a resolved block map is read (≈ 41 MB per answer).
+inline constexpr uint64_t kMapPageEntries = 1 << 20;
+
 class VaultClient {
  public:
   static Result<std::unique_ptr<VaultClient>> Create(const ClientOptions& options);
@@ -25,13 +28,10 @@ class VaultClient {
   Result<nlohmann::json> GetRecoveryPoint(const std::string& id);
   // Oldest first; an empty item lists every item the token can see.
   Result<nlohmann::json> ListRecoveryPoints(const std::string& item);
-  // The resolved (full) block map of a disk, read in pages of kMapPageEntries (so a map of any
-  // size fits the response limit), held whole in memory: ≈ 48 B per block with data.
-  Result<Manifest> ResolvedManifest(const std::string& rp_id, int disk_index);
-  static constexpr uint64_t kMapPageEntries = 1 << 20;  // ≈ 41 MB per response
-  // The same map read in pages of at most `page_entries` entries, for maps larger than one
-  // response: `on_page` gets each page in index order (the first one even when the map is
-  // empty; each holds the disk's geometry). Stops at the first error, which it returns.
+  // The resolved (full) block map of a disk, read in pages of at most `page_entries` entries
+  // (kMapPageEntries by default), so that a map of any size fits the response limit: `on_page` gets
+  // each page in index order (the first one even when the map is empty; each holds the disk's
+  // geometry). Stops at the first error, which it returns.
   Status ResolvedManifestPages(const std::string& rp_id, int disk_index, uint64_t page_entries,
                                const std::function<Status(const Manifest&)>& on_page);
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "agent/mount/block_cache.hpp"
+#include "agent/vault_client.hpp"
 #include "common/https_client.hpp"
 #include "common/manifest.hpp"
 #include "platform/env.hpp"
@@ -47,7 +48,7 @@ struct ImageOptions {
   // Where the block maps are kept while the images are open: nameless scratch files in
   // `scratch_dir`/disks if that exists, else /var/tmp (agent/scratch.hpp); 41 B per block.
   std::string scratch_dir = platform::DefaultAgentPaths().state_dir;
-  uint64_t map_page_entries = 1 << 20;  // entries per request when a map is read
+  uint64_t map_page_entries = agent::kMapPageEntries;  // entries per request when a map is read
 };
 
 // Fetch options derived from `base`: few attempts, short backoff and I/O timeout, so that an

@@ -1,6 +1,9 @@
 #include "common/manifest.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <utility>
 
 #include "common/bytes.hpp"
@@ -59,47 +62,186 @@ std::string EncodeManifest(const Manifest& m) {
   return out;
 }
 
-Result<Manifest> DecodeManifest(std::string_view data) {
-  auto bad = [](const std::string& why) {
-    return Status::Corruption("manifest is invalid: " + why,
-                              "if the vault sent it, its copy is damaged: restore another "
-                              "recovery point; if the agent sent it, rerun the backup");
-  };
-  if (data.size() < kMagic.size() + 32) return bad("too short");
-  std::string_view body = data.substr(0, data.size() - 32);
-  BlockId sum = Sha256Block(std::as_bytes(std::span(body.data(), body.size())));
-  if (std::memcmp(sum.bytes.data(), data.data() + body.size(), 32) != 0)
-    return bad("checksum mismatch");
-  ByteReader r(body);
+namespace {
+Status BadManifest(const std::string& why) {
+  return Status::Corruption("manifest is invalid: " + why,
+                            "if the vault sent it, its copy is damaged: restore another "
+                            "recovery point; if the agent sent it, rerun the backup");
+}
+constexpr size_t kChecksumSize = 32;
+constexpr size_t kReadChunk = 1 << 20;
+constexpr size_t kMaxEntrySize = 41;
+}  // namespace
+
+ManifestReader::ManifestReader(Source source, uint64_t total_size, bool verify_checksum)
+    : source_(std::move(source)),
+      total_(total_size),
+      body_size_(total_size - kChecksumSize),
+      sum_(verify_checksum ? std::make_unique<Sha256Stream>() : nullptr) {}
+
+ManifestReader::~ManifestReader() = default;
+
+Result<std::unique_ptr<ManifestReader>> ManifestReader::Open(Source source, uint64_t total_size,
+                                                             bool verify_checksum) {
+  if (total_size < kMagic.size() + kChecksumSize) return BadManifest("too short");
+  std::unique_ptr<ManifestReader> r(
+      new ManifestReader(std::move(source), total_size, verify_checksum));
+  VMSNAP_RETURN_IF_ERROR(r->ReadHeader());
+  return r;
+}
+
+Result<std::unique_ptr<ManifestReader>> ManifestReader::OpenFile(const std::string& path,
+                                                                 bool verify_checksum, Tee tee) {
+  std::error_code ec;
+  const uint64_t size = std::filesystem::file_size(path, ec);
+  if (ec) {
+    if (ec == std::errc::no_such_file_or_directory)
+      return Status::NotFound(path + " does not exist");
+    return Status::IoError("size of " + path + ": " + ec.message());
+  }
+  auto file = std::make_shared<std::ifstream>(path, std::ios::binary);
+  if (!*file) return Status::IoError("open " + path);
+  return Open(
+      [file, path, tee = std::move(tee)](std::span<char> out) -> Result<size_t> {
+        file->read(out.data(), static_cast<std::streamsize>(out.size()));
+        if (file->bad()) return Status::IoError("read " + path);
+        const auto got = static_cast<size_t>(file->gcount());
+        if (tee && got > 0) VMSNAP_RETURN_IF_ERROR(tee(std::string_view(out.data(), got)));
+        return got;
+      },
+      size, verify_checksum);
+}
+
+Result<bool> ManifestReader::Fill(size_t n) {
+  while (buf_.size() - pos_ < n && pulled_ < body_size_) {
+    if (pos_ > 0) {  // what is left unparsed is less than one entry or header
+      buf_.erase(0, pos_);
+      pos_ = 0;
+    }
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(kReadChunk, total_ - pulled_));
+    const size_t old = buf_.size();
+    buf_.resize(old + want);
+    auto got = source_(std::span(buf_.data() + old, want));
+    if (!got.ok()) {
+      buf_.resize(old);
+      return got.take_status();
+    }
+    buf_.resize(old + std::min(*got, want));
+    if (buf_.size() == old) return false;
+    const uint64_t end = pulled_ + (buf_.size() - old);
+    if (end > body_size_) {  // the checksum began in this piece
+      const size_t extra = static_cast<size_t>(end - body_size_);
+      trailer_.append(buf_, buf_.size() - extra, extra);
+      buf_.resize(buf_.size() - extra);
+    }
+    if (sum_) sum_->Update(std::string_view(buf_).substr(old));
+    pulled_ = end;
+  }
+  return true;
+}
+
+Status ManifestReader::ReadHeader() {
+  constexpr size_t kFixed = kMagic.size() + 8 + 4 + 2;
+  auto filled = Fill(kFixed);
+  if (!filled.ok()) return filled.take_status();
+  ByteReader r(std::string_view(buf_).substr(pos_));
   std::string_view magic, parent;
-  Manifest m;
   uint16_t parent_len = 0;
-  uint64_t count = 0;
-  if (!r.view(kMagic.size(), magic) || magic != kMagic) return bad("bad magic");
-  if (!r.u64(m.disk_size) || !r.u32(m.block_size) || !r.u16(parent_len) ||
-      !r.view(parent_len, parent) || !r.u64(count))
-    return bad("truncated header");
-  if (!ValidateBlockSize(m.block_size).ok()) return bad("bad block size");
-  m.parent.assign(parent);
-  if (count > r.remaining() / 9) return bad("entry count too large");
-  m.entries.reserve(count);
-  const uint64_t blocks = m.block_count();
-  for (uint64_t i = 0; i < count; ++i) {
+  if (!*filled || !r.view(kMagic.size(), magic) || magic != kMagic) return BadManifest("bad magic");
+  if (!r.u64(header_.disk_size) || !r.u32(header_.block_size) || !r.u16(parent_len))
+    return BadManifest("truncated header");
+  pos_ += r.position();
+  filled = Fill(parent_len + 8);
+  if (!filled.ok()) return filled.take_status();
+  ByteReader rest(std::string_view(buf_).substr(pos_));
+  if (!*filled || !rest.view(parent_len, parent) || !rest.u64(header_.entry_count))
+    return BadManifest("truncated header");
+  pos_ += rest.position();
+  if (!ValidateBlockSize(header_.block_size).ok()) return BadManifest("bad block size");
+  header_.parent.assign(parent);
+  const uint64_t header_size = kFixed + parent_len + 8;
+  if (header_.entry_count > (body_size_ - header_size) / 9)
+    return BadManifest("entry count too large");
+  return Status::Ok();
+}
+
+Status ManifestReader::Next(std::vector<ManifestEntry>& out, size_t max) {
+  out.clear();
+  if (done_) return Status::Ok();
+  if (returned_ == header_.entry_count) {
+    VMSNAP_RETURN_IF_ERROR(Finish());
+    done_ = true;
+    return Status::Ok();
+  }
+  const uint64_t blocks = header_.block_count();
+  const bool full = header_.is_full();
+  out.reserve(static_cast<size_t>(std::min<uint64_t>(max, header_.entry_count - returned_)));
+  while (out.size() < max && returned_ < header_.entry_count) {
+    auto filled = Fill(kMaxEntrySize);
+    if (!filled.ok()) return filled.take_status();
+    ByteReader r(std::string_view(buf_).substr(pos_));
     ManifestEntry e;
     uint8_t kind = 0;
-    if (!r.u64(e.index) || !r.u8(kind)) return bad("truncated entry");
+    if (!*filled || !r.u64(e.index) || !r.u8(kind)) return BadManifest("truncated entry");
     if (kind == kDataEntry) {
       BlockId id;
-      if (!r.bytes(id.bytes.data(), 32)) return bad("truncated entry");
+      if (!r.bytes(id.bytes.data(), 32)) return BadManifest("truncated entry");
       e.id = id;
-    } else if (kind != kZeroEntry || m.is_full()) {
-      return bad("bad entry kind");
+    } else if (kind != kZeroEntry || full) {
+      return BadManifest("bad entry kind");
     }
-    if (e.index >= blocks) return bad("block index out of range");
-    if (!m.entries.empty() && e.index <= m.entries.back().index) return bad("entries unsorted");
-    m.entries.push_back(e);
+    if (e.index >= blocks) return BadManifest("block index out of range");
+    if (returned_ > 0 && e.index <= last_index_) return BadManifest("entries unsorted");
+    pos_ += r.position();
+    last_index_ = e.index;
+    ++returned_;
+    out.push_back(e);
   }
-  if (r.remaining() != 0) return bad("trailing bytes");
+  return Status::Ok();
+}
+
+Status ManifestReader::Finish() {
+  if (pos_ != buf_.size() || pulled_ < body_size_) return BadManifest("trailing bytes");
+  char extra[kChecksumSize + 1];
+  for (;;) {  // the checksum, then the source must end
+    auto got = source_(std::span(extra, sizeof extra));
+    if (!got.ok()) return got.take_status();
+    if (*got == 0) break;
+    trailer_.append(extra, std::min(*got, sizeof extra));
+    if (trailer_.size() > kChecksumSize) return BadManifest("trailing bytes");
+  }
+  if (trailer_.size() < kChecksumSize) return BadManifest("truncated checksum");
+  if (sum_) {
+    const BlockId sum = sum_->Finish();
+    if (std::memcmp(sum.bytes.data(), trailer_.data(), kChecksumSize) != 0)
+      return BadManifest("checksum mismatch");
+  }
+  return Status::Ok();
+}
+
+Result<Manifest> DecodeManifest(std::string_view data) {
+  if (data.size() < kMagic.size() + kChecksumSize) return BadManifest("too short");
+  // The checksum first: damage is reported as such, not as whatever it made the entries say.
+  std::string_view body = data.substr(0, data.size() - kChecksumSize);
+  BlockId sum = Sha256Block(std::as_bytes(std::span(body.data(), body.size())));
+  if (std::memcmp(sum.bytes.data(), data.data() + body.size(), kChecksumSize) != 0)
+    return BadManifest("checksum mismatch");
+  size_t at = 0;
+  auto reader = ManifestReader::Open(
+      [&](std::span<char> out) -> Result<size_t> {
+        const size_t n = std::min(out.size(), data.size() - at);
+        std::memcpy(out.data(), data.data() + at, n);
+        at += n;
+        return n;
+      },
+      data.size(), /*verify_checksum=*/false);
+  if (!reader.ok()) return reader.take_status();
+  const ManifestHeader& h = (*reader)->header();
+  Manifest m{h.disk_size, h.block_size, h.parent, {}};
+  if (h.entry_count > 0)
+    VMSNAP_RETURN_IF_ERROR((*reader)->Next(m.entries, static_cast<size_t>(h.entry_count)));
+  std::vector<ManifestEntry> end;  // nothing but the checksum may follow the entries
+  VMSNAP_RETURN_IF_ERROR((*reader)->Next(end, 1));
   return m;
 }
 

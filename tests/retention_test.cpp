@@ -738,6 +738,113 @@ TEST_CASE("the resolved map in pages: every entry once, in order, from any index
         Code::kNotFound);
 }
 
+TEST_CASE("the resolved map merged from a long chain: each point's image, in any page size") {
+  Lib lib;
+  std::mt19937_64 rng(13);
+  Image image(200);
+  for (auto& b : image)
+    if (rng() % 2) b = RandomBlock(rng);
+  std::vector<std::string> points{lib.Backup("c", image)};
+  for (int k = 0; k < 7; ++k) {  // changes, blocks zeroed and blocks written again
+    for (int n = 0; n < 30; ++n) {
+      auto& b = image[rng() % image.size()];
+      b = rng() % 3 == 0 ? "" : RandomBlock(rng);
+    }
+    points.push_back(lib.Backup("c", image));
+  }
+  auto expected = [&](const std::string& rp) {
+    std::vector<ManifestEntry> want;
+    const Image& at = lib.kept.at(rp);
+    for (uint64_t i = 0; i < at.size(); ++i)
+      if (!at[i].empty()) want.push_back({i, Lib::IdOf(at[i])});
+    return want;
+  };
+  for (const auto& rp : points) {
+    CAPTURE(rp);
+    auto whole = lib.catalog.ResolvedManifest(rp, 0);
+    REQUIRE(whole.ok());
+    CHECK(whole->parent.empty());
+    CHECK(whole->disk_size == 200 * kBlock);
+    CHECK(whole->entries == expected(rp));
+  }
+  // Pages of the newest point, then a page from before where the cursor stands (reopened),
+  // and a page past the end (empty).
+  const std::string last = points.back();
+  for (uint64_t limit : {1u, 5u, 64u}) {
+    CAPTURE(limit);
+    std::vector<ManifestEntry> seen;
+    for (uint64_t from = 0;;) {
+      auto page = lib.catalog.ResolvedManifestPage(last, 0, from, limit);
+      REQUIRE(page.ok());
+      seen.insert(seen.end(), page->entries.begin(), page->entries.end());
+      if (page->entries.size() < limit) break;
+      from = page->entries.back().index + 1;
+    }
+    CHECK(seen == expected(last));
+  }
+  const auto want = expected(last);
+  auto again = lib.catalog.ResolvedManifestPage(last, 0, 0, 3);
+  REQUIRE(again.ok());
+  CHECK(again->entries == std::vector<ManifestEntry>(want.begin(), want.begin() + 3));
+  auto back = lib.catalog.ResolvedManifestPage(last, 0, 1, 2);  // behind the cursor
+  REQUIRE(back.ok());
+  std::vector<ManifestEntry> from_one;
+  for (const auto& e : want)
+    if (e.index >= 1 && from_one.size() < 2) from_one.push_back(e);
+  CHECK(back->entries == from_one);
+  auto past = lib.catalog.ResolvedManifestPage(last, 0, 200, 10);
+  REQUIRE(past.ok());
+  CHECK(past->entries.empty());
+  // Removing points merges them into their children: the maps stay the same.
+  for (size_t i = 1; i + 1 < points.size(); i += 2)
+    REQUIRE(lib.catalog.RemovePoint(points[i]).ok());
+  auto merged = lib.catalog.ResolvedManifest(last, 0);
+  REQUIRE(merged.ok());
+  CHECK(merged->entries == want);
+}
+
+TEST_CASE("a commit that fails leaves no half point: missing blocks, a damaged manifest") {
+  Lib lib;
+  std::mt19937_64 rng(14);
+  const std::string stored = RandomBlock(rng), absent = RandomBlock(rng);
+  lib.PutBlock(stored);
+  Manifest m{4 * kBlock, kBlock, "", {{0, Lib::IdOf(stored)}, {2, Lib::IdOf(absent)}}};
+  auto session = lib.catalog.CreateSession("f");
+  REQUIRE(session.ok());
+  REQUIRE(lib.catalog.PutManifest(*session, 0, EncodeManifest(m)).ok());
+  const json body{{"consistency", "crash"},
+                  {"disks", json::array({{{"index", 0}, {"key", "/dev/f"}}})}};
+  auto leftovers = [&] {
+    size_t n = 0;
+    for (auto it = std::filesystem::directory_iterator(lib.tmp / "rps");
+         it != std::filesystem::directory_iterator(); ++it)
+      ++n;
+    return n;
+  };
+  auto missing = lib.catalog.Commit(*session, body);
+  CHECK(missing.status().code() == Code::kConflict);
+  CHECK(missing.status().cause().find("1 blocks referenced") != std::string::npos);
+  CHECK(leftovers() == 0);
+  // The staged manifest damaged on the vault's disk after it was accepted.
+  m.entries.pop_back();
+  REQUIRE(lib.catalog.PutManifest(*session, 0, EncodeManifest(m)).ok());
+  const std::string staged = lib.tmp / ("staging/" + *session + "/disk-0.manifest");
+  {
+    std::fstream f(staged, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(60);
+    f.put('\x5a');
+  }
+  CHECK(lib.catalog.Commit(*session, body).status().code() == Code::kCorruption);
+  CHECK(leftovers() == 0);
+  CHECK(lib.catalog.List("f").empty());
+  // Sent again, it commits.
+  REQUIRE(lib.catalog.PutManifest(*session, 0, EncodeManifest(m)).ok());
+  auto rp = lib.catalog.Commit(*session, body);
+  REQUIRE(rp.ok());
+  CHECK(rp->disks[0].manifest_entries == 1);
+  CHECK(leftovers() == 1);
+}
+
 TEST_CASE("a point is not expired while its item has an open session or a job") {
   Lib lib;
   std::mt19937_64 rng(9);

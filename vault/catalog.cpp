@@ -114,6 +114,91 @@ Result<RecoveryPoint> RecoveryPoint::FromJson(const json& j) {
   }
 }
 
+// The resolved map of one disk, merged from its chain of manifest files as it is read: the
+// full manifest and the deltas on top of it, oldest first. Per index the newest manifest that
+// lists it wins, and a winning zero entry leaves the index out (ApplyDelta's result, one delta
+// after the other). A heap orders the manifests' current entries, so each entry costs
+// O(log chain length). Memory: each reader's buffer and a batch of kBatch entries per
+// manifest. The files must have been checked whole before (OpenResolvedMap does). One thread
+// at a time.
+class ResolvedMapCursor {
+ public:
+  // `keep_zero_entries`: a winning zero entry is handed out instead of leaving its index out
+  // (merging two deltas into one delta, for RemovePoint).
+  explicit ResolvedMapCursor(std::vector<std::unique_ptr<ManifestReader>> chain,
+                             bool keep_zero_entries = false)
+      : keep_zero_(keep_zero_entries) {
+    for (auto& r : chain) levels_.push_back({std::move(r), {}, 0});
+  }
+  const ManifestHeader& geometry() const { return levels_.front().reader->header(); }
+  // Where the next Read continues without passing anything: one past the last index read
+  // (after the map's end too, so that a page asked from there comes back empty at once).
+  uint64_t position() const { return next_; }
+
+  // Appends to `out` the resolved entries with index >= `from` (passing smaller ones), until
+  // `out` holds `limit` or the map ends.
+  Status Read(uint64_t from, uint64_t limit, std::vector<ManifestEntry>& out) {
+    if (!started_) {
+      for (size_t i = 0; i < levels_.size(); ++i) VMSNAP_RETURN_IF_ERROR(Push(i));
+      started_ = true;
+    }
+    while (out.size() < limit && !heap_.empty()) {
+      const Head top = heap_.front();  // the smallest index; of equal ones, the newest level
+      const ManifestEntry winner = Current(top.level);
+      // Every level at this index moves on; the newest one's entry is the map's.
+      while (!heap_.empty() && heap_.front().index == top.index) {
+        const size_t level = heap_.front().level;
+        std::pop_heap(heap_.begin(), heap_.end(), Later);
+        heap_.pop_back();
+        ++levels_[level].at;
+        VMSNAP_RETURN_IF_ERROR(Push(level));
+      }
+      next_ = top.index + 1;
+      if (top.index >= from && (winner.id || keep_zero_)) out.push_back(winner);
+    }
+    return Status::Ok();
+  }
+
+ private:
+  static constexpr size_t kBatch = 4096;
+  struct Level {
+    std::unique_ptr<ManifestReader> reader;
+    std::vector<ManifestEntry> batch;
+    size_t at = 0;
+  };
+  struct Head {
+    uint64_t index;
+    size_t level;
+  };
+  // Heap order (std heaps keep the largest in front): smaller index first, then newer level.
+  static bool Later(const Head& a, const Head& b) {
+    return a.index != b.index ? a.index > b.index : a.level < b.level;
+  }
+  const ManifestEntry& Current(size_t level) const {
+    return levels_[level].batch[levels_[level].at];
+  }
+  // Puts `level`'s current entry on the heap, reading its next batch first if needed.
+  Status Push(size_t level) {
+    Level& l = levels_[level];
+    if (l.at == l.batch.size()) {
+      VMSNAP_RETURN_IF_ERROR(l.reader->Next(l.batch, kBatch));
+      l.at = 0;
+      if (l.batch.empty()) return Status::Ok();  // this manifest has ended
+    }
+    heap_.push_back({l.batch[l.at].index, level});
+    std::push_heap(heap_.begin(), heap_.end(), Later);
+    return Status::Ok();
+  }
+
+  std::vector<Level> levels_;
+  std::vector<Head> heap_;
+  uint64_t next_ = 0;
+  bool started_ = false;
+  bool keep_zero_ = false;
+};
+
+Catalog::~Catalog() = default;
+
 Catalog::Catalog(std::string data_dir, BlockStore* store, NowFn now)
     : rps_(data_dir + "/rps"),
       staging_(data_dir + "/staging"),
@@ -177,6 +262,27 @@ Status Catalog::PutManifest(const std::string& session, int disk_index, std::str
 }
 
 namespace {
+// Reads the manifest file at `path` piece by piece and checks it whole; `each` (if given) sees
+// every batch of entries, `copy_to` (if given) every byte. Returns the header.
+Result<ManifestHeader> ScanManifestFile(
+    const std::string& path, platform::AtomicFileWriter* copy_to,
+    const std::function<Status(std::span<const ManifestEntry>)>& each) {
+  ManifestReader::Tee tee;
+  if (copy_to) tee = [copy_to](std::string_view bytes) { return copy_to->Append(bytes); };
+  auto reader = ManifestReader::OpenFile(path, true, std::move(tee));
+  if (!reader.ok()) return reader.take_status();
+  std::vector<ManifestEntry> batch;
+  for (;;) {
+    VMSNAP_RETURN_IF_ERROR((*reader)->Next(batch, 4096));
+    if (batch.empty()) return (*reader)->header();
+    if (each) VMSNAP_RETURN_IF_ERROR(each(batch));
+  }
+}
+
+Status CheckManifestFile(const std::string& path, platform::AtomicFileWriter* copy_to = nullptr) {
+  return ScanManifestFile(path, copy_to, nullptr).status();
+}
+
 Status CheckSessionDisk(const std::string& dir, bool valid_id, int disk_index,
                         const std::string& session) {
   if (!valid_id || !fs::exists(dir))
@@ -226,29 +332,29 @@ Status Catalog::SealManifest(const std::string& session, int disk_index, uint64_
   const std::string name = dir + "/disk-" + std::to_string(disk_index) + ".manifest";
   const std::string part = name + ".partial";
   std::lock_guard lock(parts_mu_);
-  auto* env = platform::Env::Default();
-  auto data = env->ReadFile(part);
-  if (!data.ok()) {
+  std::error_code ec;
+  const uint64_t have = fs::file_size(part, ec);
+  if (ec) {
     // A repeated seal whose first answer was lost: the manifest is already in place.
-    auto sealed = env->ReadFile(name);
-    if (sealed.ok() && sealed->size() == size && DecodeManifest(*sealed).ok()) return Status::Ok();
+    if (fs::file_size(name, ec) == size && !ec && CheckManifestFile(name).ok()) return Status::Ok();
     return Status::Error(Code::kConflict,
                          "no manifest parts were received for disk " + std::to_string(disk_index),
                          "send the parts, then seal");
   }
-  if (data->size() != size)
+  if (have != size)
     return Status::Error(Code::kConflict,
                          "manifest of disk " + std::to_string(disk_index) + " has " +
-                             std::to_string(data->size()) + " bytes, the seal says " +
-                             std::to_string(size),
-                         "resend the parts from offset " + std::to_string(data->size()));
-  if (auto m = DecodeManifest(*data); !m.ok()) {
-    std::error_code ec;
-    fs::remove(part, ec);
-    return m.take_status();
+                             std::to_string(have) + " bytes, the seal says " + std::to_string(size),
+                         "resend the parts from offset " + std::to_string(have));
+  // One pass: the parts are read piece by piece, checked, and copied to the manifest's new
+  // file, which replaces the disk's manifest only once all of it checked out.
+  auto writer = platform::Env::Default()->CreateFileAtomic(name);
+  if (!writer.ok()) return writer.take_status();
+  if (Status st = CheckManifestFile(part, writer->get()); !st.ok()) {
+    if (st.code() == Code::kCorruption) fs::remove(part, ec);
+    return st;
   }
-  VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(name, *data));
-  std::error_code ec;
+  VMSNAP_RETURN_IF_ERROR((*writer)->Commit());
   fs::remove(part, ec);
   return Status::Ok();
 }
@@ -278,7 +384,20 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
   rp.consistency = body["consistency"];
   rp.report = body.value("report", json::object());
   rp.origin = body.value("origin", json::object());
-  std::vector<std::pair<std::string, std::string>> files;  // name, content
+  // The point is assembled in DATA/rps/.tmp-<id>/ and published by renaming that directory;
+  // every early return removes it.
+  const std::string tmp = rps_ + "/.tmp-" + rp.id;
+  std::error_code ec;
+  fs::create_directories(tmp, ec);
+  if (ec) return Status::IoError("create " + tmp + ": " + ec.message()).InPhase("commit");
+  struct Unpublished {
+    std::string dir;
+    bool published = false;
+    ~Unpublished() {
+      std::error_code ignored;
+      if (!published) fs::remove_all(dir, ignored);
+    }
+  } unpublished{tmp};
   for (const auto& d : body["disks"]) {
     DiskRecord rec;
     if (!d.is_object() || !d.value("index", json()).is_number_integer() ||
@@ -287,17 +406,30 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
     rec.index = d["index"];
     rec.key = d["key"];
     rec.stats = d.value("stats", json::object());
-    std::string name = "disk-" + std::to_string(rec.index) + ".manifest";
-    auto data = env->ReadFile(dir + "/" + name);
-    if (!data.ok())
-      return Status::InvalidArgument("no manifest was uploaded for disk " +
-                                     std::to_string(rec.index));
-    auto m = DecodeManifest(*data);
-    if (!m.ok()) return m.take_status();
+    const std::string name = "disk-" + std::to_string(rec.index) + ".manifest";
+    // One pass over the staged manifest, piece by piece: checked whole, every referenced block
+    // looked up, and copied into the point's directory.
+    auto writer = env->CreateFileAtomic(tmp + "/" + name);
+    if (!writer.ok()) return std::move(writer.take_status()).InPhase("commit");
+    uint64_t missing = 0;
+    std::string first_missing;
+    auto m = ScanManifestFile(dir + "/" + name, writer->get(),
+                              [&](std::span<const ManifestEntry> entries) {
+                                for (const auto& e : entries)
+                                  if (e.id && !store_->Has(*e.id) && !missing++)
+                                    first_missing = e.id->Hex();
+                                return Status::Ok();
+                              });
+    if (!m.ok()) {
+      if (m.status().code() == Code::kNotFound)
+        return Status::InvalidArgument("no manifest was uploaded for disk " +
+                                       std::to_string(rec.index));
+      return m.take_status();
+    }
     rec.size_bytes = m->disk_size;
     rec.block_size = m->block_size;
     rec.parent = m->parent;
-    rec.manifest_entries = m->entries.size();
+    rec.manifest_entries = m->entry_count;
     if (!m->is_full()) {
       auto parent = Get(m->parent);
       if (!parent.ok())
@@ -314,41 +446,22 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
                                  rec.key + " with the same geometry",
                              "rerun the backup; the agent will send a full manifest");
     }
-    uint64_t missing = 0;
-    std::string first_missing;
-    for (const auto& e : m->entries) {
-      if (e.id && !store_->Has(*e.id)) {
-        if (!missing++) first_missing = e.id->Hex();
-      }
-    }
     if (missing)
       return Status::Error(Code::kConflict,
                            std::to_string(missing) + " blocks referenced by disk " + rec.key +
                                " are not in the vault (first: " + first_missing + ")",
                            "rerun the backup; it uploads only what the vault is missing");
-    files.emplace_back(name, std::move(*data));
+    if (Status st = (*writer)->Commit(); !st.ok()) return std::move(st).InPhase("commit");
     rp.disks.push_back(std::move(rec));
   }
   // The blocks' index rows become durable before the point that refers to them is published.
   if (Status st = store_->SyncIndex(); !st.ok())
     return std::move(st).InPhase("commit").WithFix("check the vault's disk");
-  files.emplace_back("rp.json", rp.ToJson().dump(2));
-  const std::string tmp = rps_ + "/.tmp-" + rp.id;
-  std::error_code ec;
-  fs::create_directories(tmp, ec);
-  if (ec) return Status::IoError("create " + tmp + ": " + ec.message());
-  for (const auto& [name, content] : files) {
-    Status st = env->WriteFileAtomic(tmp + "/" + name, content);
-    if (!st.ok()) {
-      fs::remove_all(tmp, ec);
-      return std::move(st).InPhase("commit");
-    }
-  }
+  if (Status st = env->WriteFileAtomic(tmp + "/rp.json", rp.ToJson().dump(2)); !st.ok())
+    return std::move(st).InPhase("commit");
   fs::rename(tmp, RpDir(rp.id), ec);
-  if (ec) {
-    fs::remove_all(tmp, ec);
-    return Status::IoError("publish recovery point: " + ec.message()).InPhase("commit");
-  }
+  if (ec) return Status::IoError("publish recovery point: " + ec.message()).InPhase("commit");
+  unpublished.published = true;
   VMSNAP_RETURN_IF_ERROR(env->SyncDir(rps_));
   last_created_ms_ = rp.created_unix_ms;
   // Remember the outcome so that a retried commit returns the same recovery point.
@@ -399,10 +512,28 @@ Result<Manifest> Catalog::LoadManifest(const std::string& rp_id, int disk_index)
   return DecodeManifest(*data);
 }
 
-Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_index) const {
+Status Catalog::ForEachEntry(
+    const std::string& rp_id, int disk_index,
+    const std::function<Status(std::span<const ManifestEntry>)>& each) const {
+  if (!ValidRpId(rp_id)) return Status::NotFound("recovery point '" + rp_id + "' does not exist");
+  auto reader =
+      ManifestReader::OpenFile(RpDir(rp_id) + "/disk-" + std::to_string(disk_index) + ".manifest");
+  if (!reader.ok()) return reader.take_status();
+  std::vector<ManifestEntry> batch;
+  for (;;) {
+    VMSNAP_RETURN_IF_ERROR((*reader)->Next(batch, 4096));
+    if (batch.empty()) return Status::Ok();
+    VMSNAP_RETURN_IF_ERROR(each(batch));
+  }
+}
+
+Result<std::unique_ptr<ResolvedMapCursor>> Catalog::OpenResolvedMap(const std::string& rp_id,
+                                                                    int disk_index) const {
   std::shared_lock chain_lock(chain_mu_);
-  // Walk the parents back to a full manifest, then apply the deltas forward.
-  std::vector<Manifest> chain;
+  // Walk the parents back to a full manifest. Each file is checked whole first, then opened
+  // for the merge: both under the chain lock, so they are the same file (RemovePoint rewrites
+  // manifests only under the exclusive lock, and an open file keeps its content after that).
+  std::vector<std::unique_ptr<ManifestReader>> chain;
   std::string id = rp_id;
   std::string key;
   for (int depth = 0;; ++depth) {
@@ -416,79 +547,121 @@ Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_in
       return Status::NotFound("recovery point " + id + " has no disk " +
                               (key.empty() ? std::to_string(disk_index) : key));
     key = disk->key;
-    auto m = LoadManifest(id, disk->index);
-    if (!m.ok()) return m.take_status();
-    bool full = m->is_full();
-    id = m->parent;
-    chain.push_back(std::move(*m));
+    const std::string path = RpDir(id) + "/disk-" + std::to_string(disk->index) + ".manifest";
+    VMSNAP_RETURN_IF_ERROR(CheckManifestFile(path));
+    auto reader = ManifestReader::OpenFile(path, /*verify_checksum=*/false);
+    if (!reader.ok()) return reader.take_status();
+    const ManifestHeader& h = (*reader)->header();
+    if (!chain.empty() && (h.disk_size != chain.back()->header().disk_size ||
+                           h.block_size != chain.back()->header().block_size))
+      return Status::Corruption("disk " + key + " of recovery point " + id +
+                                " has another geometry than the point built on it");
+    const bool full = h.is_full();
+    id = h.parent;
+    chain.push_back(std::move(*reader));
     if (full) break;
   }
-  Manifest resolved = std::move(chain.back());
-  for (auto it = chain.rbegin() + 1; it != chain.rend(); ++it) {
-    auto next = ApplyDelta(resolved, *it);
-    if (!next.ok()) return next.take_status();
-    resolved = std::move(*next);
-  }
-  resolved.parent.clear();
+  std::reverse(chain.begin(), chain.end());  // the full manifest first
+  return std::make_unique<ResolvedMapCursor>(std::move(chain));
+}
+
+Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_index) const {
+  auto cursor = OpenResolvedMap(rp_id, disk_index);
+  if (!cursor.ok()) return cursor.take_status();
+  Manifest resolved;
+  resolved.disk_size = (*cursor)->geometry().disk_size;
+  resolved.block_size = (*cursor)->geometry().block_size;
+  VMSNAP_RETURN_IF_ERROR((*cursor)->Read(0, UINT64_MAX, resolved.entries));
   return resolved;
 }
 
 Result<Manifest> Catalog::ResolvedManifestPage(const std::string& rp_id, int disk_index,
                                                uint64_t from, uint64_t limit) const {
   const std::string key = rp_id + "/" + std::to_string(disk_index);
-  std::shared_ptr<const Manifest> map;
+  std::unique_ptr<ResolvedMapCursor> cursor;
   {
-    std::lock_guard lock(page_mu_);
-    if (paged_key_ == key) map = paged_map_;
+    std::lock_guard lock(page_mu_);  // taken out while in use: a cursor is for one thread
+    if (paged_key_ == key && paged_cursor_ && paged_cursor_->position() <= from) {
+      cursor = std::move(paged_cursor_);
+      paged_key_.clear();
+    }
   }
   std::error_code ec;
-  if (map && !fs::exists(RpDir(rp_id), ec)) map.reset();  // removed since the last page
-  if (!map) {
-    auto resolved = ResolvedManifest(rp_id, disk_index);
-    if (!resolved.ok()) return resolved.take_status();
-    map = std::make_shared<const Manifest>(std::move(*resolved));
+  if (cursor && !fs::exists(RpDir(rp_id), ec)) cursor.reset();  // removed since the last page
+  if (!cursor) {
+    auto opened = OpenResolvedMap(rp_id, disk_index);
+    if (!opened.ok()) return opened.take_status();
+    cursor = std::move(*opened);
   }
-  auto first = std::lower_bound(map->entries.begin(), map->entries.end(), from,
-                                [](const ManifestEntry& e, uint64_t i) { return e.index < i; });
-  const uint64_t available = static_cast<uint64_t>(map->entries.end() - first);
-  const uint64_t n = std::min(limit, available);
   Manifest page;
-  page.disk_size = map->disk_size;
-  page.block_size = map->block_size;
-  page.entries.assign(first, first + static_cast<std::ptrdiff_t>(n));
-  std::lock_guard lock(page_mu_);
-  if (n < available) {
+  page.disk_size = cursor->geometry().disk_size;
+  page.block_size = cursor->geometry().block_size;
+  VMSNAP_RETURN_IF_ERROR(cursor->Read(from, limit, page.entries));
+  if (page.entries.size() == limit) {  // a short page is the last one
+    std::lock_guard lock(page_mu_);
     paged_key_ = key;
-    paged_map_ = std::move(map);
-  } else if (paged_key_ == key) {
-    paged_key_.clear();
-    paged_map_.reset();
+    paged_cursor_ = std::move(cursor);
   }
   return page;
 }
 
 namespace {
 
-// The delta "apply `first`, then `second`" (both relative to views of the same geometry):
-// per index, `second`'s entry wins, zero entries are kept (the base may hold data there).
-Manifest ComposeDeltas(const Manifest& first, const Manifest& second) {
-  Manifest out;
-  out.disk_size = second.disk_size;
-  out.block_size = second.block_size;
-  out.parent = first.parent;
-  size_t i = 0, j = 0;
-  while (i < first.entries.size() || j < second.entries.size()) {
-    bool take_second =
-        j < second.entries.size() &&
-        (i >= first.entries.size() || second.entries[j].index <= first.entries[i].index);
-    if (take_second) {
-      if (i < first.entries.size() && first.entries[i].index == second.entries[j].index) ++i;
-      out.entries.push_back(second.entries[j++]);
-    } else {
-      out.entries.push_back(first.entries[i++]);
+// Rewrites the manifest at `child_path` (a delta on top of the manifest at `base_path`) so that
+// it no longer needs the base: "apply the base, then the child" as one manifest, relative to
+// the base's parent — a full manifest if the base is full (zero entries then leave their index
+// out), else a delta that keeps zero entries (the base's parent may hold data there). Both
+// files are checked whole first, then merged piece by piece twice: once to count the entries
+// (the header holds the count), once to encode them into the new file, which replaces the old
+// one atomically. Returns the new header.
+Result<ManifestHeader> MergeIntoChild(const std::string& base_path, const std::string& child_path,
+                                      const std::string& child_id) {
+  VMSNAP_RETURN_IF_ERROR(CheckManifestFile(base_path));
+  VMSNAP_RETURN_IF_ERROR(CheckManifestFile(child_path));
+  ManifestHeader merged;
+  auto open = [&]() -> Result<std::unique_ptr<ResolvedMapCursor>> {
+    std::vector<std::unique_ptr<ManifestReader>> pair;
+    for (const std::string* path : {&base_path, &child_path}) {
+      auto r = ManifestReader::OpenFile(*path, /*verify_checksum=*/false);
+      if (!r.ok()) return r.take_status();
+      pair.push_back(std::move(*r));
     }
+    const ManifestHeader& base = pair[0]->header();
+    const ManifestHeader& child = pair[1]->header();
+    if (base.disk_size != child.disk_size || base.block_size != child.block_size)
+      return Status::Corruption("geometry of " + child_id + " differs from its parent");
+    merged = base;  // geometry and parent: the base's
+    return std::make_unique<ResolvedMapCursor>(std::move(pair), !base.is_full());
+  };
+  constexpr uint64_t kPiece = 1 << 16;
+  std::vector<ManifestEntry> piece;
+  uint64_t count = 0;
+  {
+    auto cursor = open();
+    if (!cursor.ok()) return cursor.take_status();
+    do {
+      piece.clear();
+      VMSNAP_RETURN_IF_ERROR((*cursor)->Read(0, kPiece, piece));
+      count += piece.size();
+    } while (piece.size() == kPiece);
   }
-  return out;
+  auto cursor = open();
+  if (!cursor.ok()) return cursor.take_status();
+  auto writer = platform::Env::Default()->CreateFileAtomic(child_path);
+  if (!writer.ok()) return writer.take_status();
+  ManifestEncoder enc(merged.disk_size, merged.block_size, merged.parent, count);
+  do {
+    piece.clear();
+    VMSNAP_RETURN_IF_ERROR((*cursor)->Read(0, kPiece, piece));
+    for (const auto& e : piece) enc.Add(e);
+    VMSNAP_RETURN_IF_ERROR((*writer)->Append(enc.Take()));
+  } while (piece.size() == kPiece);
+  auto rest = enc.Finish();
+  if (!rest.ok()) return rest.take_status();
+  VMSNAP_RETURN_IF_ERROR((*writer)->Append(*rest));
+  VMSNAP_RETURN_IF_ERROR((*writer)->Commit());
+  merged.entry_count = count;
+  return merged;
 }
 
 }  // namespace
@@ -503,32 +676,24 @@ Status Catalog::RemovePoint(const std::string& id) {
     bool changed = false;
     for (auto& disk : child.disks) {
       if (disk.parent != id) continue;
-      auto delta = LoadManifest(child.id, disk.index);
-      if (!delta.ok()) return delta.take_status();
-      if (delta->parent != id) continue;  // rp.json and manifest disagree: trust the manifest
+      const std::string child_path =
+          RpDir(child.id) + "/disk-" + std::to_string(disk.index) + ".manifest";
+      {
+        auto delta = ManifestReader::OpenFile(child_path);  // the header is enough here
+        if (!delta.ok()) return delta.take_status();
+        if ((*delta)->header().parent != id)
+          continue;  // rp.json and manifest disagree: trust the manifest
+      }
       auto pd = std::find_if(victim->disks.begin(), victim->disks.end(),
                              [&](const DiskRecord& d) { return d.key == disk.key; });
       if (pd == victim->disks.end())
         return Status::Corruption("recovery point " + child.id + " names " + id +
                                   " as parent of disk " + disk.key + ", which it does not have");
-      auto base = LoadManifest(id, pd->index);
-      if (!base.ok()) return base.take_status();
-      Manifest merged;
-      if (base->is_full()) {
-        auto applied = ApplyDelta(*base, *delta);
-        if (!applied.ok()) return applied.take_status();
-        merged = std::move(*applied);
-        merged.parent.clear();
-      } else {
-        if (base->disk_size != delta->disk_size || base->block_size != delta->block_size)
-          return Status::Corruption("geometry of " + child.id + " differs from its parent " + id);
-        merged = ComposeDeltas(*base, *delta);
-      }
-      VMSNAP_RETURN_IF_ERROR(env->WriteFileAtomic(
-          RpDir(child.id) + "/disk-" + std::to_string(disk.index) + ".manifest",
-          EncodeManifest(merged)));
-      disk.parent = merged.parent;
-      disk.manifest_entries = merged.entries.size();
+      auto merged = MergeIntoChild(RpDir(id) + "/disk-" + std::to_string(pd->index) + ".manifest",
+                                   child_path, child.id);
+      if (!merged.ok()) return merged.take_status();
+      disk.parent = merged->parent;
+      disk.manifest_entries = merged->entry_count;
       changed = true;
     }
     if (!changed) continue;

@@ -20,6 +20,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <shared_mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -29,6 +30,8 @@
 #include "vault/block_store.hpp"
 
 namespace vmsnap::vault {
+
+class ResolvedMapCursor;  // catalog.cpp
 
 struct DiskRecord {
   int index = 0;
@@ -71,6 +74,7 @@ class Catalog {
   using NowFn = std::function<int64_t()>;  // UTC milliseconds
   // `now` stamps sessions and recovery points (tests inject a clock); null = the real clock.
   Catalog(std::string data_dir, BlockStore* store, NowFn now = nullptr);
+  ~Catalog();
 
   // Creates the directories and removes leftovers of interrupted commits.
   Status Open();
@@ -100,13 +104,23 @@ class Catalog {
   // The full block map of one disk of a recovery point, parents applied.
   Result<Manifest> ResolvedManifest(const std::string& rp_id, int disk_index) const;
   // One page of that map: the entries with index >= `from`, at most `limit` of them, so that
-  // a client can read a map larger than one response (docs/PROTOCOL.md). The map resolved for
-  // a page is kept for the next one (one map at a time: dropped once its last page is served,
-  // or replaced when another map is paged; a removed point is resolved again, and fails).
+  // a client can read a map larger than one response (docs/PROTOCOL.md). The map is merged
+  // from the chain's manifest files as it is read (ResolvedMapCursor: a read buffer and a
+  // small batch per manifest in the chain, whatever the disk's size), after each file was
+  // checked whole. The cursor of a page is kept for the next page of the same map (one at a
+  // time: dropped when a page comes back short, replaced when another map is paged, and
+  // opened again if a page starts before where it stands; a removed point fails to reopen).
   Result<Manifest> ResolvedManifestPage(const std::string& rp_id, int disk_index, uint64_t from,
                                         uint64_t limit) const;
   // The manifest of one disk as stored (full or incremental).
   Result<Manifest> LoadManifest(const std::string& rp_id, int disk_index) const;
+  // Calls `each` with the entries of one disk's stored manifest, in index order, a batch at a
+  // time, reading the file piece by piece (memory does not grow with the manifest). The
+  // checksum is compared after the last entry: if the manifest is damaged, `each` may already
+  // have seen some of its entries when kCorruption is returned, so use them only in a way that
+  // can be dropped. An error from `each` stops the reading and is returned.
+  Status ForEachEntry(const std::string& rp_id, int disk_index,
+                      const std::function<Status(std::span<const ManifestEntry>)>& each) const;
 
   // Deletes recovery point `id`. Every point with a disk whose manifest names `id` as parent
   // is first rewritten so that it restores the same bytes without it: if `id`'s disk is full,
@@ -131,12 +145,16 @@ class Catalog {
   std::string staging_;
   BlockStore* store_;
   NowFn now_;
-  int64_t last_created_ms_ = 0;    // recovery point times strictly increase (ids sort by them)
-  mutable std::mutex mu_;          // commits and removals
-  std::mutex parts_mu_;            // manifest parts
+  int64_t last_created_ms_ = 0;  // recovery point times strictly increase (ids sort by them)
+  mutable std::mutex mu_;        // commits and removals
+  std::mutex parts_mu_;          // manifest parts
+  // The chain of manifests of one disk, checked and opened (under chain_mu_), merged.
+  Result<std::unique_ptr<ResolvedMapCursor>> OpenResolvedMap(const std::string& rp_id,
+                                                             int disk_index) const;
+
   mutable std::mutex page_mu_;     // the map being paged:
   mutable std::string paged_key_;  //   "<rp id>/<disk index>"
-  mutable std::shared_ptr<const Manifest> paged_map_;
+  mutable std::unique_ptr<ResolvedMapCursor> paged_cursor_;
   mutable std::shared_mutex chain_mu_;  // shared: chain walks; exclusive: RemovePoint
 };
 

@@ -225,14 +225,16 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
   std::unordered_set<BlockId, BlockIdHash> live;
   for (const auto& rp : catalog_->List("")) {
     for (const auto& d : rp.disks) {
-      auto m = catalog_->LoadManifest(rp.id, d.index);
-      if (!m.ok())  // unknown references: sweeping now could free a needed block
+      // Read piece by piece: the vault's memory holds the live set, not also the manifest.
+      Status st = catalog_->ForEachEntry(rp.id, d.index, [&](std::span<const ManifestEntry> es) {
+        for (const auto& e : es)
+          if (e.id) live.insert(*e.id);
+        return Status::Ok();
+      });
+      if (!st.ok())  // unknown references: sweeping now could free a needed block
         return Status::Corruption("manifest of disk " + std::to_string(d.index) + " of " + rp.id +
-                                      " cannot be read (" + m.status().cause() +
-                                      "); nothing was swept",
+                                      " cannot be read (" + st.cause() + "); nothing was swept",
                                   "run 'vmsnap verify' on that VM and restore it from elsewhere");
-      for (const auto& e : m->entries)
-        if (e.id) live.insert(*e.id);
     }
   }
   std::vector<BlockId> candidates;

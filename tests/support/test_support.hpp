@@ -72,6 +72,7 @@ class Vault {
   std::string ca() const { return data_ + "/tls/ca.pem"; }
   std::string token() const;
   const std::string& data() const { return data_; }
+  pid_t pid() const { return child_ ? child_->pid() : -1; }
   // Connection flags for vmsnap-agent.
   std::vector<std::string> conn() const;
   // Blocks in the store's index (DATA/blocks/index.db, read beside the running vault).

@@ -795,6 +795,21 @@ TEST_CASE("the resolved map merged from a long chain: each point's image, in any
   auto past = lib.catalog.ResolvedManifestPage(last, 0, 200, 10);
   REQUIRE(past.ok());
   CHECK(past->entries.empty());
+  // Six maps paged in turn, more than the vault keeps cursors for: each still comes whole.
+  std::vector<std::vector<ManifestEntry>> seen(6);
+  std::vector<uint64_t> next(6, 0);
+  for (bool more = true; more;) {
+    more = false;
+    for (size_t k = 0; k < 6; ++k) {
+      if (next[k] == UINT64_MAX) continue;
+      auto page = lib.catalog.ResolvedManifestPage(points[k + 2], 0, next[k], 4);
+      REQUIRE(page.ok());
+      seen[k].insert(seen[k].end(), page->entries.begin(), page->entries.end());
+      next[k] = page->entries.size() < 4 ? UINT64_MAX : page->entries.back().index + 1;
+      more = more || next[k] != UINT64_MAX;
+    }
+  }
+  for (size_t k = 0; k < 6; ++k) CHECK(seen[k] == expected(points[k + 2]));
   // Removing points merges them into their children: the maps stay the same.
   for (size_t i = 1; i + 1 < points.size(); i += 2)
     REQUIRE(lib.catalog.RemovePoint(points[i]).ok());

@@ -581,9 +581,11 @@ Result<Manifest> Catalog::ResolvedManifestPage(const std::string& rp_id, int dis
   std::unique_ptr<ResolvedMapCursor> cursor;
   {
     std::lock_guard lock(page_mu_);  // taken out while in use: a cursor is for one thread
-    if (paged_key_ == key && paged_cursor_ && paged_cursor_->position() <= from) {
-      cursor = std::move(paged_cursor_);
-      paged_key_.clear();
+    auto it =
+        std::find_if(paged_.begin(), paged_.end(), [&](const auto& p) { return p.first == key; });
+    if (it != paged_.end()) {
+      if (it->second->position() <= from) cursor = std::move(it->second);
+      paged_.erase(it);
     }
   }
   std::error_code ec;
@@ -599,8 +601,9 @@ Result<Manifest> Catalog::ResolvedManifestPage(const std::string& rp_id, int dis
   VMSNAP_RETURN_IF_ERROR(cursor->Read(from, limit, page.entries));
   if (page.entries.size() == limit) {  // a short page is the last one
     std::lock_guard lock(page_mu_);
-    paged_key_ = key;
-    paged_cursor_ = std::move(cursor);
+    std::erase_if(paged_, [&](const auto& p) { return p.first == key; });  // a concurrent page's
+    paged_.emplace(paged_.begin(), key, std::move(cursor));
+    if (paged_.size() > kPagedMaps) paged_.pop_back();
   }
   return page;
 }

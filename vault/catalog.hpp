@@ -107,9 +107,10 @@ class Catalog {
   // a client can read a map larger than one response (docs/PROTOCOL.md). The map is merged
   // from the chain's manifest files as it is read (ResolvedMapCursor: a read buffer and a
   // small batch per manifest in the chain, whatever the disk's size), after each file was
-  // checked whole. The cursor of a page is kept for the next page of the same map (one at a
-  // time: dropped when a page comes back short, replaced when another map is paged, and
-  // opened again if a page starts before where it stands; a removed point fails to reopen).
+  // checked whole. The cursor of a page is kept for the next page of the same map (up to
+  // kPagedMaps maps, the least recently paged dropped first; dropped when a page comes back
+  // short; opened again if a page starts before where it stands; a removed point fails to
+  // reopen).
   Result<Manifest> ResolvedManifestPage(const std::string& rp_id, int disk_index, uint64_t from,
                                         uint64_t limit) const;
   // The manifest of one disk as stored (full or incremental).
@@ -152,9 +153,12 @@ class Catalog {
   Result<std::unique_ptr<ResolvedMapCursor>> OpenResolvedMap(const std::string& rp_id,
                                                              int disk_index) const;
 
-  mutable std::mutex page_mu_;     // the map being paged:
-  mutable std::string paged_key_;  //   "<rp id>/<disk index>"
-  mutable std::unique_ptr<ResolvedMapCursor> paged_cursor_;
+  // The maps being paged, most recent first: "<rp id>/<disk index>" and where its merge
+  // stands. At most kPagedMaps, so that a few restores at once do not start each other's merges
+  // again at every page.
+  static constexpr size_t kPagedMaps = 4;
+  mutable std::mutex page_mu_;
+  mutable std::vector<std::pair<std::string, std::unique_ptr<ResolvedMapCursor>>> paged_;
   mutable std::shared_mutex chain_mu_;  // shared: chain walks; exclusive: RemovePoint
 };
 

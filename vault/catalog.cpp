@@ -131,6 +131,12 @@ class ResolvedMapCursor {
     for (auto& r : chain) levels_.push_back({std::move(r), {}, 0});
   }
   const ManifestHeader& geometry() const { return levels_.front().reader->header(); }
+  // An upper bound of the map's entries: all entries of all its manifests.
+  uint64_t entries_at_most() const {
+    uint64_t n = 0;
+    for (const auto& l : levels_) n += l.reader->header().entry_count;
+    return n;
+  }
   // Where the next Read continues without passing anything: one past the last index read
   // (after the map's end too, so that a page asked from there comes back empty at once).
   uint64_t position() const { return next_; }
@@ -598,6 +604,10 @@ Result<Manifest> Catalog::ResolvedManifestPage(const std::string& rp_id, int dis
   Manifest page;
   page.disk_size = cursor->geometry().disk_size;
   page.block_size = cursor->geometry().block_size;
+  // Reserved at once (growing by doubling would need up to twice the page): at most what the
+  // chain holds and the agent's page size.
+  page.entries.reserve(
+      static_cast<size_t>(std::min({limit, cursor->entries_at_most(), uint64_t{1} << 20})));
   VMSNAP_RETURN_IF_ERROR(cursor->Read(from, limit, page.entries));
   if (page.entries.size() == limit) {  // a short page is the last one
     std::lock_guard lock(page_mu_);

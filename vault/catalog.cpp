@@ -560,8 +560,9 @@ Result<std::unique_ptr<ResolvedMapCursor>> Catalog::OpenResolvedMap(const std::s
     const ManifestHeader& h = (*reader)->header();
     if (!chain.empty() && (h.disk_size != chain.back()->header().disk_size ||
                            h.block_size != chain.back()->header().block_size))
-      return Status::Corruption("disk " + key + " of recovery point " + id +
-                                " has another geometry than the point built on it");
+      return Status::InvalidArgument(
+          "incremental manifest geometry differs from its parent: disk " + key +
+          " of recovery point " + id);
     const bool full = h.is_full();
     id = h.parent;
     chain.push_back(std::move(*reader));

@@ -522,15 +522,9 @@ Status Catalog::ForEachEntry(
     const std::string& rp_id, int disk_index,
     const std::function<Status(std::span<const ManifestEntry>)>& each) const {
   if (!ValidRpId(rp_id)) return Status::NotFound("recovery point '" + rp_id + "' does not exist");
-  auto reader =
-      ManifestReader::OpenFile(RpDir(rp_id) + "/disk-" + std::to_string(disk_index) + ".manifest");
-  if (!reader.ok()) return reader.take_status();
-  std::vector<ManifestEntry> batch;
-  for (;;) {
-    VMSNAP_RETURN_IF_ERROR((*reader)->Next(batch, 4096));
-    if (batch.empty()) return Status::Ok();
-    VMSNAP_RETURN_IF_ERROR(each(batch));
-  }
+  return ScanManifestFile(RpDir(rp_id) + "/disk-" + std::to_string(disk_index) + ".manifest",
+                          nullptr, each)
+      .status();
 }
 
 Result<std::unique_ptr<ResolvedMapCursor>> Catalog::OpenResolvedMap(const std::string& rp_id,

@@ -563,6 +563,62 @@ void Backdate(const std::string& blocks_dir) {
 
 }  // namespace
 
+TEST_CASE("verify in batches: each block read once, damage reported per point in map order") {
+  Lib lib;
+  // Three blocks per batch: the 20 blocks below span several batches and several packs.
+  lib.lifecycle.set_verify_batch_bytes(3 * kBlock);
+  std::mt19937_64 rng(61);
+  Image image(20);
+  for (auto& b : image) b = RandomBlock(rng);
+  image[9] = image[4];  // the same block at two indexes: read once, reported at both
+  const std::string first = lib.Backup("vm", image);
+  Image next = image;
+  const std::string overwritten = image[12];
+  next[12] = RandomBlock(rng);
+  next[15].clear();  // a zero block in the later point
+  const std::string second = lib.Backup("vm", next);
+
+  auto all = lib.lifecycle.Verify("vm", "");
+  REQUIRE(all.ok());
+  CHECK((*all)["ok"] == true);
+  CHECK((*all)["blocks_checked"] == 20);  // 19 unique in the first point, one new in the second
+  CHECK((*all)["points"][0]["blocks"] == 20);
+  CHECK((*all)["points"][1]["blocks"] == 19);
+
+  // Damage: the block only the first point needs, a block both need (twice in each map), and
+  // a missing block in the middle of a batch.
+  const std::string blocks_dir = lib.tmp / "blocks";
+  CorruptStoredBlock(blocks_dir, Lib::IdOf(overwritten), 10, "\x01\x02");
+  CorruptStoredBlock(blocks_dir, Lib::IdOf(image[4]), 5000, "\xff");
+  LoseStoredBlock(blocks_dir, Lib::IdOf(image[7]));
+  const std::string h4 = Lib::IdOf(image[4]).Hex(), h7 = Lib::IdOf(image[7]).Hex(),
+                    h12 = Lib::IdOf(overwritten).Hex();
+  auto bad = lib.lifecycle.Verify("vm", "");
+  REQUIRE(bad.ok());
+  const json& r = *bad;
+  CHECK(r["ok"] == false);
+  CHECK(r["blocks_checked"] == 20);
+  CHECK(r["points"][0]["corrupt"] == json::array({h4, h4, h12}));  // in index order: 4, 9, 12
+  CHECK(r["points"][0]["missing"] == json::array({h7}));
+  CHECK(r["points"][1]["corrupt"] == json::array({h4, h4}));  // 12 was overwritten
+  CHECK(r["points"][1]["missing"] == json::array({h7}));
+  CHECK(r["corrupt"] == 5);
+  CHECK(r["missing"] == 2);
+
+  // One point: only what its map needs. The second point does not need block 12's old content.
+  auto one = lib.lifecycle.Verify("vm", second);
+  REQUIRE(one.ok());
+  CHECK((*one)["points"].size() == 1);
+  CHECK((*one)["points"][0]["corrupt"] == json::array({h4, h4}));
+  CHECK((*one)["blocks_checked"] == 18);  // 19 entries, one block twice
+
+  // Batches as large as the whole map find the same damage.
+  lib.lifecycle.set_verify_batch_bytes(Lifecycle::kVerifyBatchBytes);
+  auto big = lib.lifecycle.Verify("vm", "");
+  REQUIRE(big.ok());
+  CHECK((*big)["points"] == r["points"]);
+}
+
 TEST_CASE("expiry rules: periods, several rules, the longest wins, the newest is kept") {
   using vault::ComputeExpiry;
   using vault::Period;

@@ -576,6 +576,22 @@ Result<Manifest> Catalog::ResolvedManifest(const std::string& rp_id, int disk_in
   return resolved;
 }
 
+Status Catalog::ForEachResolvedEntry(
+    const std::string& rp_id, int disk_index,
+    const std::function<Status(std::span<const ManifestEntry>)>& each) const {
+  auto cursor = OpenResolvedMap(rp_id, disk_index);
+  if (!cursor.ok()) return cursor.take_status();
+  constexpr uint64_t kBatch = 4096;
+  std::vector<ManifestEntry> batch;
+  batch.reserve(kBatch);
+  for (;;) {
+    batch.clear();
+    VMSNAP_RETURN_IF_ERROR((*cursor)->Read(0, kBatch, batch));
+    if (batch.empty()) return Status::Ok();
+    VMSNAP_RETURN_IF_ERROR(each(batch));
+  }
+}
+
 Result<Manifest> Catalog::ResolvedManifestPage(const std::string& rp_id, int disk_index,
                                                uint64_t from, uint64_t limit) const {
   const std::string key = rp_id + "/" + std::to_string(disk_index);

@@ -113,6 +113,13 @@ class Catalog {
   // reopen).
   Result<Manifest> ResolvedManifestPage(const std::string& rp_id, int disk_index, uint64_t from,
                                         uint64_t limit) const;
+  // Calls `each` with the entries of ResolvedManifest(rp_id, disk_index), in index order, a
+  // batch at a time, merged from the chain's files as they are read (the same cursor as a page;
+  // memory does not grow with the map). Each file of the chain is checked whole before the
+  // first call. An error from `each` stops the reading and is returned.
+  Status ForEachResolvedEntry(
+      const std::string& rp_id, int disk_index,
+      const std::function<Status(std::span<const ManifestEntry>)>& each) const;
   // The manifest of one disk as stored (full or incremental).
   Result<Manifest> LoadManifest(const std::string& rp_id, int disk_index) const;
   // Calls `each` with the entries of one disk's stored manifest, in index order, a batch at a

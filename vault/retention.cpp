@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "common/block_codec.hpp"
+#include "common/bytes.hpp"
 
 namespace vmsnap::vault {
 
@@ -55,6 +56,68 @@ const ItemRules& RulesOf(const std::string& item, const LifecycleInputs& inputs)
   auto it = inputs.items.find(item);
   return it == inputs.items.end() ? kDefault : it->second;
 }
+
+// Re-reads and re-hashes blocks, each id once per verifier, a batch at a time: the ids of a
+// batch are read with BlockStore::AppendRecords (records adjacent in a pack in one read), then
+// each record is decompressed and hashed (VerifyBlock). Memory: the ids checked so far (the
+// unique blocks of what was verified, as garbage collection's mark holds them), the bad ones
+// with their state, and one batch of records (about `batch_bytes`). One thread.
+class BlockVerifier {
+ public:
+  enum class State : uint8_t { kOk, kMissing, kCorrupt };
+
+  BlockVerifier(const BlockStore* store, size_t batch_bytes)
+      : store_(store), batch_bytes_(batch_bytes) {}
+
+  // Checks the blocks of `entries` not checked before. `block_size`: the disk's (it sizes the
+  // batches; 0 = unknown, the largest block assumed).
+  void Check(std::span<const ManifestEntry> entries, uint32_t block_size) {
+    const size_t per_batch =
+        std::max<size_t>(1, batch_bytes_ / (block_size ? block_size : kMaxBlockSize));
+    fresh_.clear();
+    for (const auto& e : entries)
+      if (e.id && checked_.insert(*e.id).second) fresh_.push_back(*e.id);
+    for (size_t at = 0; at < fresh_.size(); at += per_batch)
+      CheckBatch(std::span(fresh_).subspan(at, std::min(per_batch, fresh_.size() - at)));
+  }
+  bool any_bad() const { return !bad_.empty(); }
+  // The state of a checked block.
+  State StateOf(const BlockId& id) const {
+    auto it = bad_.find(id);
+    return it == bad_.end() ? State::kOk : it->second;
+  }
+  uint64_t checked() const { return checked_.size(); }
+
+ private:
+  void CheckBatch(std::span<const BlockId> ids) {
+    records_.clear();
+    if (store_->AppendRecords(ids, records_).ok()) {
+      ByteReader r(records_);
+      for (const auto& id : ids) {
+        BlockRecordView record;
+        if (!ReadRecord(r, record) || record.id != id || !VerifyBlock(record, plain_).ok())
+          bad_[id] = State::kCorrupt;
+      }
+      return;
+    }
+    // A record of the batch is missing or unreadable: find which, one at a time.
+    for (const auto& id : ids) {
+      auto b = store_->Get(id);
+      if (!b.ok())
+        bad_[id] = b.status().code() == Code::kNotFound ? State::kMissing : State::kCorrupt;
+      else if (!VerifyBlock(*b, plain_).ok())
+        bad_[id] = State::kCorrupt;
+    }
+  }
+
+  const BlockStore* store_;
+  size_t batch_bytes_;
+  std::unordered_set<BlockId, BlockIdHash> checked_;
+  std::unordered_map<BlockId, State, BlockIdHash> bad_;
+  std::vector<BlockId> fresh_;
+  std::string records_;
+  std::vector<std::byte> plain_;
+};
 
 std::map<std::string, std::vector<RecoveryPoint>> ByItem(std::vector<RecoveryPoint> all) {
   std::map<std::string, std::vector<RecoveryPoint>> out;
@@ -262,6 +325,19 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
   return Status::Ok();
 }
 
+bool Lifecycle::ReferencedBlocks(const std::string& rp_id, int disk_index,
+                                 const std::unordered_set<BlockId, BlockIdHash>& known,
+                                 std::vector<BlockId>& out) const {
+  out.clear();
+  Status st = catalog_->ForEachEntry(rp_id, disk_index, [&](std::span<const ManifestEntry> es) {
+    for (const auto& e : es)
+      if (e.id && !known.count(*e.id)) out.push_back(*e.id);
+    return Status::Ok();
+  });
+  if (!st.ok()) out.clear();
+  return st.ok();
+}
+
 json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInputs& inputs) {
   (void)now;
   auto points = catalog_->List(item);
@@ -275,12 +351,12 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
     for (const auto& d : rp.disks) {
       size += d.size_bytes;
       full = full && d.parent.empty();
-      auto m = catalog_->LoadManifest(rp.id, d.index);
-      if (!m.ok()) continue;
-      for (const auto& e : m->entries)
-        if (e.id && seen.insert(*e.id).second) {
+      std::vector<BlockId> ids;
+      if (!ReferencedBlocks(rp.id, d.index, seen, ids)) continue;
+      for (const auto& id : ids)
+        if (seen.insert(id).second) {
           added_blocks++;
-          added_bytes += store_->StoredBytes(*e.id);
+          added_bytes += store_->StoredBytes(id);
         }
     }
     auto retain = RetainUntil(rp, inputs);
@@ -312,11 +388,10 @@ json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) 
   uint64_t sum_items = 0, billable = 0;
   for (const auto& [name, points] : ByItem(catalog_->List(""))) {
     std::unordered_set<BlockId, BlockIdHash> blocks;
+    std::vector<BlockId> ids;
     for (const auto& rp : points)
       for (const auto& d : rp.disks)
-        if (auto m = catalog_->LoadManifest(rp.id, d.index); m.ok())
-          for (const auto& e : m->entries)
-            if (e.id) blocks.insert(*e.id);
+        if (ReferencedBlocks(rp.id, d.index, blocks, ids)) blocks.insert(ids.begin(), ids.end());
     uint64_t bytes = 0;
     for (const auto& id : blocks) {
       bytes += stored(id);
@@ -369,35 +444,30 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
                               "list recovery points with 'vmsnap rp list " + item + "'");
     points.push_back(std::move(*rp));
   }
-  enum class BlockState { kOk, kMissing, kCorrupt };
-  std::unordered_map<BlockId, BlockState, BlockIdHash> checked;
-  std::vector<std::byte> plain;
+  BlockVerifier verifier(store_, verify_batch_bytes_);
   uint64_t total_missing = 0, total_corrupt = 0, total_errors = 0;
   json out_points = json::array(), removed_meanwhile = json::array();
   for (const auto& rp : points) {
     json missing = json::array(), corrupt = json::array(), errors = json::array();
     uint64_t blocks = 0;
     for (const auto& d : rp.disks) {
-      auto m = catalog_->ResolvedManifest(rp.id, d.index);
-      if (!m.ok()) {
-        errors.push_back("disk " + std::to_string(d.index) + ": " + m.status().cause());
-        continue;
-      }
-      for (const auto& e : m->entries) {
-        if (!e.id) continue;
-        blocks++;
-        auto [it, fresh] = checked.try_emplace(*e.id, BlockState::kOk);
-        if (fresh) {
-          auto b = store_->Get(*e.id);
-          if (!b.ok())
-            it->second =
-                b.status().code() == Code::kNotFound ? BlockState::kMissing : BlockState::kCorrupt;
-          else if (!VerifyBlock(*b, plain).ok())
-            it->second = BlockState::kCorrupt;
-        }
-        if (it->second == BlockState::kMissing) missing.push_back(e.id->Hex());
-        if (it->second == BlockState::kCorrupt) corrupt.push_back(e.id->Hex());
-      }
+      // The point's map is streamed: memory holds a batch of it, not the map.
+      Status st = catalog_->ForEachResolvedEntry(rp.id, d.index,
+                                                 [&](std::span<const ManifestEntry> entries) {
+                                                   verifier.Check(entries, d.block_size);
+                                                   for (const auto& e : entries) {
+                                                     if (!e.id) continue;
+                                                     blocks++;
+                                                     if (!verifier.any_bad()) continue;
+                                                     const auto state = verifier.StateOf(*e.id);
+                                                     if (state == BlockVerifier::State::kMissing)
+                                                       missing.push_back(e.id->Hex());
+                                                     if (state == BlockVerifier::State::kCorrupt)
+                                                       corrupt.push_back(e.id->Hex());
+                                                   }
+                                                   return Status::Ok();
+                                                 });
+      if (!st.ok()) errors.push_back("disk " + std::to_string(d.index) + ": " + st.cause());
     }
     // A cleanup running meanwhile may have merged this point away and freed blocks only it
     // needed: that is not damage. Points still in the catalog are reported as found.
@@ -418,7 +488,7 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
   }
   return json{{"item", item},
               {"points", out_points},
-              {"blocks_checked", checked.size()},
+              {"blocks_checked", verifier.checked()},
               {"missing", total_missing},
               {"corrupt", total_corrupt},
               {"errors", total_errors},

@@ -11,6 +11,7 @@
 // commit, and while restores read (see Catalog::RemovePoint and BlockStore's GC contract).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -18,6 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "common/status.hpp"
@@ -112,16 +114,29 @@ class Lifecycle {
 
   // Re-reads and re-hashes every block the point(s) need. kNotFound if the item/point does
   // not exist; otherwise a report (its "ok" is false when a block is missing or corrupt).
+  // Each point's map is streamed and its blocks read in batches of about
+  // verify_batch_bytes(); memory holds the ids checked so far, not the maps.
   Result<nlohmann::json> Verify(const std::string& item, const std::string& rp);
+  static constexpr size_t kVerifyBatchBytes = 16u << 20;
+  // Tests use small batches so that few blocks span several.
+  void set_verify_batch_bytes(size_t bytes) { verify_batch_bytes_ = bytes; }
+  size_t verify_batch_bytes() const { return verify_batch_bytes_; }
 
  private:
   std::vector<PointExpiry> ExpiryOf(const std::vector<RecoveryPoint>& points,
                                     const ItemRules& rules, const LifecycleInputs& inputs);
+  // The block ids of one disk's stored manifest that are not in `known`, read piece by piece
+  // (a block listed at several indexes may appear more than once). False, with `out` empty,
+  // if the manifest cannot be read whole: a damaged manifest counts no block.
+  bool ReferencedBlocks(const std::string& rp_id, int disk_index,
+                        const std::unordered_set<BlockId, BlockIdHash>& known,
+                        std::vector<BlockId>& out) const;
   Status CollectGarbage(int64_t now, const LifecycleInputs& inputs, CleanupReport& report);
 
   Catalog* catalog_;
   BlockStore* store_;
   NowFn real_now_;
+  size_t verify_batch_bytes_ = kVerifyBatchBytes;
   std::mutex mu_;  // one cleanup at a time
 };
 

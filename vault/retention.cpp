@@ -344,6 +344,7 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
   auto expiry = ExpiryOf(points, RulesOf(item, inputs), inputs);
   std::unordered_set<BlockId, BlockIdHash> seen;
   json out = json::array();
+  std::vector<BlockId> ids;
   for (size_t i = 0; i < points.size(); ++i) {
     const RecoveryPoint& rp = points[i];
     uint64_t added_bytes = 0, added_blocks = 0, size = 0;
@@ -351,7 +352,6 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
     for (const auto& d : rp.disks) {
       size += d.size_bytes;
       full = full && d.parent.empty();
-      std::vector<BlockId> ids;
       if (!ReferencedBlocks(rp.id, d.index, seen, ids)) continue;
       for (const auto& id : ids)
         if (seen.insert(id).second) {
@@ -452,21 +452,19 @@ Result<json> Lifecycle::Verify(const std::string& item, const std::string& rp_id
     uint64_t blocks = 0;
     for (const auto& d : rp.disks) {
       // The point's map is streamed: memory holds a batch of it, not the map.
-      Status st = catalog_->ForEachResolvedEntry(rp.id, d.index,
-                                                 [&](std::span<const ManifestEntry> entries) {
-                                                   verifier.Check(entries, d.block_size);
-                                                   for (const auto& e : entries) {
-                                                     if (!e.id) continue;
-                                                     blocks++;
-                                                     if (!verifier.any_bad()) continue;
-                                                     const auto state = verifier.StateOf(*e.id);
-                                                     if (state == BlockVerifier::State::kMissing)
-                                                       missing.push_back(e.id->Hex());
-                                                     if (state == BlockVerifier::State::kCorrupt)
-                                                       corrupt.push_back(e.id->Hex());
-                                                   }
-                                                   return Status::Ok();
-                                                 });
+      auto check = [&](std::span<const ManifestEntry> entries) {
+        verifier.Check(entries, d.block_size);
+        for (const auto& e : entries) {
+          if (!e.id) continue;
+          blocks++;
+          if (!verifier.any_bad()) continue;
+          const auto state = verifier.StateOf(*e.id);
+          if (state == BlockVerifier::State::kMissing) missing.push_back(e.id->Hex());
+          if (state == BlockVerifier::State::kCorrupt) corrupt.push_back(e.id->Hex());
+        }
+        return Status::Ok();
+      };
+      Status st = catalog_->ForEachResolvedEntry(rp.id, d.index, check);
       if (!st.ok()) errors.push_back("disk " + std::to_string(d.index) + ": " + st.cause());
     }
     // A cleanup running meanwhile may have merged this point away and freed blocks only it

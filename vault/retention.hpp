@@ -115,12 +115,11 @@ class Lifecycle {
   // Re-reads and re-hashes every block the point(s) need. kNotFound if the item/point does
   // not exist; otherwise a report (its "ok" is false when a block is missing or corrupt).
   // Each point's map is streamed and its blocks read in batches of about
-  // verify_batch_bytes(); memory holds the ids checked so far, not the maps.
+  // kVerifyBatchBytes; memory holds the ids checked so far, not the maps.
   Result<nlohmann::json> Verify(const std::string& item, const std::string& rp);
   static constexpr size_t kVerifyBatchBytes = 16u << 20;
   // Tests use small batches so that few blocks span several.
   void set_verify_batch_bytes(size_t bytes) { verify_batch_bytes_ = bytes; }
-  size_t verify_batch_bytes() const { return verify_batch_bytes_; }
 
  private:
   std::vector<PointExpiry> ExpiryOf(const std::vector<RecoveryPoint>& points,

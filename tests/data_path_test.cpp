@@ -613,9 +613,25 @@ TEST_CASE("vault memory does not grow with a manifest: sealed, committed and pag
     MESSAGE(entries << " entries (" << offset / 1000000 << " MB): vault peak RSS "
                     << peak / (1 << 20) << " MiB");
     REQUIRE(peak > 0);
-    return peak;
+    return std::make_pair(peak, (*rp)["id"].get<std::string>());
   };
-  const uint64_t small = backup_and_page(100000);
-  const uint64_t large = backup_and_page(1500000);
+  const auto [small, small_rp] = backup_and_page(100000);
+  const auto [large, large_rp] = backup_and_page(1500000);
   CHECK(large < small + (40u << 20));
+
+  // Unpaged, the map comes whole up to kMaxUnpagedMapEntries entries; a larger one is refused
+  // with the way to page it, not loaded whole.
+  auto http = vmsnap::HttpsClient::Create(options);
+  REQUIRE(http.ok());
+  auto whole = (*http)->Call("GET", "/v1/rps/" + small_rp + "/disks/0/map");
+  REQUIRE(whole.ok());
+  auto decoded = vmsnap::DecodeManifest(whole->body);
+  REQUIRE(decoded.ok());
+  CHECK(decoded->entries.size() == 100000);
+  CHECK(decoded->entries.back().index == 99999);
+  auto refused = (*http)->Call("GET", "/v1/rps/" + large_rp + "/disks/0/map");
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.status().code() == vmsnap::Code::kInvalidArgument);
+  CHECK(refused.status().cause().find("more than 1048576 entries") != std::string::npos);
+  CHECK(refused.status().fix().find("?from=0&limit=N") != std::string::npos);
 }

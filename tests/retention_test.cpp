@@ -895,6 +895,8 @@ TEST_CASE("a commit that fails leaves no half point: missing blocks, a damaged m
   auto missing = lib.catalog.Commit(*session, body);
   CHECK(missing.status().code() == Code::kConflict);
   CHECK(missing.status().cause().find("1 blocks referenced") != std::string::npos);
+  CHECK(missing.status().cause().find("(first: " + Lib::IdOf(absent).Hex() + ")") !=
+        std::string::npos);
   CHECK(leftovers() == 0);
   // The staged manifest damaged on the vault's disk after it was accepted.
   m.entries.pop_back();
@@ -1127,6 +1129,40 @@ TEST_CASE("block store: a commit makes the index rows of the blocks it publishes
   REQUIRE(lib.store.SyncIndex().ok());
   CHECK(rows_on_disk() == 3);
   CHECK(lib.store.Has(Lib::IdOf(c)));
+}
+
+TEST_CASE("block store: sizes and absences of thousands of ids at once, in order") {
+  // More ids than one locked group of lookups (4096), most rows in the index file, the last
+  // few still pending in memory, absent ids among them.
+  TempDir tmp;
+  BlockStore store{tmp / "blocks", BlockStore::kPackTargetBytes,
+                   /*max_pending_rows=*/64};
+  REQUIRE(store.Open().ok());
+  std::vector<EncodedBlock> blocks;
+  std::vector<BlockId> ids;
+  std::vector<uint64_t> expected;
+  for (int i = 0; i < 9000; ++i) {
+    const std::string content = "block " + std::to_string(i) + std::string(i % 5, 'x');
+    if (i % 1000 == 999) {  // never stored
+      ids.push_back(Lib::IdOf(content + " absent"));
+      expected.push_back(0);
+      continue;
+    }
+    blocks.push_back(Encoded(content));
+    ids.push_back(blocks.back().id);
+    expected.push_back(blocks.back().payload.size());
+  }
+  for (size_t at = 0; at < blocks.size(); at += 500)
+    REQUIRE(store
+                .Put(std::vector<EncodedBlock>(blocks.begin() + at,
+                                               blocks.begin() + std::min(blocks.size(), at + 500)))
+                .ok());
+  CHECK(store.StoredBytes(ids) == expected);
+  const BlockStore::Absent absent = store.FindAbsent(ids);
+  CHECK(absent.count == 9);
+  CHECK(absent.first == ids[999]);
+  CHECK(store.FindAbsent(std::span(ids).first(999)).count == 0);
+  CHECK(store.StoredBytes(std::span<const BlockId>()).empty());
 }
 
 TEST_CASE("block store: stored blocks are served before their index rows are written") {

@@ -222,9 +222,18 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       if (!page.ok()) return page.take_status();
       return Binary(EncodeManifest(*page));
     }
-    auto manifest = catalog_->ResolvedManifest(m[1], std::stoi(m[2]));
-    if (!manifest.ok()) return manifest.take_status();
-    return Binary(EncodeManifest(*manifest));
+    // Unpaged: the whole map in one answer, for maps of up to kMaxUnpagedMapEntries entries
+    // (memory is bounded by that, not by the disk's size); a larger map must be paged.
+    auto whole =
+        catalog_->ResolvedManifestPage(m[1], std::stoi(m[2]), 0, kMaxUnpagedMapEntries + 1);
+    if (!whole.ok()) return whole.take_status();
+    if (whole->entries.size() > kMaxUnpagedMapEntries)
+      return Status::InvalidArgument(
+          "the map of disk " + std::string(m[2]) + " of recovery point " + std::string(m[1]) +
+              " has more than " + std::to_string(kMaxUnpagedMapEntries) +
+              " entries, too many for one answer",
+          "ask for it in pages: ?from=0&limit=N, then from the last index + 1 (docs/PROTOCOL.md)");
+    return Binary(EncodeManifest(*whole));
   }
   if (get && std::regex_match(p, m, kRp)) {
     auto rp = catalog_->Get(m[1]);

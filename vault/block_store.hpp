@@ -109,6 +109,13 @@ class BlockStore {
   Status Open();
 
   bool Has(const BlockId& id) const;
+  // Has() for many ids under one lock: how many of `ids` are absent (a failed index lookup
+  // counts as absent, as in Has), and the first absent one. Any thread.
+  struct Absent {
+    uint64_t count = 0;
+    BlockId first;  // meaningful when count > 0
+  };
+  Absent FindAbsent(std::span<const BlockId> ids) const;
   // Verifies then stores every block not present yet. kCorruption names the first block
   // whose content does not match its id (nothing of the batch is stored then).
   // The payloads are only read during the call (views into the request body, say).
@@ -151,6 +158,9 @@ class BlockStore {
   std::vector<bool> HasForUpload(std::span<const BlockId> ids);
   // Stored (payload) bytes of a block; 0 if absent.
   uint64_t StoredBytes(const BlockId& id) const;
+  // The same for each of `ids`, in order, looked up a few thousand at a time under one lock
+  // (other index users wait at most one such group). Any thread.
+  std::vector<uint64_t> StoredBytes(std::span<const BlockId> ids) const;
   // Calls fn(id, payload_bytes, touched_unix_ms) for every stored block (no lock held: the
   // rows are read first; pending rows are written to the index first).
   void ForEach(const std::function<void(const BlockId&, uint64_t, int64_t)>& fn) const;

@@ -419,11 +419,15 @@ Result<RecoveryPoint> Catalog::Commit(const std::string& session, const json& bo
     if (!writer.ok()) return std::move(writer.take_status()).InPhase("commit");
     uint64_t missing = 0;
     std::string first_missing;
+    std::vector<BlockId> ids;  // one piece's, looked up together
     auto m = ScanManifestFile(dir + "/" + name, writer->get(),
                               [&](std::span<const ManifestEntry> entries) {
+                                ids.clear();
                                 for (const auto& e : entries)
-                                  if (e.id && !store_->Has(*e.id) && !missing++)
-                                    first_missing = e.id->Hex();
+                                  if (e.id) ids.push_back(*e.id);
+                                const BlockStore::Absent absent = store_->FindAbsent(ids);
+                                if (absent.count && !missing) first_missing = absent.first.Hex();
+                                missing += absent.count;
                                 return Status::Ok();
                               });
     if (!m.ok()) {

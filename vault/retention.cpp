@@ -344,7 +344,7 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
   auto expiry = ExpiryOf(points, RulesOf(item, inputs), inputs);
   std::unordered_set<BlockId, BlockIdHash> seen;
   json out = json::array();
-  std::vector<BlockId> ids;
+  std::vector<BlockId> ids, added;
   for (size_t i = 0; i < points.size(); ++i) {
     const RecoveryPoint& rp = points[i];
     uint64_t added_bytes = 0, added_blocks = 0, size = 0;
@@ -353,11 +353,11 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
       size += d.size_bytes;
       full = full && d.parent.empty();
       if (!ReferencedBlocks(rp.id, d.index, seen, ids)) continue;
+      added.clear();
       for (const auto& id : ids)
-        if (seen.insert(id).second) {
-          added_blocks++;
-          added_bytes += store_->StoredBytes(id);
-        }
+        if (seen.insert(id).second) added.push_back(id);
+      added_blocks += added.size();
+      for (uint64_t bytes : store_->StoredBytes(added)) added_bytes += bytes;
     }
     auto retain = RetainUntil(rp, inputs);
     json entry = rp.ToJson();  // every recovery point field but the (large) report
@@ -377,11 +377,22 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
 }
 
 json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) {
+  // Stored bytes of each block met so far; the others are looked up together.
   std::unordered_map<BlockId, uint64_t, BlockIdHash> size_of;
-  auto stored = [&](const BlockId& id) {
-    auto [it, fresh] = size_of.try_emplace(id, 0);
-    if (fresh) it->second = store_->StoredBytes(id);
-    return it->second;
+  auto stored = [&](const std::unordered_set<BlockId, BlockIdHash>& blocks) {
+    uint64_t total = 0;
+    std::vector<BlockId> unknown;
+    for (const auto& id : blocks)
+      if (auto it = size_of.find(id); it != size_of.end())
+        total += it->second;
+      else
+        unknown.push_back(id);
+    const std::vector<uint64_t> sizes = store_->StoredBytes(unknown);
+    for (size_t i = 0; i < unknown.size(); ++i) {
+      size_of.emplace(unknown[i], sizes[i]);
+      total += sizes[i];
+    }
+    return total;
   };
   json items = json::array();
   std::unordered_set<BlockId, BlockIdHash> all_live;
@@ -392,11 +403,8 @@ json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) 
     for (const auto& rp : points)
       for (const auto& d : rp.disks)
         if (ReferencedBlocks(rp.id, d.index, blocks, ids)) blocks.insert(ids.begin(), ids.end());
-    uint64_t bytes = 0;
-    for (const auto& id : blocks) {
-      bytes += stored(id);
-      all_live.insert(id);
-    }
+    const uint64_t bytes = stored(blocks);
+    all_live.insert(blocks.begin(), blocks.end());
     const ItemRules& rules = RulesOf(name, inputs);
     const bool deleted = rules.state == ItemState::kDeleted;
     sum_items += bytes;
@@ -411,8 +419,7 @@ json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) 
     if (deleted) entry["purge_after_ms"] = rules.deleted_ms + inputs.soft_delete_ms;
     items.push_back(entry);
   }
-  uint64_t live_bytes = 0;
-  for (const auto& id : all_live) live_bytes += stored(id);
+  const uint64_t live_bytes = stored(all_live);
   uint64_t on_disk = 0, on_disk_blocks = 0;
   store_->ForEach([&](const BlockId&, uint64_t bytes, int64_t) {
     on_disk += bytes;

@@ -117,7 +117,7 @@ class Lifecycle {
   // Each point's map is streamed and its blocks read in batches of about
   // kVerifyBatchBytes; memory holds the ids checked so far, not the maps.
   Result<nlohmann::json> Verify(const std::string& item, const std::string& rp);
-  static constexpr size_t kVerifyBatchBytes = 16u << 20;
+  static constexpr size_t kVerifyBatchBytes = 4u << 20;
   // Tests use small batches so that few blocks span several.
   void set_verify_batch_bytes(size_t bytes) { verify_batch_bytes_ = bytes; }
 

@@ -4,17 +4,18 @@
 #
 #   bench/bench.sh [--size MIB] [--runs N] [--tools vmsnap,restic,borg] [--block-size SIZE]
 #                  [--sweep 16K,32K,...] [--churn PERCENT] [--scaling] [--bin BUILD_DIR]
-#                  [--json FILE]
+#                  [--json FILE] [--cold-restore]
 #   bench/bench.sh --smoke --bin BUILD_DIR     # tiny run that only checks the harness works
 #
 # Per run: a fresh image (half holes, a quarter compressible, a quarter random), the machine's
 # limits on that data (page-cache read, SHA-256 and zstd -1 with one and two threads), then per
 # tool: full backup, CHURN % of random 16 KiB writes, incremental backup, full restore
-# (verified by SHA-256 of the whole image). Reports wall and CPU time, peak memory, bytes
+# (verified by SHA-256 of the whole image; with --cold-restore, root only, the page cache is
+# dropped before each restore, as for a restore long after the backup). Reports wall and CPU time, peak memory, bytes
 # stored in the repository or vault, bytes sent (vmsnap), medians over the runs, and ratios.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SIZE_MIB=4096 RUNS=3 TOOLS="vmsnap,restic,borg" BLOCK="" SWEEP="" CHURN=2 SCALING=0 SMOKE=0 BIN="" JSON_OUT=""
+SIZE_MIB=4096 RUNS=3 TOOLS="vmsnap,restic,borg" BLOCK="" SWEEP="" CHURN=2 SCALING=0 SMOKE=0 BIN="" JSON_OUT="" COLD_RESTORE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) SIZE_MIB=$2; shift 2 ;;
@@ -27,6 +28,7 @@ while [ $# -gt 0 ]; do
     --bin) BIN=$2; shift 2 ;;
     --json) JSON_OUT=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
+    --cold-restore) COLD_RESTORE=1; shift ;;
     *) echo "bench: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -44,6 +46,9 @@ for tool in ${TOOLS//,/ }; do
     *) echo "bench: unknown tool $tool" >&2; exit 2 ;;
   esac
 done
+if [ "$COLD_RESTORE" = 1 ] && [ ! -w /proc/sys/vm/drop_caches ]; then
+  echo "bench: --cold-restore drops the page cache and needs root" >&2; exit 2
+fi
 [ -x /usr/bin/time ] || { echo "bench: /usr/bin/time is missing (apt-get install time)" >&2; exit 2; }
 
 if [ -z "$BIN" ]; then
@@ -83,6 +88,8 @@ measure() {
     '{run:$run, tool:$tool, phase:$phase, wall_s:$wall, cpu_s:((($user+$sys)*100|round)/100), max_rss_kib:$rss} + $extra' >>"$RESULTS"
 }
 record() { jq -nc --argjson run "$1" --arg tool "$2" --arg phase "$3" --argjson extra "$4" '{run:$run, tool:$tool, phase:$phase} + $extra' >>"$RESULTS"; }
+# before_restore: with --cold-restore, every tool restores from a repository that is not cached.
+before_restore() { if [ "$COLD_RESTORE" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
 bytes_of() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END {printf "%.0f\n", s}'; }
 
 start_vault() {
@@ -139,6 +146,7 @@ run_vmsnap() {
   local rp; rp=$(jq -r .recovery_point "$W/cmd.out"); sent=$(jq .bytes_sent "$W/cmd.out")
   local stored2; stored2=$(bytes_of "$d/vault/blocks" "$d/vault/rps")
   record "$run" "$tool" incremental_bytes "{\"sent_bytes\": $sent, \"stored_bytes\": $((stored2 - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
+  before_restore
   measure "$run" "$tool" restore '{}' -- "$AGENT" restore "${conn[@]}" --rp "$rp" --to "$d/restored.img" --json
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/restored.img")" ] || { echo "bench: vmsnap restore differs" >&2; exit 1; }
   stop_vault
@@ -157,6 +165,7 @@ run_restic() {
   "$IMAGE" churn "$img" "$CHURN" 11 >"$W/churn.txt"
   measure "$run" restic incremental '{}' -- restic backup -q "$img"
   record "$run" restic incremental_bytes "{\"stored_bytes\": $(($(bytes_of "$d/repo") - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
+  before_restore
   measure "$run" restic restore '{}' -- restic restore -q latest --target "$d/out"
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/out$img")" ] || { echo "bench: restic restore differs" >&2; exit 1; }
   rm -rf "$d"
@@ -173,12 +182,13 @@ run_borg() {
   "$IMAGE" churn "$img" "$CHURN" 11 >"$W/churn.txt"
   measure "$run" borg incremental '{}' -- borg create --compression zstd,1 "$d/repo::inc" "$img"
   record "$run" borg incremental_bytes "{\"stored_bytes\": $(($(bytes_of "$d/repo") - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
+  before_restore
   measure "$run" borg restore '{}' -- bash -c "cd '$d/out' && borg extract --sparse '$d/repo::inc'"
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/out$img")" ] || { echo "bench: borg restore differs" >&2; exit 1; }
   rm -rf "$d"
 }
 
-echo "bench: ${SIZE_MIB} MiB image, ${RUNS} run(s), tools ${TOOLS}, block size ${BLOCK:-default}, churn ${CHURN} %" >&2
+echo "bench: ${SIZE_MIB} MiB image, ${RUNS} run(s), tools ${TOOLS}, block size ${BLOCK:-default}, churn ${CHURN} %$([ "$COLD_RESTORE" = 1 ] && echo ", restores from a cold page cache")" >&2
 for run in $(seq 1 "$RUNS"); do
   "$IMAGE" create "$W/base.img" "$SIZE_MIB" "$run"
   limits "$run"
@@ -218,7 +228,8 @@ if [ "$SCALING" = 1 ]; then
 fi
 
 # Medians per tool and phase, and the ratios the issue's targets are stated in.
-SUMMARY=$(jq -s --argjson size_mib "$SIZE_MIB" --arg block "$BLOCK" --argjson churn "$CHURN" '
+SUMMARY=$(jq -s --argjson size_mib "$SIZE_MIB" --arg block "$BLOCK" --argjson churn "$CHURN" \
+  --argjson cold "$COLD_RESTORE" '
   def median: sort | if length == 0 then null elif length % 2 == 1 then .[length/2|floor] else (.[length/2-1] + .[length/2]) / 2 end;
   def med(f): map(f) | map(select(. != null)) | median;
   (group_by(.tool + "/" + .phase) | map({key: (.[0].tool + "/" + .[0].phase),
@@ -226,6 +237,7 @@ SUMMARY=$(jq -s --argjson size_mib "$SIZE_MIB" --arg block "$BLOCK" --argjson ch
              mb_per_s: med(.mb_per_s), sent_bytes: med(.sent_bytes), stored_bytes: med(.stored_bytes),
              changed_bytes: med(.changed_bytes), data_bytes: med(.data_bytes)}}) | from_entries) as $m
   | {image_mib: $size_mib, block_size: $block, churn_percent: $churn, runs: (map(.run) | max),
+     cold_restore: ($cold == 1),
      medians: $m,
      ratios: ({} + (if $m["restic/full"] then {
         full_speedup_vs_restic: ($m["restic/full"].wall_s / $m["vmsnap/full"].wall_s),

@@ -10,7 +10,8 @@
 # Per run: a fresh image (half holes, a quarter compressible, a quarter random), the machine's
 # limits on that data (page-cache read, SHA-256 and zstd -1 with one and two threads), then per
 # tool: full backup, CHURN % of random 16 KiB writes, incremental backup, full restore
-# (verified by SHA-256 of the whole image; with --cold-restore, root only, the page cache is
+# (timed until the restored image is flushed to the disk, verified by SHA-256 of the whole
+# image; with --cold-restore, root only, the page cache is
 # dropped before each restore, as for a restore long after the backup). Reports wall and CPU time, peak memory, bytes
 # stored in the repository or vault, bytes sent (vmsnap), medians over the runs, and ratios.
 set -euo pipefail
@@ -88,6 +89,10 @@ measure() {
     '{run:$run, tool:$tool, phase:$phase, wall_s:$wall, cpu_s:((($user+$sys)*100|round)/100), max_rss_kib:$rss} + $extra' >>"$RESULTS"
 }
 record() { jq -nc --argjson run "$1" --arg tool "$2" --arg phase "$3" --argjson extra "$4" '{run:$run, tool:$tool, phase:$phase} + $extra' >>"$RESULTS"; }
+# until_synced FILE -- command...: runs the command, then flushes FILE to the disk. Every tool's
+# restore is timed until the restored image is durable: restic and borg leave it in the page
+# cache (dirty) when they exit, vmsnap flushes before it reports success.
+SYNCED=(bash -c '"${@:2}" && sync "$1"' until_synced)
 # before_restore: with --cold-restore, every tool restores from a repository that is not cached.
 before_restore() { if [ "$COLD_RESTORE" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
 bytes_of() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END {printf "%.0f\n", s}'; }
@@ -147,7 +152,7 @@ run_vmsnap() {
   local stored2; stored2=$(bytes_of "$d/vault/blocks" "$d/vault/rps")
   record "$run" "$tool" incremental_bytes "{\"sent_bytes\": $sent, \"stored_bytes\": $((stored2 - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
   before_restore
-  measure "$run" "$tool" restore '{}' -- "$AGENT" restore "${conn[@]}" --rp "$rp" --to "$d/restored.img" --json
+  measure "$run" "$tool" restore '{}' -- "${SYNCED[@]}" "$d/restored.img" "$AGENT" restore "${conn[@]}" --rp "$rp" --to "$d/restored.img" --json
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/restored.img")" ] || { echo "bench: vmsnap restore differs" >&2; exit 1; }
   stop_vault
   rm -rf "$d"
@@ -166,7 +171,7 @@ run_restic() {
   measure "$run" restic incremental '{}' -- restic backup -q "$img"
   record "$run" restic incremental_bytes "{\"stored_bytes\": $(($(bytes_of "$d/repo") - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
   before_restore
-  measure "$run" restic restore '{}' -- restic restore -q latest --target "$d/out"
+  measure "$run" restic restore '{}' -- "${SYNCED[@]}" "$d/out$img" restic restore -q latest --target "$d/out"
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/out$img")" ] || { echo "bench: restic restore differs" >&2; exit 1; }
   rm -rf "$d"
 }
@@ -183,7 +188,8 @@ run_borg() {
   measure "$run" borg incremental '{}' -- borg create --compression zstd,1 "$d/repo::inc" "$img"
   record "$run" borg incremental_bytes "{\"stored_bytes\": $(($(bytes_of "$d/repo") - stored)), \"changed_bytes\": $(cat "$W/churn.txt")}"
   before_restore
-  measure "$run" borg restore '{}' -- bash -c "cd '$d/out' && borg extract --sparse '$d/repo::inc'"
+  measure "$run" borg restore '{}' -- "${SYNCED[@]}" "$d/out$img" \
+    bash -c "cd '$d/out' && borg extract --sparse '$d/repo::inc'"
   [ "$(sha256sum <"$img")" = "$(sha256sum <"$d/out$img")" ] || { echo "bench: borg restore differs" >&2; exit 1; }
   rm -rf "$d"
 }

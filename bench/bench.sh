@@ -11,9 +11,9 @@
 # limits on that data (page-cache read, SHA-256 and zstd -1 with one and two threads), then per
 # tool: full backup, CHURN % of random 16 KiB writes, incremental backup, full restore
 # (timed until the restored image is flushed to the disk, verified by SHA-256 of the whole
-# image; with --cold-restore, root only, the page cache is
-# dropped before each restore, as for a restore long after the backup). Reports wall and CPU time, peak memory, bytes
-# stored in the repository or vault, bytes sent (vmsnap), medians over the runs, and ratios.
+# image; with --cold-restore, root only, the page cache is dropped before each restore, as for
+# a restore long after the backup). Reports wall and CPU time, peak memory, bytes stored in the
+# repository or vault, bytes sent (vmsnap), medians over the runs, and ratios.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE_MIB=4096 RUNS=3 TOOLS="vmsnap,restic,borg" BLOCK="" SWEEP="" CHURN=2 SCALING=0 SMOKE=0 BIN="" JSON_OUT="" COLD_RESTORE=0

@@ -198,6 +198,10 @@ class HttpsServer::Impl {
       if (ec) {
         if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
       } else {
+        // Responses go out at once: with Nagle's algorithm, the last TLS record of a response
+        // larger than one record waited for the client's delayed ACK (40 ms per request).
+        beast::error_code nodelay_ec;
+        s.set_option(tcp::no_delay(true), nodelay_ec);
         std::make_shared<Session>(std::move(s), this)->Start();
       }
       Accept();

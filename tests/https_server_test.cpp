@@ -1,10 +1,15 @@
 // The HTTPS server's threading contract (common/https_server.hpp), over real TLS on loopback:
 // connections are spread over several I/O threads, handlers run on their own threads and may
-// block without holding up another connection, and large bodies arrive whole both ways.
+// block without holding up another connection, large bodies arrive whole both ways, and
+// answers are sent without Nagle's delay.
 #include <doctest/doctest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <future>
 #include <string>
 #include <thread>
@@ -151,4 +156,52 @@ TEST_CASE("https server: Stop() while a handler still runs returns once it is do
   server->reset();  // closes the connection
   auto r = call.get();
   CHECK_FALSE(r.ok());  // its answer was dropped with the stopped server, the client was told
+}
+
+// Nagle's algorithm on the vault's side held the last TLS record of an answer larger than one
+// record until the client's delayed ACK came (40 ms per request; docs/PERFORMANCE.md, session
+// 17). Checked on the accepted sockets themselves: this process's TCP sockets whose local port
+// is the server's and that do not listen.
+TEST_CASE("https server: accepted connections send without Nagle's delay (TCP_NODELAY)") {
+  TempDir dir;
+  auto tls = vault::EnsureTls(dir.path(), {"127.0.0.1"});
+  REQUIRE(tls.ok());
+  ServerOptions so;
+  so.port = 0;
+  so.cert_file = tls->server_cert_file;
+  so.key_file = tls->server_key_file;
+  auto server = HttpsServer::Start(so, [](const HttpRequest&) {
+    return HttpResponse{200, "text/plain", Pattern(64 << 10)};
+  });
+  REQUIRE(server.ok());
+  const uint16_t port = (*server)->port();
+  auto client = Client(port, tls->ca_cert_file);  // keep-alive: its connection stays open
+  auto r = client->Call("GET", "/large");
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  CHECK(r->body == Pattern(64 << 10));
+
+  int accepted = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    int fd = 0;
+    try {
+      fd = std::stoi(entry.path().filename().string());
+    } catch (const std::exception&) {
+      continue;
+    }
+    sockaddr_in local{};
+    socklen_t len = sizeof(local);
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0 ||
+        local.sin_family != AF_INET || ntohs(local.sin_port) != port)
+      continue;
+    int listening = 0, nodelay = 0;
+    socklen_t optlen = sizeof(int);
+    REQUIRE(::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) == 0);
+    if (listening) continue;
+    optlen = sizeof(int);
+    REQUIRE(::getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, &optlen) == 0);
+    CHECK_MESSAGE(nodelay != 0, "accepted socket fd " << fd << " has Nagle's algorithm on");
+    accepted++;
+  }
+  CHECK(accepted == 1);  // the client's one connection
+  (*server)->Stop();
 }

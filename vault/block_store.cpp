@@ -785,31 +785,49 @@ void BlockStore::ForEach(const std::function<void(const BlockId&, uint64_t, int6
     uint64_t payload;
     int64_t touched;
   };
+  // A page of rows at a time, in id order (the table's key), each page read under the lock and
+  // handed to fn without it: memory is one page, not the whole index.
+  constexpr int64_t kPageRows = 16 * 1024;
   std::vector<Row> rows;
-  {
-    std::lock_guard lock(db_mu_);
-    if (Status st = FlushPendingLocked(); !st.ok()) {
-      spdlog::error("block index: {}", st.ToString());
-      return;
+  rows.reserve(kPageRows);
+  // Ids are 32 bytes; this one-byte blob sorts before every one of them.
+  std::string after(1, '\0');
+  for (bool first = true;; first = false) {
+    rows.clear();
+    int64_t read = 0;
+    {
+      std::lock_guard lock(db_mu_);
+      if (first)
+        if (Status st = FlushPendingLocked(); !st.ok()) {
+          spdlog::error("block index: {}", st.ToString());
+          return;
+        }
+      auto stmt = db_->Prepare(
+          "SELECT id, payload, touched_ms FROM blocks WHERE id > ?1 ORDER BY id LIMIT ?2");
+      if (!stmt.ok()) {
+        spdlog::error("block index: {}", stmt.status().ToString());
+        return;
+      }
+      (*stmt)->BindBlob(1, after.data(), after.size());
+      (*stmt)->BindInt(2, kPageRows);
+      for (;;) {
+        auto row = (*stmt)->Step();
+        if (!row.ok()) spdlog::error("block index: {}", row.status().ToString());
+        if (!row.ok() || !*row) break;
+        ++read;
+        Row r{};
+        std::string_view id = (*stmt)->ColumnBlob(0);
+        after.assign(id.begin(), id.end());
+        if (id.size() != 32) continue;
+        std::memcpy(r.id.bytes.data(), id.data(), 32);
+        r.payload = static_cast<uint64_t>((*stmt)->ColumnInt(1));
+        r.touched = (*stmt)->ColumnInt(2);
+        rows.push_back(r);
+      }
     }
-    auto stmt = db_->Prepare("SELECT id, payload, touched_ms FROM blocks");
-    if (!stmt.ok()) {
-      spdlog::error("block index: {}", stmt.status().ToString());
-      return;
-    }
-    for (;;) {
-      auto row = (*stmt)->Step();
-      if (!row.ok() || !*row) break;
-      Row r{};
-      std::string_view id = (*stmt)->ColumnBlob(0);
-      if (id.size() != 32) continue;
-      std::memcpy(r.id.bytes.data(), id.data(), 32);
-      r.payload = static_cast<uint64_t>((*stmt)->ColumnInt(1));
-      r.touched = (*stmt)->ColumnInt(2);
-      rows.push_back(r);
-    }
+    for (const auto& r : rows) fn(r.id, r.payload, r.touched);
+    if (read < kPageRows) return;
   }
-  for (const auto& r : rows) fn(r.id, r.payload, r.touched);
 }
 
 Result<BlockStore::Removed> BlockStore::RemoveUntouchedSince(std::span<const BlockId> ids,

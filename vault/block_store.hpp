@@ -161,8 +161,11 @@ class BlockStore {
   // The same for each of `ids`, in order, looked up a few thousand at a time under one lock
   // (other index users wait at most one such group). Any thread.
   std::vector<uint64_t> StoredBytes(std::span<const BlockId> ids) const;
-  // Calls fn(id, payload_bytes, touched_unix_ms) for every stored block (no lock held: the
-  // rows are read first; pending rows are written to the index first).
+  // Calls fn(id, payload_bytes, touched_unix_ms) for every stored block, in id order, with no
+  // lock held: pending rows are written to the index first, then the rows are read a page
+  // (16 Ki rows) at a time, so memory stays one page however large the index. A block stored
+  // or removed during the walk may or may not be seen. An index error ends the walk early
+  // (logged).
   void ForEach(const std::function<void(const BlockId&, uint64_t, int64_t)>& fn) const;
   // Drops every listed block whose touch time is before cutoff_unix_ms (real clock), in one
   // index transaction. Returns how many blocks and payload bytes were dropped. The pack bytes

@@ -11,6 +11,7 @@
 
 #include "common/block_codec.hpp"
 #include "common/bytes.hpp"
+#include "vault/id_sets.hpp"
 
 namespace vmsnap::vault {
 
@@ -284,14 +285,16 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
         std::min(cutoff, s.created_real_ms == 0 ? INT64_MIN : s.created_real_ms - kMtimeMarginMs);
   }
   // Mark: every entry of every stored manifest is in its own point's resolved view, so the
-  // union of the stored manifests is the union of what the remaining points restore.
-  std::unordered_set<BlockId, BlockIdHash> live;
+  // union of the stored manifests is the union of what the remaining points restore. The live
+  // set holds 8 bytes per block (vault/id_sets.hpp): a block that is not referenced but shares
+  // its first 8 bytes with one that is counts as live, so it is kept, never the reverse.
+  BlockIdPrefixSet live;
   for (const auto& rp : catalog_->List("")) {
     for (const auto& d : rp.disks) {
       // Read piece by piece: the vault's memory holds the live set, not also the manifest.
       Status st = catalog_->ForEachEntry(rp.id, d.index, [&](std::span<const ManifestEntry> es) {
         for (const auto& e : es)
-          if (e.id) live.insert(*e.id);
+          if (e.id) live.Add(IdPrefix(*e.id));
         return Status::Ok();
       });
       if (!st.ok())  // unknown references: sweeping now could free a needed block
@@ -300,9 +303,10 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
                                   "run 'vmsnap verify' on that VM and restore it from elsewhere");
     }
   }
+  live.Seal();
   std::vector<BlockId> candidates;
   store_->ForEach([&](const BlockId& id, uint64_t, int64_t mtime) {
-    if (live.count(id)) return;
+    if (live.Contains(IdPrefix(id))) return;
     if (mtime >= cutoff) {
       report.blocks_kept_young++;
       return;
@@ -377,34 +381,29 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
 }
 
 json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) {
-  // Stored bytes of each block met so far; the others are looked up together.
-  std::unordered_map<BlockId, uint64_t, BlockIdHash> size_of;
-  auto stored = [&](const std::unordered_set<BlockId, BlockIdHash>& blocks) {
-    uint64_t total = 0;
-    std::vector<BlockId> unknown;
-    for (const auto& id : blocks)
-      if (auto it = size_of.find(id); it != size_of.end())
-        total += it->second;
-      else
-        unknown.push_back(id);
-    const std::vector<uint64_t> sizes = store_->StoredBytes(unknown);
-    for (size_t i = 0; i < unknown.size(); ++i) {
-      size_of.emplace(unknown[i], sizes[i]);
-      total += sizes[i];
-    }
-    return total;
-  };
+  // Memory: one item's distinct ids at a time (32 bytes each) and 8 bytes per block referenced
+  // anywhere (vault/id_sets.hpp); stored sizes are looked up in groups, not cached.
+  constexpr size_t kLookupGroup = 64 * 1024;
   json items = json::array();
-  std::unordered_set<BlockId, BlockIdHash> all_live;
+  BlockIdPrefixSet all_live;
   uint64_t sum_items = 0, billable = 0;
   for (const auto& [name, points] : ByItem(catalog_->List(""))) {
-    std::unordered_set<BlockId, BlockIdHash> blocks;
-    std::vector<BlockId> ids;
+    BlockIdSet blocks;
     for (const auto& rp : points)
-      for (const auto& d : rp.disks)
-        if (ReferencedBlocks(rp.id, d.index, blocks, ids)) blocks.insert(ids.begin(), ids.end());
-    const uint64_t bytes = stored(blocks);
-    all_live.insert(blocks.begin(), blocks.end());
+      for (const auto& d : rp.disks)  // a manifest that cannot be read counts what was read
+        (void)catalog_->ForEachEntry(rp.id, d.index, [&](std::span<const ManifestEntry> es) {
+          for (const auto& e : es)
+            if (e.id) blocks.Add(*e.id);
+          return Status::Ok();
+        });
+    blocks.Seal();
+    uint64_t bytes = 0;
+    const std::span<const BlockId> ids = blocks.keys();
+    for (size_t first = 0; first < ids.size(); first += kLookupGroup)
+      for (uint64_t b :
+           store_->StoredBytes(ids.subspan(first, std::min(kLookupGroup, ids.size() - first))))
+        bytes += b;
+    for (const auto& id : ids) all_live.Add(IdPrefix(id));
     const ItemRules& rules = RulesOf(name, inputs);
     const bool deleted = rules.state == ItemState::kDeleted;
     sum_items += bytes;
@@ -419,11 +418,12 @@ json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) 
     if (deleted) entry["purge_after_ms"] = rules.deleted_ms + inputs.soft_delete_ms;
     items.push_back(entry);
   }
-  const uint64_t live_bytes = stored(all_live);
-  uint64_t on_disk = 0, on_disk_blocks = 0;
-  store_->ForEach([&](const BlockId&, uint64_t bytes, int64_t) {
+  all_live.Seal();
+  uint64_t on_disk = 0, on_disk_blocks = 0, live_bytes = 0;
+  store_->ForEach([&](const BlockId& id, uint64_t bytes, int64_t) {
     on_disk += bytes;
     on_disk_blocks++;
+    if (all_live.Contains(IdPrefix(id))) live_bytes += bytes;
   });
   return {{"items", items},
           {"vault",
@@ -433,7 +433,7 @@ json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) 
             {"referenced_blocks", all_live.size()},
             {"unreferenced_bytes", on_disk >= live_bytes ? on_disk - live_bytes : 0},
             {"sum_of_items_bytes", sum_items},
-            {"dedup_saved_bytes", sum_items - live_bytes},
+            {"dedup_saved_bytes", sum_items >= live_bytes ? sum_items - live_bytes : 0},
             {"billable_bytes", billable}}}};
 }
 

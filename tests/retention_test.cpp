@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -1769,4 +1770,159 @@ TEST_CASE(
   const auto reads = store.read_counts().reads;
   INFO("reads: " << reads << " for " << ids.size() << " blocks");
   CHECK(reads <= ids.size() / 16);
+}
+
+TEST_CASE("run key set: membership between adds matches a reference set, batch by batch") {
+  // Keys drawn from a small pool so that batches repeat keys within and across themselves;
+  // one variant with uniform leading bits (as block id prefixes have), one with all keys'
+  // leading bits equal (every directory degenerates to one bucket: slower, still exact).
+  for (const bool uniform : {true, false}) {
+    CAPTURE(uniform);
+    std::mt19937_64 rng(uniform ? 7 : 8);
+    std::vector<vault::IdPrefix128> pool;
+    for (int i = 0; i < 30000; ++i) pool.push_back(vault::IdPrefix128{uniform ? rng() : 42, rng()});
+    vault::RunKeySet<vault::IdPrefix128> set;
+    std::set<vault::IdPrefix128> reference;
+    size_t max_runs = 0, batches = 0;
+    std::vector<vault::IdPrefix128> batch;
+    std::vector<size_t> absent, added;
+    while (reference.size() < pool.size() * 9 / 10) {
+      batch.clear();
+      const size_t n = 1 + rng() % (batches % 7 == 0 ? 5000 : 300);
+      for (size_t i = 0; i < n; ++i) batch.push_back(pool[rng() % pool.size()]);
+      absent.clear();
+      set.FindAbsent(batch, absent);
+      std::vector<size_t> expected_absent, expected_added;
+      std::set<vault::IdPrefix128> first_seen;
+      for (size_t i = 0; i < batch.size(); ++i) {
+        if (reference.count(batch[i])) continue;
+        expected_absent.push_back(i);
+        if (first_seen.insert(batch[i]).second) expected_added.push_back(i);
+      }
+      REQUIRE(absent == expected_absent);
+      added.assign(1, 99999);  // Insert appends after what `added` holds
+      set.Insert(batch, &added);
+      REQUIRE(added.front() == 99999);
+      added.erase(added.begin());
+      REQUIRE(added == expected_added);
+      reference.insert(batch.begin(), batch.end());
+      REQUIRE(set.size() == reference.size());
+      max_runs = std::max(max_runs, set.runs());
+      batches++;
+    }
+    // Never more runs than log2(size) + 1, however the batches came.
+    CHECK(max_runs <= static_cast<size_t>(std::log2(static_cast<double>(set.size()))) + 1);
+    size_t wrong = 0;
+    for (const auto& key : pool)
+      if (set.Contains(key) != (reference.count(key) == 1)) wrong++;
+    CHECK(wrong == 0);
+    CHECK(set.size() < pool.size());  // some pool keys were never added, and are not members
+  }
+}
+
+TEST_CASE("id prefixes: 16-byte prefixes keep the ids' first 16 bytes and their order") {
+  BlockId a, b;
+  a.bytes[0] = 1;
+  b.bytes[0] = 2;
+  CHECK(vault::IdPrefix16(a) != vault::IdPrefix16(b));
+  BlockId c = a;
+  c.bytes[15] ^= 0x80;  // differs within the prefix
+  CHECK(vault::IdPrefix16(a) != vault::IdPrefix16(c));
+  BlockId d = a;
+  d.bytes[16] ^= 1;  // differs only after it: the same prefix
+  CHECK(vault::IdPrefix16(a) == vault::IdPrefix16(d));
+  // OrderBits never contradicts the prefixes' order (the directories depend on it).
+  std::mt19937_64 rng(3);
+  std::vector<vault::IdPrefix128> keys;
+  for (int i = 0; i < 1000; ++i) {
+    BlockId id;
+    for (auto& byte : id.bytes) byte = static_cast<uint8_t>(rng());
+    keys.push_back(vault::IdPrefix16(id));
+  }
+  std::sort(keys.begin(), keys.end());
+  for (size_t i = 1; i < keys.size(); ++i)
+    CHECK(vault::OrderBits(keys[i - 1]) <= vault::OrderBits(keys[i]));
+}
+
+TEST_CASE(
+    "points listing: a point's added blocks are those no earlier point has; a damaged map "
+    "adds none") {
+  Lib lib;
+  std::mt19937_64 rng(21);
+  // Blocks from a small pool: points share blocks and a point repeats one at several indexes.
+  std::vector<std::string> pool;
+  for (int i = 0; i < 40; ++i) pool.push_back(RandomBlock(rng));
+  Image image(64);
+  std::vector<std::string> rps;
+  std::set<std::string> used;  // every non-zero block of every image
+  for (int p = 0; p < 5; ++p) {
+    for (auto& block : image) {
+      if (p > 0 && rng() % 3 != 0) continue;  // unchanged
+      const uint64_t kind = rng() % 6;
+      if (kind == 0) {
+        block.clear();  // zero
+      } else if (kind <= 2) {
+        pool.push_back(RandomBlock(rng));  // new to the vault
+        block = pool.back();
+      } else {
+        block = pool[rng() % pool.size()];
+      }
+    }
+    for (const auto& block : image)
+      if (!block.empty()) used.insert(block);
+    lib.now += kDay;
+    rps.push_back(lib.Backup("pl", image));
+  }
+  using Added = std::vector<std::pair<uint64_t, uint64_t>>;  // per point: blocks, bytes
+  auto listed = [&] {
+    Added out;
+    for (const auto& p : lib.lifecycle.Points("pl", lib.now, LifecycleInputs{}))
+      out.emplace_back(p["added_blocks"].get<uint64_t>(), p["added_bytes"].get<uint64_t>());
+    return out;
+  };
+  // The reference: each point's stored map in order, a std::set of the blocks seen, a map that
+  // cannot be read whole adding nothing.
+  auto expected = [&] {
+    Added out;
+    std::set<BlockId> seen;
+    for (const auto& rp : lib.catalog.List("pl")) {
+      std::vector<BlockId> ids;
+      Status st = lib.catalog.ForEachEntry(rp.id, 0, [&](std::span<const ManifestEntry> es) {
+        for (const auto& e : es)
+          if (e.id) ids.push_back(*e.id);
+        return Status::Ok();
+      });
+      uint64_t blocks = 0, bytes = 0;
+      for (const auto& id : st.ok() ? ids : std::vector<BlockId>{})
+        if (seen.insert(id).second) {
+          blocks++;
+          bytes += lib.store.StoredBytes(id);
+        }
+      out.emplace_back(blocks, bytes);
+    }
+    return out;
+  };
+  const Added whole = listed();
+  CHECK(whole == expected());
+  uint64_t total_blocks = 0;
+  for (const auto& [blocks, bytes] : whole) total_blocks += blocks;
+  CHECK(total_blocks == used.size());
+  for (const auto& [blocks, bytes] : whole) CHECK(blocks > 0);  // every point brought some
+  CHECK(whole[0].second == whole[0].first * lib.store.StoredBytes(Lib::IdOf(pool[0])));
+
+  // The third point's stored map damaged: it adds nothing, and the blocks only it brought
+  // are counted by the next point that has them.
+  {
+    std::fstream f(lib.tmp / ("rps/" + rps[2] + "/disk-0.manifest"),
+                   std::ios::in | std::ios::out | std::ios::binary);
+    REQUIRE(f.good());
+    f.seekp(60);
+    f.put('\x5a');
+  }
+  const Added damaged = listed();
+  CHECK(damaged == expected());
+  CHECK(damaged[2] == std::pair<uint64_t, uint64_t>{0, 0});
+  CHECK(damaged[0] == whole[0]);
+  CHECK(damaged[1] == whole[1]);
+  CHECK(damaged[3].first + damaged[4].first > whole[3].first + whole[4].first);
 }

@@ -7,11 +7,9 @@
 #include <ctime>
 #include <set>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "common/block_codec.hpp"
 #include "common/bytes.hpp"
-#include "vault/id_sets.hpp"
 
 namespace vmsnap::vault {
 
@@ -21,6 +19,8 @@ namespace {
 
 constexpr int64_t kDayMs = 86400000;
 constexpr int64_t kMtimeMarginMs = Lifecycle::kBlockAgeMarginMs;
+// Ids whose stored sizes are looked up at once (one read transaction of the index).
+constexpr size_t kLookupGroup = 64 * 1024;
 
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;
@@ -60,9 +60,10 @@ const ItemRules& RulesOf(const std::string& item, const LifecycleInputs& inputs)
 
 // Re-reads and re-hashes blocks, each id once per verifier, a batch at a time: the ids of a
 // batch are read with BlockStore::AppendRecords (records adjacent in a pack in one read), then
-// each record is decompressed and hashed (VerifyBlock). Memory: the ids checked so far (the
-// unique blocks of what was verified, as garbage collection's mark holds them), the bad ones
-// with their state, and one batch of records (about `batch_bytes`). One thread.
+// each record is decompressed and hashed (VerifyBlock). Memory: the blocks checked so far
+// (their 16-byte prefixes in sorted runs, vault/id_sets.hpp: 17-18 bytes per block of what
+// was verified), the bad ones with their state, and one batch of records (about
+// `batch_bytes`). One thread.
 class BlockVerifier {
  public:
   enum class State : uint8_t { kOk, kMissing, kCorrupt };
@@ -75,9 +76,17 @@ class BlockVerifier {
   void Check(std::span<const ManifestEntry> entries, uint32_t block_size) {
     const size_t per_batch =
         std::max<size_t>(1, batch_bytes_ / (block_size ? block_size : kMaxBlockSize));
-    fresh_.clear();
+    ids_.clear();
+    keys_.clear();
     for (const auto& e : entries)
-      if (e.id && checked_.insert(*e.id).second) fresh_.push_back(*e.id);
+      if (e.id) {
+        ids_.push_back(*e.id);
+        keys_.push_back(IdPrefix16(*e.id));
+      }
+    positions_.clear();
+    checked_.Insert(keys_, &positions_);
+    fresh_.clear();  // in the map's order, so that AppendRecords finds runs of adjacent records
+    for (size_t at : positions_) fresh_.push_back(ids_[at]);
     for (size_t at = 0; at < fresh_.size(); at += per_batch)
       CheckBatch(std::span(fresh_).subspan(at, std::min(per_batch, fresh_.size() - at)));
   }
@@ -113,9 +122,11 @@ class BlockVerifier {
 
   const BlockStore* store_;
   size_t batch_bytes_;
-  std::unordered_set<BlockId, BlockIdHash> checked_;
+  RunKeySet<IdPrefix128> checked_;
   std::unordered_map<BlockId, State, BlockIdHash> bad_;
-  std::vector<BlockId> fresh_;
+  std::vector<BlockId> ids_, fresh_;
+  std::vector<IdPrefix128> keys_;
+  std::vector<size_t> positions_;
   std::string records_;
   std::vector<std::byte> plain_;
 };
@@ -329,26 +340,44 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
   return Status::Ok();
 }
 
-bool Lifecycle::ReferencedBlocks(const std::string& rp_id, int disk_index,
-                                 const std::unordered_set<BlockId, BlockIdHash>& known,
-                                 std::vector<BlockId>& out) const {
-  out.clear();
+bool Lifecycle::NewBlocks(const std::string& rp_id, int disk_index,
+                          const RunKeySet<IdPrefix128>& known, BlockIdSet& out) const {
+  out = BlockIdSet();
+  std::vector<BlockId> ids;
+  std::vector<IdPrefix128> keys;
+  std::vector<size_t> absent;
   Status st = catalog_->ForEachEntry(rp_id, disk_index, [&](std::span<const ManifestEntry> es) {
+    ids.clear();
+    keys.clear();
     for (const auto& e : es)
-      if (e.id && !known.count(*e.id)) out.push_back(*e.id);
+      if (e.id) {
+        ids.push_back(*e.id);
+        keys.push_back(IdPrefix16(*e.id));
+      }
+    absent.clear();
+    known.FindAbsent(keys, absent);
+    for (size_t at : absent) out.Add(ids[at]);
     return Status::Ok();
   });
-  if (!st.ok()) out.clear();
-  return st.ok();
+  if (!st.ok()) {
+    out = BlockIdSet();
+    return false;
+  }
+  out.Seal();
+  return true;
 }
 
 json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInputs& inputs) {
   (void)now;
+  // Memory: the 16-byte prefixes of the blocks of the points listed so far (a false "seen"
+  // only under-counts a point's added bytes, with the odds in vault/id_sets.hpp), and one
+  // disk's new ids at a time (32 bytes each).
   auto points = catalog_->List(item);
   auto expiry = ExpiryOf(points, RulesOf(item, inputs), inputs);
-  std::unordered_set<BlockId, BlockIdHash> seen;
+  RunKeySet<IdPrefix128> seen;
   json out = json::array();
-  std::vector<BlockId> ids, added;
+  BlockIdSet fresh;
+  std::vector<IdPrefix128> keys;
   for (size_t i = 0; i < points.size(); ++i) {
     const RecoveryPoint& rp = points[i];
     uint64_t added_bytes = 0, added_blocks = 0, size = 0;
@@ -356,12 +385,16 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
     for (const auto& d : rp.disks) {
       size += d.size_bytes;
       full = full && d.parent.empty();
-      if (!ReferencedBlocks(rp.id, d.index, seen, ids)) continue;
-      added.clear();
-      for (const auto& id : ids)
-        if (seen.insert(id).second) added.push_back(id);
-      added_blocks += added.size();
-      for (uint64_t bytes : store_->StoredBytes(added)) added_bytes += bytes;
+      if (!NewBlocks(rp.id, d.index, seen, fresh)) continue;
+      const std::span<const BlockId> ids = fresh.keys();
+      added_blocks += ids.size();
+      for (size_t first = 0; first < ids.size(); first += kLookupGroup)
+        for (uint64_t bytes :
+             store_->StoredBytes(ids.subspan(first, std::min(kLookupGroup, ids.size() - first))))
+          added_bytes += bytes;
+      keys.clear();
+      for (const auto& id : ids) keys.push_back(IdPrefix16(id));
+      seen.Insert(keys);
     }
     auto retain = RetainUntil(rp, inputs);
     json entry = rp.ToJson();  // every recovery point field but the (large) report
@@ -383,7 +416,6 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
 json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) {
   // Memory: one item's distinct ids at a time (32 bytes each) and 8 bytes per block referenced
   // anywhere (vault/id_sets.hpp); stored sizes are looked up in groups, not cached.
-  constexpr size_t kLookupGroup = 64 * 1024;
   json items = json::array();
   BlockIdPrefixSet all_live;
   uint64_t sum_items = 0, billable = 0;

@@ -19,12 +19,12 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "common/status.hpp"
 #include "vault/block_store.hpp"
 #include "vault/catalog.hpp"
+#include "vault/id_sets.hpp"
 #include "vault/schedule.hpp"
 
 namespace vmsnap::vault {
@@ -124,12 +124,11 @@ class Lifecycle {
  private:
   std::vector<PointExpiry> ExpiryOf(const std::vector<RecoveryPoint>& points,
                                     const ItemRules& rules, const LifecycleInputs& inputs);
-  // The block ids of one disk's stored manifest that are not in `known`, read piece by piece
-  // (a block listed at several indexes may appear more than once). False, with `out` empty,
-  // if the manifest cannot be read whole: a damaged manifest counts no block.
-  bool ReferencedBlocks(const std::string& rp_id, int disk_index,
-                        const std::unordered_set<BlockId, BlockIdHash>& known,
-                        std::vector<BlockId>& out) const;
+  // The distinct block ids of one disk's stored manifest whose 16-byte prefix is not in
+  // `known`, read piece by piece, sealed in `out`. False, with `out` empty, if the manifest
+  // cannot be read whole: a damaged manifest counts no block.
+  bool NewBlocks(const std::string& rp_id, int disk_index, const RunKeySet<IdPrefix128>& known,
+                 BlockIdSet& out) const;
   Status CollectGarbage(int64_t now, const LifecycleInputs& inputs, CleanupReport& report);
 
   Catalog* catalog_;

@@ -158,6 +158,15 @@ class RunKeySet {
     runs_.back().Index();
   }
 
+  // Calls `each` with every key, a sorted span (one run, or part of one) at a time.
+  template <typename Each>
+  void ForEachKeys(Each each, size_t most = 64 * 1024) const {
+    for (const auto& run : runs_)
+      for (size_t first = 0; first < run.keys.size(); first += most)
+        each(
+            std::span<const Key>(run.keys).subspan(first, std::min(most, run.keys.size() - first)));
+  }
+
   bool Contains(const Key& key) const {
     for (const auto& run : runs_)  // the largest first: most keys asked for are there
       if (run.Contains(key)) return true;

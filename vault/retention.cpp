@@ -19,8 +19,6 @@ namespace {
 
 constexpr int64_t kDayMs = 86400000;
 constexpr int64_t kMtimeMarginMs = Lifecycle::kBlockAgeMarginMs;
-// Ids whose stored sizes are looked up at once (one read transaction of the index).
-constexpr size_t kLookupGroup = 64 * 1024;
 
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;
@@ -61,7 +59,7 @@ const ItemRules& RulesOf(const std::string& item, const LifecycleInputs& inputs)
 // Re-reads and re-hashes blocks, each id once per verifier, a batch at a time: the ids of a
 // batch are read with BlockStore::AppendRecords (records adjacent in a pack in one read), then
 // each record is decompressed and hashed (VerifyBlock). Memory: the blocks checked so far
-// (their 16-byte prefixes in sorted runs, vault/id_sets.hpp: 17-18 bytes per block of what
+// (their 16-byte prefixes in sorted runs, vault/id_sets.hpp: 17-34 bytes per block of what
 // was verified), the bad ones with their state, and one batch of records (about
 // `batch_bytes`). One thread.
 class BlockVerifier {
@@ -341,11 +339,13 @@ Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
 }
 
 bool Lifecycle::NewBlocks(const std::string& rp_id, int disk_index,
-                          const RunKeySet<IdPrefix128>& known, BlockIdSet& out) const {
-  out = BlockIdSet();
-  std::vector<BlockId> ids;
+                          const RunKeySet<IdPrefix128>& known, RunKeySet<IdPrefix128>& fresh,
+                          uint64_t& blocks, uint64_t& bytes) const {
+  fresh = RunKeySet<IdPrefix128>();
+  blocks = bytes = 0;
+  std::vector<BlockId> ids, added_ids;
   std::vector<IdPrefix128> keys;
-  std::vector<size_t> absent;
+  std::vector<size_t> absent, added;
   Status st = catalog_->ForEachEntry(rp_id, disk_index, [&](std::span<const ManifestEntry> es) {
     ids.clear();
     keys.clear();
@@ -356,28 +356,37 @@ bool Lifecycle::NewBlocks(const std::string& rp_id, int disk_index,
       }
     absent.clear();
     known.FindAbsent(keys, absent);
-    for (size_t at : absent) out.Add(ids[at]);
+    for (size_t i = 0; i < absent.size(); ++i) {  // in place: absent[i] >= i
+      ids[i] = ids[absent[i]];
+      keys[i] = keys[absent[i]];
+    }
+    ids.resize(absent.size());
+    keys.resize(absent.size());
+    added.clear();
+    fresh.Insert(keys, &added);  // new to this disk too (a block may be at several indexes)
+    added_ids.clear();
+    for (size_t at : added) added_ids.push_back(ids[at]);
+    blocks += added_ids.size();
+    for (uint64_t b : store_->StoredBytes(added_ids)) bytes += b;
     return Status::Ok();
   });
   if (!st.ok()) {
-    out = BlockIdSet();
+    fresh = RunKeySet<IdPrefix128>();
+    blocks = bytes = 0;
     return false;
   }
-  out.Seal();
   return true;
 }
 
 json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInputs& inputs) {
   (void)now;
-  // Memory: the 16-byte prefixes of the blocks of the points listed so far (a false "seen"
-  // only under-counts a point's added bytes, with the odds in vault/id_sets.hpp), and one
-  // disk's new ids at a time (32 bytes each).
+  // Memory: the 16-byte prefixes of the blocks of the points listed so far and of one disk's
+  // new blocks (a false "seen" only under-counts a point's added bytes, with the odds in
+  // vault/id_sets.hpp), and one piece of a map.
   auto points = catalog_->List(item);
   auto expiry = ExpiryOf(points, RulesOf(item, inputs), inputs);
-  RunKeySet<IdPrefix128> seen;
+  RunKeySet<IdPrefix128> seen, fresh;
   json out = json::array();
-  BlockIdSet fresh;
-  std::vector<IdPrefix128> keys;
   for (size_t i = 0; i < points.size(); ++i) {
     const RecoveryPoint& rp = points[i];
     uint64_t added_bytes = 0, added_blocks = 0, size = 0;
@@ -385,16 +394,11 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
     for (const auto& d : rp.disks) {
       size += d.size_bytes;
       full = full && d.parent.empty();
-      if (!NewBlocks(rp.id, d.index, seen, fresh)) continue;
-      const std::span<const BlockId> ids = fresh.keys();
-      added_blocks += ids.size();
-      for (size_t first = 0; first < ids.size(); first += kLookupGroup)
-        for (uint64_t bytes :
-             store_->StoredBytes(ids.subspan(first, std::min(kLookupGroup, ids.size() - first))))
-          added_bytes += bytes;
-      keys.clear();
-      for (const auto& id : ids) keys.push_back(IdPrefix16(id));
-      seen.Insert(keys);
+      uint64_t blocks = 0, bytes = 0;
+      if (!NewBlocks(rp.id, d.index, seen, fresh, blocks, bytes)) continue;
+      added_blocks += blocks;
+      added_bytes += bytes;
+      fresh.ForEachKeys([&](std::span<const IdPrefix128> keys) { seen.Insert(keys); });
     }
     auto retain = RetainUntil(rp, inputs);
     json entry = rp.ToJson();  // every recovery point field but the (large) report
@@ -416,6 +420,7 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
 json Lifecycle::Storage(const std::string& item, const LifecycleInputs& inputs) {
   // Memory: one item's distinct ids at a time (32 bytes each) and 8 bytes per block referenced
   // anywhere (vault/id_sets.hpp); stored sizes are looked up in groups, not cached.
+  constexpr size_t kLookupGroup = 64 * 1024;
   json items = json::array();
   BlockIdPrefixSet all_live;
   uint64_t sum_items = 0, billable = 0;

@@ -124,11 +124,12 @@ class Lifecycle {
  private:
   std::vector<PointExpiry> ExpiryOf(const std::vector<RecoveryPoint>& points,
                                     const ItemRules& rules, const LifecycleInputs& inputs);
-  // The distinct block ids of one disk's stored manifest whose 16-byte prefix is not in
-  // `known`, read piece by piece, sealed in `out`. False, with `out` empty, if the manifest
-  // cannot be read whole: a damaged manifest counts no block.
+  // The blocks of one disk's stored manifest whose 16-byte prefix is not in `known`, read
+  // piece by piece: their prefixes in `fresh`, their number and stored bytes in `blocks` and
+  // `bytes`. False, with all three empty, if the manifest cannot be read whole: a damaged
+  // manifest adds no block.
   bool NewBlocks(const std::string& rp_id, int disk_index, const RunKeySet<IdPrefix128>& known,
-                 BlockIdSet& out) const;
+                 RunKeySet<IdPrefix128>& fresh, uint64_t& blocks, uint64_t& bytes) const;
   Status CollectGarbage(int64_t now, const LifecycleInputs& inputs, CleanupReport& report);
 
   Catalog* catalog_;

@@ -1926,3 +1926,47 @@ TEST_CASE(
   CHECK(damaged[1] == whole[1]);
   CHECK(damaged[3].first + damaged[4].first > whole[3].first + whole[4].first);
 }
+
+TEST_CASE(
+    "block store: uploads past the early-flush threshold flush the pack, not the index "
+    "rows, and stay readable") {
+  TempDir tmp;
+  const std::filesystem::path blocks = tmp / "blocks";
+  std::mt19937_64 rng(71);
+  auto indexed = [&] {
+    auto rows = BlockIndex(blocks)->Query("SELECT count(*) FROM blocks");
+    REQUIRE(rows.ok());
+    return (*rows)[0].Int(0);
+  };
+  std::vector<std::string> contents;
+  for (int i = 0; i < 12; ++i) contents.push_back(RandomBlock(rng));
+  {
+    BlockStore store{blocks, BlockStore::kPackTargetBytes, /*max_pending_rows=*/1000};
+    REQUIRE(store.Open().ok());
+    CHECK(store.early_flushes() == 0);
+    // What one Put of one block appends (records are padded for direct writes), measured
+    // with early flushes off; then a threshold of 2.5 of them is crossed every third Put.
+    store.set_early_flush_bytes(0);
+    const auto pack = blocks / "packs/00000001.pack";
+    REQUIRE(store.Put({Encoded(contents[0])}).ok());
+    const uint64_t before = std::filesystem::file_size(pack);
+    REQUIRE(store.Put({Encoded(contents[1])}).ok());
+    const uint64_t record = std::filesystem::file_size(pack) - before;
+    REQUIRE(record >= kBlock);
+    REQUIRE(store.SyncIndex().ok());
+    CHECK(indexed() == 2);
+    store.set_early_flush_bytes(record * 5 / 2);
+    for (int i = 2; i < 11; ++i) REQUIRE(store.Put({Encoded(contents[i])}).ok());
+    CHECK(store.early_flushes() == 3);
+    CHECK(indexed() == 2);  // the rows stay pending: an early flush is of the pack only
+    for (int i = 0; i < 11; ++i) CHECK(Plain(*store.Get(Lib::IdOf(contents[i]))) == contents[i]);
+    REQUIRE(store.SyncIndex().ok());
+    CHECK(indexed() == 11);
+    store.set_early_flush_bytes(0);  // never
+    REQUIRE(store.Put({Encoded(contents[11])}).ok());
+    CHECK(store.early_flushes() == 3);
+  }
+  BlockStore reopened{blocks};
+  REQUIRE(reopened.Open().ok());
+  for (const auto& content : contents) CHECK(Plain(*reopened.Get(Lib::IdOf(content))) == content);
+}

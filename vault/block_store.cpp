@@ -195,6 +195,10 @@ struct BlockStore::Pack {
   std::once_flag direct_read_open;
   Fd direct_read_fd;
   std::atomic<bool> direct_read_refused{false};
+  // Active pack: bytes appended (sync=false) since its last early flush; and whether a flush
+  // of it failed (its unflushed bytes may be lost: every later flush of it fails too).
+  std::atomic<uint64_t> unflushed_bytes{0};
+  std::atomic<bool> flush_failed{false};
 };
 
 BlockStore::BlockStore(std::string root, uint64_t pack_target_bytes, size_t max_pending_rows)
@@ -518,6 +522,23 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
   if (sync && ::fdatasync(pack->fd.get()) != 0)
     return Status::FromErrno(errno, "sync " + pack->path)
         .WithFix("check the vault's disk (the kernel reported a write error)");
+  // An early flush (see kEarlyFlushBytes); of two Puts that cross the threshold together, the
+  // one that takes the count flushes.
+  if (!sync && early_flush_bytes_ > 0 &&
+      pack->unflushed_bytes.fetch_add(records.size()) + records.size() >= early_flush_bytes_ &&
+      pack->unflushed_bytes.exchange(0) >= early_flush_bytes_) {
+    if (::fdatasync(pack->fd.get()) != 0) {
+      const int err = errno;
+      pack->flush_failed = true;
+      std::lock_guard lock(append_mu_);
+      if (active_ == pack) active_.reset();  // never append after bytes that may be lost
+      if (auto it = in_flight_.find({pack->number, offset}); it != in_flight_.end())
+        in_flight_.erase(it);  // this Put fails: its records get no rows
+      return Status::FromErrno(err, "sync " + pack->path)
+          .WithFix("check the vault's disk (the kernel reported a write error)");
+    }
+    early_flushes_++;
+  }
   return std::make_pair(pack->number, offset);
 }
 
@@ -1054,8 +1075,10 @@ Status BlockStore::FlushPendingLocked() const {
     packs.swap(unsynced_);
   }
   for (const auto& pack : packs) {
-    if (::fdatasync(pack->fd.get()) == 0) continue;
-    const int err = errno;
+    // A failed early flush counts here too: the kernel reports a write error once per file.
+    pack->unflushed_bytes = 0;  // (only an early flush's trigger; these rows wait for this one)
+    if (!pack->flush_failed && ::fdatasync(pack->fd.get()) == 0) continue;
+    const int err = pack->flush_failed ? EIO : errno;
     // After a failed flush the kernel may have dropped the pages; a second flush would report
     // success. Forget the rows (their blocks are uploaded again) and start a new pack.
     const size_t dropped = pending_.size();

@@ -45,6 +45,13 @@ std::unique_ptr<vault::Db> BlockIndex(const std::string& blocks_dir) {
   return std::move(*db);
 }
 
+// The rows of a block store's index (its log included), read beside the store.
+int64_t IndexedRows(const std::string& blocks_dir) {
+  auto rows = BlockIndex(blocks_dir)->Query("SELECT count(*) FROM blocks");
+  REQUIRE(rows.ok());
+  return (*rows)[0].Int(0);
+}
+
 // Overwrites bytes of a stored block's payload in its pack file.
 void CorruptStoredBlock(const std::string& blocks_dir, const BlockId& id, uint64_t at,
                         std::string_view bytes) {
@@ -1243,11 +1250,7 @@ TEST_CASE("block store: stored blocks are served before their index rows are wri
   TempDir tmp;
   const std::filesystem::path blocks = tmp / "blocks";
   std::mt19937_64 rng(47);
-  auto indexed = [&] {  // rows in the index (its log included), read beside the store
-    auto rows = BlockIndex(blocks)->Query("SELECT count(*) FROM blocks");
-    REQUIRE(rows.ok());
-    return (*rows)[0].Int(0);
-  };
+  auto indexed = [&] { return IndexedRows(blocks); };
   BlockStore store{blocks, BlockStore::kPackTargetBytes, /*max_pending_rows=*/4};
   REQUIRE(store.Open().ok());
   std::vector<std::string> contents;
@@ -1351,11 +1354,7 @@ TEST_CASE(
   std::mt19937_64 rng(53);
   const std::string synced = RandomBlock(rng), a = RandomBlock(rng), damaged = RandomBlock(rng),
                     c = RandomBlock(rng);
-  auto indexed = [&] {  // rows in the index (its log included), read beside the store
-    auto rows = BlockIndex(blocks)->Query("SELECT count(*) FROM blocks");
-    REQUIRE(rows.ok());
-    return (*rows)[0].Int(0);
-  };
+  auto indexed = [&] { return IndexedRows(blocks); };
   RunInChildKilled([&] {  // the "vault": syncs the first block, three more stay pending
     BlockStore store{blocks, BlockStore::kPackTargetBytes, /*max_pending_rows=*/16};
     if (!store.Open().ok() || !store.Put({Encoded(synced)}).ok() || !store.SyncIndex().ok()) return;
@@ -1933,11 +1932,7 @@ TEST_CASE(
   TempDir tmp;
   const std::filesystem::path blocks = tmp / "blocks";
   std::mt19937_64 rng(71);
-  auto indexed = [&] {
-    auto rows = BlockIndex(blocks)->Query("SELECT count(*) FROM blocks");
-    REQUIRE(rows.ok());
-    return (*rows)[0].Int(0);
-  };
+  auto indexed = [&] { return IndexedRows(blocks); };
   std::vector<std::string> contents;
   for (int i = 0; i < 12; ++i) contents.push_back(RandomBlock(rng));
   {

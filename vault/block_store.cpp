@@ -195,10 +195,23 @@ struct BlockStore::Pack {
   std::once_flag direct_read_open;
   Fd direct_read_fd;
   std::atomic<bool> direct_read_refused{false};
-  // Active pack: bytes appended (sync=false) since its last early flush; and whether a flush
-  // of it failed (its unflushed bytes may be lost: every later flush of it fails too).
+  // Active pack: bytes appended (sync=false) since its last early flush.
   std::atomic<uint64_t> unflushed_bytes{0};
-  std::atomic<bool> flush_failed{false};
+
+  // fdatasync, one at a time: 0, or the error of this flush or of an earlier one. The kernel
+  // reports a write error once per open file, so a failure sticks to the pack (its unflushed
+  // bytes may be lost): a concurrent or later flush must not report success after it.
+  int Flush() {
+    std::lock_guard lock(flush_mu);
+    if (flush_failed) return EIO;
+    if (::fdatasync(fd.get()) == 0) return 0;
+    flush_failed = true;
+    return errno;
+  }
+
+ private:
+  std::mutex flush_mu;
+  bool flush_failed = false;  // under flush_mu
 };
 
 BlockStore::BlockStore(std::string root, uint64_t pack_target_bytes, size_t max_pending_rows)
@@ -519,17 +532,16 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
       in_flight_.emplace(pack->number, offset);
     }
   }
-  if (sync && ::fdatasync(pack->fd.get()) != 0)
-    return Status::FromErrno(errno, "sync " + pack->path)
-        .WithFix("check the vault's disk (the kernel reported a write error)");
+  if (sync)
+    if (const int err = pack->Flush(); err != 0)
+      return Status::FromErrno(err, "sync " + pack->path)
+          .WithFix("check the vault's disk (the kernel reported a write error)");
   // An early flush (see kEarlyFlushBytes); of two Puts that cross the threshold together, the
   // one that takes the count flushes.
   if (!sync && early_flush_bytes_ > 0 &&
       pack->unflushed_bytes.fetch_add(records.size()) + records.size() >= early_flush_bytes_ &&
       pack->unflushed_bytes.exchange(0) >= early_flush_bytes_) {
-    if (::fdatasync(pack->fd.get()) != 0) {
-      const int err = errno;
-      pack->flush_failed = true;
+    if (const int err = pack->Flush(); err != 0) {
       std::lock_guard lock(append_mu_);
       if (active_ == pack) active_.reset();  // never append after bytes that may be lost
       if (auto it = in_flight_.find({pack->number, offset}); it != in_flight_.end())
@@ -1075,10 +1087,9 @@ Status BlockStore::FlushPendingLocked() const {
     packs.swap(unsynced_);
   }
   for (const auto& pack : packs) {
-    // A failed early flush counts here too: the kernel reports a write error once per file.
-    pack->unflushed_bytes = 0;  // (only an early flush's trigger; these rows wait for this one)
-    if (!pack->flush_failed && ::fdatasync(pack->fd.get()) == 0) continue;
-    const int err = pack->flush_failed ? EIO : errno;
+    pack->unflushed_bytes = 0;      // (only an early flush's trigger; these rows wait for this one)
+    const int err = pack->Flush();  // fails too after a failed early flush
+    if (err == 0) continue;
     // After a failed flush the kernel may have dropped the pages; a second flush would report
     // success. Forget the rows (their blocks are uploaded again) and start a new pack.
     const size_t dropped = pending_.size();

@@ -10,6 +10,7 @@
 #include <cassert>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <span>
@@ -141,21 +142,18 @@ class RunKeySet {
       if (added) added->push_back(fresh[i].second);
     }
     if (added) std::sort(added->begin() + static_cast<std::ptrdiff_t>(first_added), added->end());
-    if (run.keys.empty()) return;
-    size_ += run.keys.size();
-    runs_.push_back(std::move(run));
-    while (runs_.size() >= 2 &&
-           runs_[runs_.size() - 2].keys.size() <= 2 * runs_.back().keys.size()) {
-      const auto& older = runs_[runs_.size() - 2].keys;
-      const auto& newer = runs_.back().keys;
-      std::vector<Key> merged;
-      merged.reserve(older.size() + newer.size());
-      std::merge(older.begin(), older.end(), newer.begin(), newer.end(),
-                 std::back_inserter(merged));
-      runs_.pop_back();
-      runs_.back().keys = std::move(merged);
-    }
-    runs_.back().Index();
+    AddRun(std::move(run));
+  }
+
+  // Adds `keys` that the caller knows are ascending, without repeats and not in the set (such
+  // as another set's ForEachKeys spans when the two sets are disjoint), without looking them
+  // up again. Checked in debug builds.
+  void InsertAbsentSorted(std::span<const Key> keys) {
+    assert(std::adjacent_find(keys.begin(), keys.end(), std::greater_equal<Key>()) == keys.end());
+    assert(std::none_of(keys.begin(), keys.end(), [&](const Key& k) { return Contains(k); }));
+    Run run;
+    run.keys.assign(keys.begin(), keys.end());
+    AddRun(std::move(run));
   }
 
   // Calls `each` with every key, a sorted span (one run, or part of one) at a time.
@@ -204,6 +202,26 @@ class RunKeySet {
       return std::binary_search(first, last, key);
     }
   };
+
+  // Appends `run` (sorted, no repeats, disjoint from the set) and merges while the run before
+  // the last is at most twice the last's size.
+  void AddRun(Run run) {
+    if (run.keys.empty()) return;
+    size_ += run.keys.size();
+    runs_.push_back(std::move(run));
+    while (runs_.size() >= 2 &&
+           runs_[runs_.size() - 2].keys.size() <= 2 * runs_.back().keys.size()) {
+      const auto& older = runs_[runs_.size() - 2].keys;
+      const auto& newer = runs_.back().keys;
+      std::vector<Key> merged;
+      merged.reserve(older.size() + newer.size());
+      std::merge(older.begin(), older.end(), newer.begin(), newer.end(),
+                 std::back_inserter(merged));
+      runs_.pop_back();
+      runs_.back().keys = std::move(merged);
+    }
+    runs_.back().Index();
+  }
 
   std::vector<Run> runs_;  // the oldest (and largest) first
   size_t size_ = 0;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <ctime>
+#include <limits>
 #include <set>
 #include <unordered_map>
 
@@ -398,7 +399,9 @@ json Lifecycle::Points(const std::string& item, int64_t now, const LifecycleInpu
       if (!NewBlocks(rp.id, d.index, seen, fresh, blocks, bytes)) continue;
       added_blocks += blocks;
       added_bytes += bytes;
-      fresh.ForEachKeys([&](std::span<const IdPrefix128> keys) { seen.Insert(keys); });
+      // fresh holds only keys absent from seen: its runs join seen's without a lookup.
+      fresh.ForEachKeys([&](std::span<const IdPrefix128> keys) { seen.InsertAbsentSorted(keys); },
+                        std::numeric_limits<size_t>::max());
     }
     auto retain = RetainUntil(rp, inputs);
     json entry = rp.ToJson();  // every recovery point field but the (large) report

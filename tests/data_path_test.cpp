@@ -1,13 +1,17 @@
 // Integration tests of the data path against a real vmsnap-vault on loopback TLS, driving the
 // real vmsnap-agent binary and asserting on its --json reports and on restored bytes.
 #include <doctest/doctest.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <thread>
 
 #include "agent/vault_client.hpp"
@@ -179,6 +183,89 @@ TEST_CASE("full backup, incremental uploads exactly the K changed blocks, restor
   CHECK(points[0]["disks"][0]["full"] == true);
   CHECK(points[1]["disks"][0]["full"] == false);
   CHECK(vault.Stop() == 0);  // SIGTERM: clean shutdown
+}
+
+// How many of the pages of [begin, end) of `path` are in the page cache (mincore on a mapping,
+// which does not fault any page in).
+uint64_t CachedPages(const std::string& path, uint64_t begin, uint64_t end) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  struct stat st {};
+  REQUIRE(::fstat(fd, &st) == 0);
+  const size_t len = static_cast<size_t>(st.st_size);
+  void* map = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  REQUIRE(map != MAP_FAILED);
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident((len + page - 1) / page);
+  const int rc = ::mincore(map, len, resident.data());
+  ::munmap(map, len);
+  REQUIRE(rc == 0);
+  uint64_t cached = 0;
+  for (uint64_t p = begin / page; p < (end + page - 1) / page; ++p) cached += resident[p] & 1;
+  return cached;
+}
+
+TEST_CASE("blocks that are partly holes: their holes are not read, and they restore exactly") {
+  TempDir dir;
+  Vault vault(dir / "vault");
+  vault.Start();
+  const std::string img = dir / "partial.img";
+  CreateSparseFile(img, 2 << 20);  // 32 blocks of 64 KiB
+  // Data pieces (offset, length), 4 KiB-aligned like the filesystem's blocks: at the start of
+  // block 2, inside block 5, at the end of block 9, across the boundary of blocks 12 and 13,
+  // and two pieces that leave a 4 KiB hole in the middle of block 20.
+  const std::vector<std::pair<uint64_t, uint64_t>> pieces = {
+      {2 * kBlock, 4096},          {5 * kBlock + 24576, 8192}, {10 * kBlock - 4096, 4096},
+      {13 * kBlock - 8192, 16384}, {20 * kBlock, 28672},       {20 * kBlock + 32768, 32768}};
+  {
+    std::mt19937_64 rng(17);
+    const int fd = ::open(img.c_str(), O_WRONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    for (const auto& [offset, length] : pieces) {
+      std::string data(length, '\0');
+      for (auto& c : data) c = static_cast<char>(rng());
+      REQUIRE(::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset)) ==
+              static_cast<ssize_t>(data.size()));
+    }
+    ::close(fd);
+  }
+  // The holes inside the blocks that hold data (the written pieces are in the page cache, so
+  // reading them starts no readahead).
+  std::vector<std::pair<uint64_t, uint64_t>> holes;
+  for (uint64_t block : {2, 5, 9, 12, 13, 20}) {
+    uint64_t at = block * kBlock;
+    for (const auto& [offset, length] : pieces) {
+      const uint64_t b = std::max(offset, block * kBlock);
+      const uint64_t e = std::min(offset + length, (block + 1) * kBlock);
+      if (b >= e) continue;
+      if (b > at) holes.push_back({at, b});
+      at = e;
+    }
+    if (at < (block + 1) * kBlock) holes.push_back({at, (block + 1) * kBlock});
+  }
+  REQUIRE(holes.size() == 7);
+  auto cached_in_holes = [&] {
+    uint64_t n = 0;
+    for (const auto& [b, e] : holes) n += CachedPages(img, b, e);
+    return n;
+  };
+  REQUIRE(cached_in_holes() == 0);
+
+  json full = Backup(vault, dir, {img});
+  const json& d0 = full["disks"][0];
+  CHECK(d0["blocks_read"] == 6);
+  CHECK(d0["blocks_changed"] == 6);
+  // Reading a block whole would have put its hole's pages in the page cache, zeroed by the
+  // kernel (on filesystems that cache holes, such as ext4 and XFS; tmpfs does not).
+  CHECK(cached_in_holes() == 0);
+
+  auto r = Restore(vault, full["recovery_point"], {dir / "restored.img"});
+  INFO("stderr: " << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(FileSha256(dir / "restored.img") == FileSha256(img));
+  CHECK(r.json()["disks"][0]["blocks_data"] == 6);
+  CHECK(vault.Stop() == 0);
 }
 
 TEST_CASE("two disks in one backup, restored together") {

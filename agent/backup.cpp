@@ -330,6 +330,7 @@ void ProcessSegment(const Segment& seg, uint32_t bs, WorkerBuffers& w,
     w.data_ranges.push_back({b, e});
     off = (*range)->end;
   }
+  for (const auto& r : w.data_ranges) d.reader->WillRead(r.begin, r.end - r.begin);
   size_t range_cursor = 0;
   // Read runs of data blocks with one call each, in pieces small enough to stay in the CPU's
   // cache while they are hashed right after the read (4 MiB reads then hashing was slower).

@@ -53,6 +53,16 @@ class DiskReader {
   virtual Result<std::optional<ByteRange>> NextData(uint64_t offset) = 0;
   // The current identity of the underlying file or device.
   virtual Result<FileIdentity> Identity() = 0;
+  // A hint that [offset, offset + length) is read soon, so the system may start reading it
+  // now. Callers pass data ranges from NextData: on Linux an image file is opened without the
+  // kernel's own readahead, which would run past a data range into the hole after it (the
+  // kernel zeroes a page cache page for every page of hole it reads ahead), and this hint
+  // (posix_fadvise WILLNEED) reads ahead exactly the data instead. Never fails; a no-op by
+  // default. Thread-safe.
+  virtual void WillRead(uint64_t offset, uint64_t length) {
+    (void)offset;
+    (void)length;
+  }
 };
 
 // A restore target opened for writing. WriteAt may be called from several threads at once

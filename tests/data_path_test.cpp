@@ -206,7 +206,9 @@ uint64_t CachedPages(const std::string& path, uint64_t begin, uint64_t end) {
   return cached;
 }
 
-TEST_CASE("blocks that are partly holes: their holes are not read, and they restore exactly") {
+TEST_CASE(
+    "sparse images: holes inside blocks are not read, nor read ahead from the disk; blocks "
+    "that are partly holes restore exactly") {
   TempDir dir;
   Vault vault(dir / "vault");
   vault.Start();
@@ -265,6 +267,33 @@ TEST_CASE("blocks that are partly holes: their holes are not read, and they rest
   REQUIRE(r.exit_code == 0);
   CHECK(FileSha256(dir / "restored.img") == FileSha256(img));
   CHECK(r.json()["disks"][0]["blocks_data"] == 6);
+
+  // Read from the disk this time, not from the page cache: the image's pages are dropped (it
+  // is flushed first), and the reads of its data must not read ahead into the holes (the
+  // agent opens an image without the kernel's readahead and asks for its data ranges alone).
+  const uint64_t image_size = 2 << 20;
+  auto cached_outside_pieces = [&] {
+    uint64_t in_pieces = 0;
+    for (const auto& [offset, length] : pieces)
+      in_pieces += CachedPages(img, offset, offset + length);
+    return CachedPages(img, 0, image_size) - in_pieces;
+  };
+  {
+    const int fd = ::open(img.c_str(), O_RDONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fsync(fd) == 0);
+    for (int i = 0; i < 50 && CachedPages(img, 0, image_size) > 0; ++i) {
+      REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ::close(fd);
+  }
+  REQUIRE(CachedPages(img, 0, image_size) == 0);
+  json again = Backup(vault, dir, {img});
+  CHECK(again["disks"][0]["blocks_read"] == 6);
+  CHECK(again["disks"][0]["blocks_changed"] == 0);
+  CHECK(CachedPages(img, 0, image_size) > 0);  // the data was read through the page cache
+  CHECK(cached_outside_pieces() == 0);
   CHECK(vault.Stop() == 0);
 }
 

@@ -76,8 +76,13 @@ Status ReadAllAt(int fd, std::span<std::byte> buf, uint64_t offset, const std::s
 
 class LinuxDiskReader final : public DiskReader {
  public:
+  // An image file (which may have holes) is read without the kernel's readahead; WillRead
+  // asks for its data ranges instead (see DiskReader::WillRead). A block device has no holes
+  // and keeps the kernel's readahead.
   LinuxDiskReader(std::string path, Fd fd, uint64_t size, bool block_device)
-      : path_(std::move(path)), fd_(std::move(fd)), size_(size), block_device_(block_device) {}
+      : path_(std::move(path)), fd_(std::move(fd)), size_(size), block_device_(block_device) {
+    if (!block_device_) (void)::posix_fadvise(fd_.get(), 0, 0, POSIX_FADV_RANDOM);
+  }
 
   const std::string& path() const override { return path_; }
   uint64_t size() const override { return size_; }
@@ -105,6 +110,12 @@ class LinuxDiskReader final : public DiskReader {
   }
 
   Result<FileIdentity> Identity() override { return IdentityOf(fd_.get(), path_); }
+
+  void WillRead(uint64_t offset, uint64_t length) override {
+    if (!block_device_ && length > 0)
+      (void)::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length),
+                            POSIX_FADV_WILLNEED);
+  }
 
  private:
   std::string path_;

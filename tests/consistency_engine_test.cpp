@@ -349,8 +349,9 @@ TEST_CASE("engine: file provider (clone or guarded read), lvm unsupported, allow
     CHECK(view.status().ToString().find("reflink") != std::string::npos);
     CHECK(WritableWithin(disk_on_ext4->mount_point(), 2s));
   }
-  // lvm without device-mapper (this machine): a clear error; with allow_none the live disk is
-  // read as `none`.
+  // lvm on a loop device, which is never a logical volume: a clear error that names what is
+  // missing on this machine (device-mapper, lvm2, or the disk is not an LV); with allow_none
+  // the live disk is read as `none`.
   auto disk = s.Disk("ext4", "app");
   REQUIRE(disk);
   {
@@ -358,7 +359,14 @@ TEST_CASE("engine: file provider (clone or guarded read), lvm unsupported, allow
     opt.snapshot.provider = "lvm";
     auto view = agent::PrepareConsistentView(opt);
     CHECK_FALSE(view.ok());
-    CHECK(view.status().ToString().find("needs device-mapper") != std::string::npos);
+    const bool has_dm = std::filesystem::exists("/dev/mapper/control");
+    const bool has_lvm2 =
+        std::filesystem::exists("/usr/sbin/lvs") || std::filesystem::exists("/sbin/lvs");
+    const std::string expected = !has_dm     ? "needs device-mapper"
+                                 : !has_lvm2 ? "needs lvm2"
+                                             : "is not an LVM logical volume";
+    CHECK_MESSAGE(view.status().ToString().find(expected) != std::string::npos,
+                  view.status().ToString());
     opt.allow_none = true;
     auto none = agent::PrepareConsistentView(opt);
     REQUIRE_MESSAGE(none.ok(), none.status().ToString());

@@ -131,6 +131,12 @@ Status LvmSnapshotFor(LinuxSnapshot& snap, const std::string& disk,
                "does not exist on this machine",
                "load the dm_mod kernel module, or use another provider")
         .InPhase(kPhase);
+  if (!fs::exists(LvmTool("lvs"), ec) || !fs::exists(LvmTool("lvcreate"), ec))
+    return Status::InvalidArgument(
+               "the lvm provider needs lvm2 (lvs, lvcreate, lvremove), and it is not "
+               "installed on this machine",
+               "install lvm2 (apt-get install lvm2), or use another provider")
+        .InPhase(kPhase);
   auto left = [&] {
     return std::chrono::duration_cast<std::chrono::milliseconds>(deadline -
                                                                  std::chrono::steady_clock::now());

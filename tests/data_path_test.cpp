@@ -405,6 +405,91 @@ TEST_CASE("vault killed mid-upload: rerun uploads only the missing blocks, nothi
   CHECK(FileSha256(dir / "r.img") == FileSha256(img));
 }
 
+TEST_CASE(
+    "the vault's disk fills up: the backup fails naming it, nothing half-written, earlier points "
+    "intact; after space is freed the rerun sends only what is missing") {
+  if (!IsRoot()) {
+    if (InCi()) FAIL("this test needs root (a loop-mounted ext4) and CI=true forbids skipping");
+    MESSAGE("skipped: needs root to mount the vault's small filesystem");
+    return;
+  }
+  TempDir dir;
+  // The vault's data on its own 96 MiB ext4, on a loop device this test attaches and detaches
+  // by name; a 40 MiB ballast file stands for the space an operator frees.
+  const std::string fs_image = dir / "vaultfs.img";
+  const std::string mount_point = dir / "vaultfs";
+  fs::create_directories(mount_point);
+  REQUIRE(Run({"/usr/bin/truncate", "-s", "96M", fs_image}).exit_code == 0);
+  REQUIRE(Run({"/sbin/mkfs.ext4", "-q", "-F", fs_image}).exit_code == 0);
+  auto attach = Run({"/sbin/losetup", "--find", "--show", fs_image});
+  REQUIRE(attach.exit_code == 0);
+  struct Unmount {
+    std::string mount_point, dev;
+    bool mounted = false;
+    ~Unmount() {
+      if (mounted) Run({"/bin/umount", mount_point});
+      Run({"/sbin/losetup", "-d", dev});
+    }
+  } unmount{mount_point, attach.out.substr(0, attach.out.find('\n'))};
+  REQUIRE(Run({"/bin/mount", "-t", "ext4", unmount.dev, mount_point}).exit_code == 0);
+  unmount.mounted = true;
+  const std::string ballast = mount_point + "/ballast";
+  REQUIRE(Run({"/usr/bin/fallocate", "-l", "40M", ballast}).exit_code == 0);
+  Vault vault(mount_point + "/vault");  // stopped before the filesystem is unmounted
+  vault.Start();
+
+  // 16 MiB of random data fit; 40 MiB more do not.
+  const std::string img = dir / "disk.img";
+  CreateSparseFile(img, 128 << 20);
+  std::vector<uint64_t> first, second;
+  for (uint64_t i = 0; i < 256; ++i) first.push_back(i);
+  for (uint64_t i = 1024; i < 1664; ++i) second.push_back(i);
+  WriteRandomBlocks(img, kBlock, first, 71);
+  const std::string first_sha = FileSha256(img);
+  json full = Backup(vault, dir, {img});
+  WriteRandomBlocks(img, kBlock, second, 72);
+
+  auto c = vault.conn();
+  auto failed = Agent(Args({{"backup"},
+                            c,
+                            {"--disk", img, "--state-dir", dir / "state", "--item", "test-vm",
+                             "--json", "--block-size", "64K"}}));
+  INFO("stderr: " << failed.err);
+  CHECK(failed.exit_code != 0);
+  json error = failed.json();
+  CHECK(error["phase"] == "upload blocks");
+  CHECK(error["error"].get<std::string>().find("No space left on device") != std::string::npos);
+  CHECK(error["fix"].get<std::string>().find("free space on the vault's disk under " +
+                                             mount_point) != std::string::npos);
+  CHECK(List(vault).size() == 1);  // no half-written point
+  // Every pack holds a record: failed first writes left no empty pack behind.
+  size_t packs = 0;
+  for (const auto& e : fs::directory_iterator(vault.data() + "/blocks/packs")) {
+    packs++;
+    CHECK_MESSAGE(fs::file_size(e.path()) > 4096, e.path().string() << " holds no record");
+  }
+  CHECK(packs >= 1);
+  // The vault still serves the earlier point, whole.
+  auto r1 = Restore(vault, full["recovery_point"], {dir / "r1.img"});
+  REQUIRE_MESSAGE(r1.exit_code == 0, r1.err);
+  CHECK(FileSha256(dir / "r1.img") == first_sha);
+  fs::remove(dir / "r1.img");
+
+  // The operator frees space; the same backup again completes and sends only what the full
+  // disk did not take.
+  fs::remove(ballast);
+  json rerun = Backup(vault, dir, {img});
+  CHECK(rerun["disks"][0]["blocks_changed"] == 640);
+  CHECK(rerun["disks"][0]["blocks_uploaded"] > 0);
+  CHECK(rerun["disks"][0]["blocks_uploaded"] < 640);  // the failed run's stored blocks count
+  CHECK(vault.StoredBlockCount() == 256 + 640);
+  CHECK(List(vault).size() == 2);
+  auto r2 = Restore(vault, rerun["recovery_point"], {dir / "r2.img"});
+  REQUIRE_MESSAGE(r2.exit_code == 0, r2.err);
+  CHECK(FileSha256(dir / "r2.img") == FileSha256(img));
+  CHECK(vault.Stop() == 0);
+}
+
 TEST_CASE("wrong CA file: the agent refuses to connect") {
   TempDir dir;
   Vault vault(dir / "vault");

@@ -121,9 +121,20 @@ int PwriteErrno(int fd, uint64_t offset, std::string_view data) {
   return 0;
 }
 
-Status PwriteAll(int fd, uint64_t offset, std::string_view data, const std::string& what) {
-  const int err = PwriteErrno(fd, offset, data);
-  return err == 0 ? Status::Ok() : Status::FromErrno(err, "write " + what);
+// What an operator does about a failed write or flush on the vault's disk, by its errno.
+std::string DiskWriteFix(int err, const std::string& root) {
+  if (err == ENOSPC || err == EDQUOT)
+    return "free space on the vault's disk under " + root +
+           " (or raise its quota), then try again: a backup run again sends only the blocks "
+           "the vault does not have yet";
+  if (err == EIO)
+    return "the vault's disk under " + root +
+           " reported an I/O error: check the kernel log (dmesg) and the device";
+  if (err == EROFS)
+    return "the vault's disk under " + root +
+           " is read-only (the kernel may have remounted it after an error): check the kernel "
+           "log, repair the filesystem and remount it read-write";
+  return "check free space, permissions and the kernel log for the vault's disk under " + root;
 }
 
 Status SyncDir(const std::string& dir) {
@@ -491,12 +502,18 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
       fresh->number = next_pack_++;
       fresh->path = PackPath(fresh->number);
       fresh->fd = Fd(::open(fresh->path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640));
-      if (!fresh->fd.valid())
-        return Status::FromErrno(errno, "create pack file " + fresh->path)
-            .WithFix("check free space and permissions on the vault's disk");
-      VMSNAP_RETURN_IF_ERROR(PwriteAll(fresh->fd.get(), 0, kPackMagic, fresh->path));
-      if (::fsync(fresh->fd.get()) != 0) return Status::FromErrno(errno, "sync " + fresh->path);
-      VMSNAP_RETURN_IF_ERROR(SyncDir(root_ + "/packs"));
+      int err = fresh->fd.valid() ? PwriteErrno(fresh->fd.get(), 0, kPackMagic) : errno;
+      if (err == 0 && ::fsync(fresh->fd.get()) != 0) err = errno;
+      if (err != 0) {
+        // Nothing stays under this number (a file of that name left by someone else is
+        // skipped): retries against a full disk must not leave an empty pack each.
+        if (fresh->fd.valid()) ::unlink(fresh->path.c_str());
+        if (err != EEXIST) next_pack_--;
+        return Status::FromErrno(err, "create pack file " + fresh->path)
+            .WithFix(DiskWriteFix(err, root_));
+      }
+      if (Status st = SyncDir(root_ + "/packs"); !st.ok())
+        return std::move(st).WithFix(DiskWriteFix(0, root_));
       // Large appends skip the page cache (one copy less, no writeback of dirty pages); on
       // a filesystem without O_DIRECT (tmpfs) they are buffered.
       fresh->direct_fd = Fd(::open(fresh->path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
@@ -505,23 +522,29 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
     }
     pack = active_;
     offset = pack->size;
-    Status st;
+    int err = 0;
     if (pack->direct_fd.valid()) {
-      const int err = PwriteErrno(pack->direct_fd.get(), offset, records);
-      if (err == EINVAL)  // no direct I/O on this filesystem after all: buffered from now on
+      err = PwriteErrno(pack->direct_fd.get(), offset, records);
+      if (err == EINVAL) {  // no direct I/O on this filesystem after all: buffered from now on
         pack->direct_fd.Reset();
-      else if (err != 0)
-        st = Status::FromErrno(err, "write " + pack->path);
-      else
+        err = 0;
+      } else if (err == 0) {
         pack->size += records.size();
+      }
     }
-    if (st.ok() && !pack->direct_fd.valid() && pack->size == offset) {
-      st = PwriteAll(pack->fd.get(), offset, records, pack->path);
-      if (st.ok()) pack->size += records.size();
+    if (err == 0 && !pack->direct_fd.valid() && pack->size == offset) {
+      err = PwriteErrno(pack->fd.get(), offset, records);
+      if (err == 0) pack->size += records.size();
     }
-    if (!st.ok()) {
+    if (err != 0) {
       active_.reset();  // its tail may hold part of this write: never append after it
-      return std::move(st).WithFix("check free space on the vault's disk");
+      if (offset == kAlign && pack.use_count() == 1) {
+        // A pack that never took a record (on a full disk every first write fails): removed
+        // too. Nothing refers to it: no record in it was indexed or waits for a flush.
+        ::unlink(pack->path.c_str());
+        if (next_pack_ == pack->number + 1) next_pack_--;
+      }
+      return Status::FromErrno(err, "write " + pack->path).WithFix(DiskWriteFix(err, root_));
     }
     // Registered with the write, under the same lock: a flush that takes the list sees every
     // write made before it, and holds unindexed_from at or before every append whose rows are
@@ -534,8 +557,7 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
   }
   if (sync)
     if (const int err = pack->Flush(); err != 0)
-      return Status::FromErrno(err, "sync " + pack->path)
-          .WithFix("check the vault's disk (the kernel reported a write error)");
+      return Status::FromErrno(err, "sync " + pack->path).WithFix(DiskWriteFix(err, root_));
   // An early flush (see kEarlyFlushBytes); of two Puts that cross the threshold together, the
   // one that takes the count flushes.
   if (!sync && early_flush_bytes_ > 0 &&
@@ -546,8 +568,7 @@ Result<std::pair<int64_t, uint64_t>> BlockStore::Append(std::string_view records
       if (active_ == pack) active_.reset();  // never append after bytes that may be lost
       if (auto it = in_flight_.find({pack->number, offset}); it != in_flight_.end())
         in_flight_.erase(it);  // this Put fails: its records get no rows
-      return Status::FromErrno(err, "sync " + pack->path)
-          .WithFix("check the vault's disk (the kernel reported a write error)");
+      return Status::FromErrno(err, "sync " + pack->path).WithFix(DiskWriteFix(err, root_));
     }
     early_flushes_++;
   }
@@ -1100,7 +1121,7 @@ Status BlockStore::FlushPendingLocked() const {
     }
     return Status::FromErrno(err, "sync " + pack->path + " (" + std::to_string(dropped) +
                                       " stored blocks forgotten; they are uploaded again)")
-        .WithFix("check the vault's disk (the kernel reported a write error)");
+        .WithFix(DiskWriteFix(err, root_));
   }
   // These rows are made durable by the next FULL transaction, checkpoint or SyncIndex; until
   // then a power failure may forget them (and the position with them: Open then scans from

@@ -26,6 +26,8 @@ int HttpStatusFor(Code code) {
       return 504;
     case Code::kCancelled:
       return 499;
+    case Code::kResourceExhausted:
+      return 507;  // Insufficient Storage
     default:
       return 500;
   }
@@ -38,6 +40,7 @@ Code CodeFromName(const std::string& name, int http_status) {
   if (http_status == 403) return Code::kPermissionDenied;
   if (http_status == 404) return Code::kNotFound;
   if (http_status == 409) return Code::kConflict;
+  if (http_status == 507) return Code::kResourceExhausted;
   if (http_status >= 500) return Code::kUnavailable;
   return Code::kInvalidArgument;
 }

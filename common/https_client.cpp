@@ -78,7 +78,8 @@ class HttpsClient::Impl {
       if (r.ok()) {
         if (r->status >= 200 && r->status < 300) return r;
         last = StatusFromResponse(*r);
-        if (r->status < 500) return last;  // the vault said no: retrying cannot help
+        // The vault said no, or is out of space: retrying within seconds cannot help.
+        if (r->status < 500 || last.code() == Code::kResourceExhausted) return last;
       } else {
         last = r.take_status();
         Disconnect();

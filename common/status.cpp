@@ -30,6 +30,8 @@ const char* CodeName(Code code) {
       return "CONFLICT";
     case Code::kCancelled:
       return "CANCELLED";
+    case Code::kResourceExhausted:
+      return "RESOURCE_EXHAUSTED";
     case Code::kInternal:
       return "INTERNAL";
   }

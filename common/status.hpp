@@ -15,18 +15,19 @@ namespace vmsnap {
 
 enum class Code {
   kOk = 0,
-  kInvalidArgument,   // the caller's input is wrong; retrying the same input cannot help
-  kNotFound,          // a named thing (disk, recovery point, block) does not exist
-  kAlreadyExists,     // refusing to overwrite
-  kIoError,           // the OS failed a read or write
-  kCorruption,        // stored data does not match its checksum
-  kUnavailable,       // transient: network down, server restarting; retry with backoff
-  kTimeout,           // transient: a deadline passed
-  kUnauthenticated,   // bad or missing token/credential
-  kPermissionDenied,  // authenticated but not allowed, or unsafe file permissions
-  kConflict,          // state changed underneath (e.g. parent recovery point moved)
-  kCancelled,         // the job was cancelled
-  kInternal,          // a bug
+  kInvalidArgument,    // the caller's input is wrong; retrying the same input cannot help
+  kNotFound,           // a named thing (disk, recovery point, block) does not exist
+  kAlreadyExists,      // refusing to overwrite
+  kIoError,            // the OS failed a read or write
+  kCorruption,         // stored data does not match its checksum
+  kUnavailable,        // transient: network down, server restarting; retry with backoff
+  kTimeout,            // transient: a deadline passed
+  kUnauthenticated,    // bad or missing token/credential
+  kPermissionDenied,   // authenticated but not allowed, or unsafe file permissions
+  kConflict,           // state changed underneath (e.g. parent recovery point moved)
+  kCancelled,          // the job was cancelled
+  kResourceExhausted,  // out of space (the vault's disk at its reserve); retry after freeing it
+  kInternal,           // a bug
 };
 
 const char* CodeName(Code code);

@@ -405,6 +405,47 @@ TEST_CASE("vault killed mid-upload: rerun uploads only the missing blocks, nothi
   CHECK(FileSha256(dir / "r.img") == FileSha256(img));
 }
 
+// A small ext4 (4 KiB blocks, like a real vault's disk) for a vault's data: an image file in
+// `dir`, a loop device attached and detached here by name, a mount point below `dir`. Root only.
+class SmallVaultFs {
+ public:
+  SmallVaultFs(const TempDir& dir, const std::string& size)
+      : image_(dir / "vaultfs.img"), mount_point_(dir / "vaultfs") {
+    fs::create_directories(mount_point_);
+    REQUIRE(Run({"/usr/bin/truncate", "-s", size, image_}).exit_code == 0);
+    REQUIRE(Run({"/sbin/mkfs.ext4", "-q", "-F", "-b", "4096", image_}).exit_code == 0);
+    auto attach = Run({"/sbin/losetup", "--find", "--show", image_});
+    REQUIRE(attach.exit_code == 0);
+    dev_ = attach.out.substr(0, attach.out.find('\n'));
+    REQUIRE(Run({"/bin/mount", "-t", "ext4", dev_, mount_point_}).exit_code == 0);
+    mounted_ = true;
+  }
+  ~SmallVaultFs() {
+    if (mounted_) Run({"/bin/umount", mount_point_});
+    if (!dev_.empty()) Run({"/sbin/losetup", "-d", dev_});
+  }
+  const std::string& mount_point() const { return mount_point_; }
+  // Bytes an unprivileged writer may still take.
+  uint64_t Available() const { return fs::space(mount_point_).available; }
+
+ private:
+  std::string image_, mount_point_, dev_;
+  bool mounted_ = false;
+};
+
+json FailedBackup(const Vault& v, const TempDir& dir, const std::string& disk) {
+  auto c = v.conn();
+  auto r = Agent(Args({{"backup"},
+                       c,
+                       {"--disk", disk, "--state-dir", dir / "state", "--item", "test-vm", "--json",
+                        "--block-size", "64K"}}));
+  INFO("stderr: " << r.err);
+  CHECK(r.exit_code != 0);
+  json error = r.json();
+  REQUIRE(error.is_object());
+  return error;
+}
+
 TEST_CASE(
     "the vault's disk fills up: the backup fails naming it, nothing half-written, earlier points "
     "intact; after space is freed the rerun sends only what is missing") {
@@ -414,28 +455,12 @@ TEST_CASE(
     return;
   }
   TempDir dir;
-  // The vault's data on its own 96 MiB ext4, on a loop device this test attaches and detaches
-  // by name; a 40 MiB ballast file stands for the space an operator frees.
-  const std::string fs_image = dir / "vaultfs.img";
-  const std::string mount_point = dir / "vaultfs";
-  fs::create_directories(mount_point);
-  REQUIRE(Run({"/usr/bin/truncate", "-s", "96M", fs_image}).exit_code == 0);
-  REQUIRE(Run({"/sbin/mkfs.ext4", "-q", "-F", fs_image}).exit_code == 0);
-  auto attach = Run({"/sbin/losetup", "--find", "--show", fs_image});
-  REQUIRE(attach.exit_code == 0);
-  struct Unmount {
-    std::string mount_point, dev;
-    bool mounted = false;
-    ~Unmount() {
-      if (mounted) Run({"/bin/umount", mount_point});
-      Run({"/sbin/losetup", "-d", dev});
-    }
-  } unmount{mount_point, attach.out.substr(0, attach.out.find('\n'))};
-  REQUIRE(Run({"/bin/mount", "-t", "ext4", unmount.dev, mount_point}).exit_code == 0);
-  unmount.mounted = true;
-  const std::string ballast = mount_point + "/ballast";
+  SmallVaultFs vault_fs(dir, "96M");
+  // A 40 MiB ballast file stands for the space an operator frees.
+  const std::string ballast = vault_fs.mount_point() + "/ballast";
   REQUIRE(Run({"/usr/bin/fallocate", "-l", "40M", ballast}).exit_code == 0);
-  Vault vault(mount_point + "/vault");  // stopped before the filesystem is unmounted
+  Vault vault(vault_fs.mount_point() + "/vault");  // stopped before the unmount
+  vault.Configure({"--min-free-space", "0"});      // no reserve: the pack writes meet ENOSPC
   vault.Start();
 
   // 16 MiB of random data fit; 40 MiB more do not.
@@ -449,18 +474,11 @@ TEST_CASE(
   json full = Backup(vault, dir, {img});
   WriteRandomBlocks(img, kBlock, second, 72);
 
-  auto c = vault.conn();
-  auto failed = Agent(Args({{"backup"},
-                            c,
-                            {"--disk", img, "--state-dir", dir / "state", "--item", "test-vm",
-                             "--json", "--block-size", "64K"}}));
-  INFO("stderr: " << failed.err);
-  CHECK(failed.exit_code != 0);
-  json error = failed.json();
+  json error = FailedBackup(vault, dir, img);
   CHECK(error["phase"] == "upload blocks");
   CHECK(error["error"].get<std::string>().find("No space left on device") != std::string::npos);
   CHECK(error["fix"].get<std::string>().find("free space on the vault's disk under " +
-                                             mount_point) != std::string::npos);
+                                             vault_fs.mount_point()) != std::string::npos);
   CHECK(List(vault).size() == 1);  // no half-written point
   // Every pack holds a record: failed first writes left no empty pack behind.
   size_t packs = 0;
@@ -487,6 +505,59 @@ TEST_CASE(
   auto r2 = Restore(vault, rerun["recovery_point"], {dir / "r2.img"});
   REQUIRE_MESSAGE(r2.exit_code == 0, r2.err);
   CHECK(FileSha256(dir / "r2.img") == FileSha256(img));
+  CHECK(vault.Stop() == 0);
+}
+
+TEST_CASE(
+    "at its free-space reserve the vault refuses backup data at once; on a disk full to the "
+    "last block it still starts, lists and restores") {
+  if (!IsRoot()) {
+    if (InCi()) FAIL("this test needs root (a loop-mounted ext4) and CI=true forbids skipping");
+    MESSAGE("skipped: needs root to mount the vault's small filesystem");
+    return;
+  }
+  TempDir dir;
+  SmallVaultFs vault_fs(dir, "96M");
+  Vault vault(vault_fs.mount_point() + "/vault");
+  vault.Configure({"--min-free-space", "24M"});
+  vault.Start();
+
+  const std::string img = dir / "disk.img";
+  CreateSparseFile(img, 128 << 20);
+  std::vector<uint64_t> first, second;
+  for (uint64_t i = 0; i < 256; ++i) first.push_back(i);       // 16 MiB: fit
+  for (uint64_t i = 1024; i < 2048; ++i) second.push_back(i);  // 64 MiB more: do not
+  WriteRandomBlocks(img, kBlock, first, 81);
+  const std::string first_sha = FileSha256(img);
+  json full = Backup(vault, dir, {img});
+  WriteRandomBlocks(img, kBlock, second, 82);
+
+  json refused = FailedBackup(vault, dir, img);
+  CHECK(refused["code"] == "RESOURCE_EXHAUSTED");
+  CHECK(refused["phase"] == "upload blocks");
+  CHECK(refused["error"].get<std::string>().find("reserve (--min-free-space) is 24.0 MiB") !=
+        std::string::npos);
+  CHECK(refused["fix"].get<std::string>().find("vmsnap cleanup --now") != std::string::npos);
+  CHECK(vault_fs.Available() >= (16u << 20));  // stopped before the disk filled
+  CHECK(List(vault).size() == 1);
+
+  // Something else fills the disk to its last block (as root: past ext4's root reserve too);
+  // the vault restarts, lists and restores, and refuses a backup when it starts.
+  for (const char* bs : {"bs=1M", "bs=4k"}) {  // the 4 KiB writes take what 1 MiB ones leave
+    auto filler =
+        Run({"/bin/dd", "if=/dev/zero",
+             "of=" + vault_fs.mount_point() + "/filler-" + std::string(bs + 3), bs, "status=none"});
+    CHECK(filler.err.find("No space left on device") != std::string::npos);
+  }
+  CHECK(vault.Stop() == 0);
+  vault.Start();
+  REQUIRE(List(vault).size() == 1);
+  auto r1 = Restore(vault, full["recovery_point"], {dir / "r1.img"});
+  REQUIRE_MESSAGE(r1.exit_code == 0, r1.err);
+  CHECK(FileSha256(dir / "r1.img") == first_sha);
+  json at_start = FailedBackup(vault, dir, img);
+  CHECK(at_start["code"] == "RESOURCE_EXHAUSTED");
+  CHECK(at_start["phase"] == "start backup session");
   CHECK(vault.Stop() == 0);
 }
 

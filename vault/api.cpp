@@ -37,12 +37,13 @@ bool TokenMatches(const std::string& header, const std::string& token) {
 }  // namespace
 
 VaultApi::VaultApi(BlockStore* store, Catalog* catalog, ControlPlane* control, TestClock* clock,
-                   std::string admin_token)
+                   std::string admin_token, const DiskSpaceReserve* reserve)
     : store_(store),
       catalog_(catalog),
       control_(control),
       clock_(clock),
-      token_(std::move(admin_token)) {}
+      token_(std::move(admin_token)),
+      reserve_(reserve) {}
 
 namespace {
 Status NotYours(const std::string& what) {
@@ -113,7 +114,11 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       if (!present[i]) missing.push_back((*ids)[i]);
     return Binary(EncodeIdList(missing));
   }
+  // Backup data is refused at the disk's reserve (sessions, blocks, manifests; not commits,
+  // which need little and complete what was sent).
+  auto admit = [&](uint64_t bytes) { return reserve_ ? reserve_->Admit(bytes) : Status::Ok(); };
   if (post && p == "/v1/blocks") {
+    VMSNAP_RETURN_IF_ERROR(admit(req.body.size()));
     auto blocks = DecodeBatchView(req.body);  // views into the body: no copy of the payloads
     if (!blocks.ok()) return blocks.take_status();
     auto stats = store_->Put(std::span<const BlockRecordView>(*blocks));
@@ -159,6 +164,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       return Status::Error(Code::kPermissionDenied,
                            "this agent may back up only its own item '" + who.agent + "'",
                            "leave --item unset in the daemon's config");
+    VMSNAP_RETURN_IF_ERROR(admit(0));
     auto sid = catalog_->CreateSession(body["item"]);
     if (!sid.ok()) return sid.take_status();
     return Json({{"session", *sid}}, 201);
@@ -171,6 +177,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     if (!owns(*item)) return NotYours("backup session " + std::string(m[1]));
   }
   if (put && std::regex_match(p, m, kSessionDisk)) {
+    VMSNAP_RETURN_IF_ERROR(admit(req.body.size()));
     VMSNAP_RETURN_IF_ERROR(catalog_->PutManifest(m[1], std::stoi(m[2]), req.body));
     return Json({{"stored", true}});
   }
@@ -184,6 +191,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       return Status::InvalidArgument(std::string("manifest ") + (part ? "part" : "seal") +
                                      " needs ?" + key + "=N");
     if (part) {
+      VMSNAP_RETURN_IF_ERROR(admit(req.body.size()));
       VMSNAP_RETURN_IF_ERROR(catalog_->PutManifestPart(m[1], std::stoi(m[2]), value, req.body));
       return Json({{"stored", true}, {"end", value + req.body.size()}});
     }

@@ -10,6 +10,7 @@
 #include "vault/block_store.hpp"
 #include "vault/catalog.hpp"
 #include "vault/control_plane.hpp"
+#include "vault/disk_space.hpp"
 
 namespace vmsnap::vault {
 
@@ -37,9 +38,10 @@ struct TestClock {
 
 class VaultApi {
  public:
-  // Not owned: everything must outlive the VaultApi. control and clock may be null.
+  // Not owned: everything must outlive the VaultApi. control, clock and reserve may be null
+  // (no reserve: uploads are taken until a write fails).
   VaultApi(BlockStore* store, Catalog* catalog, ControlPlane* control, TestClock* clock,
-           std::string admin_token);
+           std::string admin_token, const DiskSpaceReserve* reserve = nullptr);
   HttpResponse Handle(const HttpRequest& request);
   const ApiCounters& counters() const { return counters_; }
 
@@ -52,6 +54,7 @@ class VaultApi {
   ControlPlane* control_;
   TestClock* clock_;
   std::string token_;
+  const DiskSpaceReserve* reserve_;
   ApiCounters counters_;
 };
 

@@ -233,11 +233,18 @@ BlockStore::BlockStore(std::string root, uint64_t pack_target_bytes, size_t max_
 BlockStore::~BlockStore() {
   if (!db_) return;
   std::lock_guard lock(db_mu_);
-  if (Status st = FlushPendingLocked(); !st.ok())
-    spdlog::error(
-        "block index: {} rows of stored blocks not written at shutdown ({}); those "
-        "blocks count as missing and are uploaded again",
-        pending_.size(), st.ToString());
+  if (Status st = FlushPendingLocked(); !st.ok()) {
+    if (pending_.empty())
+      spdlog::warn(
+          "block index: the indexed position was not recorded at shutdown ({}); the next start "
+          "re-scans the packs from the older one",
+          st.ToString());
+    else
+      spdlog::error(
+          "block index: {} rows of stored blocks not written at shutdown ({}); those "
+          "blocks count as missing and are uploaded again",
+          pending_.size(), st.ToString());
+  }
 }
 
 std::string BlockStore::PackPath(int64_t number) const {
@@ -307,10 +314,18 @@ Status BlockStore::Open() {
                                .WithFix(check_packs));
   VMSNAP_RETURN_IF_ERROR(MigrateLegacyFiles().InPhase("move block files into packs"));
   // Everything in the packs is indexed now: records without rows can only come after this.
+  // Only that position is written here; on a full disk it is left older (a later flush or
+  // the next start's scan catches up), so that the vault still starts and serves restores.
   std::lock_guard lock(db_mu_);
-  return FlushPendingLocked()
-      .InPhase("open block store")
-      .WithFix("check free space and the vault's disk under " + root_);
+  if (Status st = FlushPendingLocked(); !st.ok()) {
+    if (!pending_.empty() || st.code() != Code::kResourceExhausted)
+      return std::move(st).InPhase("open block store").WithFix(DiskWriteFix(0, root_));
+    spdlog::warn(
+        "block index {}/index.db: could not record that every pack is indexed ({}); starting "
+        "anyway, the next start re-scans from the older position",
+        root_, st.ToString());
+  }
+  return Status::Ok();
 }
 
 Status BlockStore::RebuildIndex() {
@@ -337,12 +352,27 @@ Status BlockStore::RecoverUnindexedRecords() {
   const int64_t first_pack = (*from)[0].Int(0);
   const uint64_t first_offset = static_cast<uint64_t>((*from)[0].Int(1));
   uint64_t rows = 0;
-  Transaction tx(db_.get());
-  VMSNAP_RETURN_IF_ERROR(tx.status());
-  for (int64_t n = std::max<int64_t>(first_pack, 1); n < next_pack_; ++n)
-    VMSNAP_RETURN_IF_ERROR(
-        IndexPackRecords(n, n == first_pack ? first_offset : 0, /*verify=*/true, &rows));
-  VMSNAP_RETURN_IF_ERROR(tx.Commit());
+  Status st = [&] {
+    Transaction tx(db_.get());
+    VMSNAP_RETURN_IF_ERROR(tx.status());
+    for (int64_t n = std::max<int64_t>(first_pack, 1); n < next_pack_; ++n)
+      VMSNAP_RETURN_IF_ERROR(
+          IndexPackRecords(n, n == first_pack ? first_offset : 0, /*verify=*/true, &rows));
+    return tx.Commit();
+  }();
+  if (st.code() == Code::kResourceExhausted) {
+    // A full disk: the vault starts without these rows and keeps the position where it is,
+    // so that a later start re-indexes them. Committed points are not affected (their rows
+    // were written before they were published); the blocks of unfinished uploads count as
+    // missing meanwhile and are uploaded again.
+    recover_from_ = std::make_pair(first_pack, first_offset);
+    spdlog::warn(
+        "block index: blocks stored after the index's last write are not re-indexed now ({}); "
+        "a later start does it",
+        st.ToString());
+    return Status::Ok();
+  }
+  VMSNAP_RETURN_IF_ERROR(st);
   if (rows)
     spdlog::warn(
         "block index: re-indexed {} blocks that were stored after the index's last write (the "
@@ -581,9 +611,12 @@ void BlockStore::AppendIndexed(std::pair<int64_t, uint64_t> at) {
 }
 
 std::pair<int64_t, uint64_t> BlockStore::UnindexedFromLocked() const {
-  if (!in_flight_.empty()) return *in_flight_.begin();
-  if (active_) return {active_->number, active_->size};
-  return {next_pack_, 0};
+  std::pair<int64_t, uint64_t> from{next_pack_, 0};
+  if (!in_flight_.empty())
+    from = *in_flight_.begin();
+  else if (active_)
+    from = {active_->number, active_->size};
+  return recover_from_ ? std::min(from, *recover_from_) : from;
 }
 
 Status BlockStore::IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack,

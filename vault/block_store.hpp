@@ -43,6 +43,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
 #include <span>
@@ -266,6 +267,9 @@ class BlockStore {
   std::chrono::steady_clock::time_point pending_since_;  // when the oldest pending row came
   // The unindexed_from position last written to the index (under db_mu_; {-1, 0}: none yet).
   mutable std::pair<int64_t, uint64_t> unindexed_from_written_{-1, 0};
+  // Set by Open when a full disk kept it from re-indexing the records from this position on:
+  // the position written never moves past it in this run, so the next start re-indexes them.
+  std::optional<std::pair<int64_t, uint64_t>> recover_from_;
   std::unique_ptr<DbStatement> set_unindexed_from_;
   // The active pack, appended under append_mu_ (taken after db_mu_ when both are held).
   mutable std::mutex append_mu_;

@@ -236,7 +236,9 @@ Result<std::string> Catalog::CreateSession(const std::string& item) {
   std::string id = RandomHex(16);
   std::error_code ec;
   fs::create_directories(SessionDir(id), ec);
-  if (ec) return Status::IoError("create session directory: " + ec.message());
+  if (ec)
+    return Status::IoError("create session directory " + SessionDir(id) + ": " + ec.message(),
+                           "check free space and permissions on the vault's disk");
   json meta = {{"item", item}, {"created_unix_ms", Now()}, {"created_real_ms", NowMs()}};
   VMSNAP_RETURN_IF_ERROR(
       platform::Env::Default()->WriteFileAtomic(SessionDir(id) + "/session.json", meta.dump()));

@@ -36,12 +36,26 @@ Db::~Db() {
   if (db_) sqlite3_close_v2(db_);
 }
 
+namespace {
+
+// A failed statement's status: a full disk is kResourceExhausted (the caller may go on without
+// writing), a violated constraint kAlreadyExists, anything else kIoError.
+Status StepError(int rc, const std::string& message) {
+  const std::string msg = "metadata database: " + message;
+  if (rc == SQLITE_CONSTRAINT) return Status::Error(Code::kAlreadyExists, msg);
+  if ((rc & 0xff) == SQLITE_FULL)
+    return Status::Error(Code::kResourceExhausted, msg, "free space on the vault's disk");
+  return Status::IoError(msg);
+}
+
+}  // namespace
+
 Status Db::Exec(const std::string& sql) {
   char* err = nullptr;
-  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+  if (int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err); rc != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
     sqlite3_free(err);
-    return Status::IoError("metadata database: " + msg);
+    return StepError(rc, msg);
   }
   return Status::Ok();
 }
@@ -75,10 +89,9 @@ Result<bool> DbStatement::Step() {
   int rc = sqlite3_step(stmt_);
   if (rc == SQLITE_ROW) return true;
   if (rc == SQLITE_DONE) return false;
-  std::string msg = "metadata database: " + std::string(sqlite3_errmsg(db_));
+  std::string msg = sqlite3_errmsg(db_);
   sqlite3_reset(stmt_);
-  if (rc == SQLITE_CONSTRAINT) return Status::Error(Code::kAlreadyExists, msg);
-  return Status::IoError(msg);
+  return StepError(rc, msg);
 }
 
 int64_t DbStatement::ColumnInt(int column) const {
@@ -114,12 +127,7 @@ Result<std::vector<DbRow>> Db::Query(const std::string& sql, const std::vector<D
   for (;;) {
     int rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE) break;
-    if (rc != SQLITE_ROW) {
-      if (rc == SQLITE_CONSTRAINT)
-        return Status::Error(Code::kAlreadyExists,
-                             "metadata database: " + std::string(sqlite3_errmsg(db_)));
-      return Status::IoError("metadata database: " + std::string(sqlite3_errmsg(db_)));
-    }
+    if (rc != SQLITE_ROW) return StepError(rc, sqlite3_errmsg(db_));
     DbRow row;
     int n = sqlite3_column_count(stmt);
     for (int c = 0; c < n; ++c) {

@@ -74,6 +74,7 @@ struct ServeOptions {
   int cleanup_interval_s = 3600;
   int64_t verify_interval_s = 7 * 86400;
   int soft_delete_days = 14;
+  uint64_t min_free_space = vault::DiskSpaceReserve::kDefault;
 };
 
 int64_t RealNowMs() {
@@ -128,7 +129,8 @@ int Serve(const ServeOptions& so) {
   if (Status st = control.Init(); !st.ok()) return fail(st, "open control plane");
   vault::Lifecycle lifecycle(&catalog, &store);
   control.SetLifecycle(&lifecycle);
-  vault::VaultApi api(&store, &catalog, &control, &clock, *token);
+  vault::DiskSpaceReserve reserve(data_dir, so.min_free_space);
+  vault::VaultApi api(&store, &catalog, &control, &clock, *token, &reserve);
 
   // Signals are taken synchronously by this thread; block them before any thread starts.
   sigset_t signals;
@@ -156,11 +158,20 @@ int Serve(const ServeOptions& so) {
                          {"ca_fingerprint_sha256", tls->ca_fingerprint_sha256},
                          {"token_file", fs::absolute(data_dir + "/token").string()},
                          {"pid", ::getpid()}};
-  // Written once listening: tests and the admin CLI read the connection settings from it.
-  if (Status st = platform::Env::Default()->WriteFileAtomic(data_dir + "/vault.json",
-                                                            info.dump(2) + "\n", 0600);
-      !st.ok())
-    return fail(st, "write vault.json");
+  // Written once listening: tests and the admin CLI read the connection settings from it. On
+  // a full disk the old file's space is what the new one needs; a vault that cannot write it
+  // still serves (restores, cleanup) at the address it prints.
+  const std::string info_file = data_dir + "/vault.json";
+  Status wrote = platform::Env::Default()->WriteFileAtomic(info_file, info.dump(2) + "\n", 0600);
+  if (!wrote.ok()) {
+    fs::remove(info_file, ec);
+    wrote = platform::Env::Default()->WriteFileAtomic(info_file, info.dump(2) + "\n", 0600);
+  }
+  if (!wrote.ok())
+    spdlog::error(
+        "{}; serving anyway at {} (the vmsnap command and tests, which read {}, will "
+        "not find it there: free space on the vault's disk)",
+        wrote.ToString(), url, info_file);
   std::cout << "vmsnap-vault listening on " << url << "\n"
             << "CA certificate: " << info["ca_file"].get<std::string>()
             << (tls->created ? " (created)" : "") << "\n"
@@ -168,7 +179,8 @@ int Serve(const ServeOptions& so) {
             << "access token: " << *token << " (stored in " << info["token_file"].get<std::string>()
             << ", mode 0600)\n"
             << std::flush;
-  spdlog::info("serving {} with data in {}", url, data_dir);
+  spdlog::info("serving {} with data in {} (backup data refused below {:.1f} MiB free)", url,
+               data_dir, static_cast<double>(reserve.ReserveBytes()) / (1 << 20));
 
   // The scheduler: fires due backups once a second.
   std::atomic<bool> stopping{false};
@@ -234,6 +246,11 @@ int main(int argc, char** argv) {
                    "Days 'unprotect --delete-data' keeps a VM's data before purging it")
       ->capture_default_str()
       ->check(CLI::Range(0, 3650));
+  serve
+      ->add_option("--min-free-space", so.min_free_space,
+                   "Free space kept on the data directory's disk: backup data is refused below "
+                   "it (e.g. 2G, 500M; 0: none; default 1 % of the filesystem, at most 1 GiB)")
+      ->transform(CLI::AsSizeValue(false));
   serve
       ->add_option("--verify-interval", so.verify_interval_s,
                    "Seconds between scheduled verifies of every VM's blocks (0: never)")

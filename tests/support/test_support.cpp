@@ -128,8 +128,7 @@ Vault::~Vault() {
 
 void Vault::Start() {
   std::error_code ec;
-  fs::create_directories(data_, ec);
-  fs::remove(data_ + "/vault.json", ec);
+  fs::create_directories(data_, ec);  // (an old vault.json stays: its pid tells it apart)
   std::vector<std::string> argv{VaultBinary(), "serve",    "--data",
                                 data_,         "--listen", "127.0.0.1:" + std::to_string(port_)};
   argv.insert(argv.end(), extra_args_.begin(), extra_args_.end());

@@ -1,0 +1,48 @@
+#include "vault/disk_space.hpp"
+
+#include <sys/statvfs.h>
+
+#include <algorithm>
+#include <cstdio>
+
+namespace vmsnap::vault {
+namespace {
+
+std::string Mib(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+}  // namespace
+
+DiskSpaceReserve::DiskSpaceReserve(std::string dir, uint64_t reserve_bytes)
+    : dir_(std::move(dir)), reserve_bytes_(reserve_bytes) {}
+
+uint64_t DiskSpaceReserve::ReserveBytes() const {
+  if (reserve_bytes_ != kDefault) return reserve_bytes_;
+  struct statvfs st {};
+  if (::statvfs(dir_.c_str(), &st) != 0) return 0;
+  const uint64_t size = static_cast<uint64_t>(st.f_blocks) * st.f_frsize;
+  return std::min<uint64_t>(size / 100, uint64_t{1} << 30);
+}
+
+Status DiskSpaceReserve::Admit(uint64_t incoming_bytes) const {
+  if (reserve_bytes_ == 0) return Status::Ok();
+  struct statvfs st {};
+  if (::statvfs(dir_.c_str(), &st) != 0) return Status::Ok();
+  const uint64_t available = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+  const uint64_t reserve = ReserveBytes();
+  if (available >= reserve && available - reserve >= incoming_bytes) return Status::Ok();
+  return Status::Error(
+      Code::kResourceExhausted,
+      "the vault's disk under " + dir_ + " has " + Mib(available) +
+          " available, and its reserve (--min-free-space) is " + Mib(reserve) +
+          (incoming_bytes ? " (this request brings " + Mib(incoming_bytes) + ")" : "") +
+          ": it takes no more backup data until space is freed",
+      "free space on the vault's disk: expire recovery points and run 'vmsnap cleanup --now', "
+      "or give the vault a larger disk, then run the backup again (blocks already stored are "
+      "not sent again); restores and cleanups work meanwhile");
+}
+
+}  // namespace vmsnap::vault

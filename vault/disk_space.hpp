@@ -1,0 +1,39 @@
+// The vault's reserve of free disk space: uploads stop before the disk is full.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/status.hpp"
+
+namespace vmsnap::vault {
+
+// Backup data (sessions, blocks, manifests) is refused while the filesystem holding the data
+// directory would have less than the reserve available after the request: what is left is for
+// what a vault must still do when backups no longer fit (commit points whose blocks it has,
+// write its index, expire points and compact packs, restart, serve restores).
+//
+// "Available" is statvfs's f_bavail: the space unprivileged users may take (ext4 keeps a
+// further 5 % for root by default). Thread-safe: every call asks the kernel; nothing is
+// cached, so freed space counts at once.
+class DiskSpaceReserve {
+ public:
+  static constexpr uint64_t kDefault = UINT64_MAX;  // 1 % of the filesystem, at most 1 GiB
+
+  // `dir`: the vault's data directory. `reserve_bytes`: kDefault, 0 (no reserve) or bytes.
+  DiskSpaceReserve(std::string dir, uint64_t reserve_bytes);
+
+  // OK when `incoming_bytes` more leave the reserve free. Otherwise kResourceExhausted naming
+  // the directory, the space available, the reserve and the fix. When the filesystem cannot
+  // be asked (statvfs fails) the request is admitted: its own write reports the real error.
+  Status Admit(uint64_t incoming_bytes) const;
+
+  // The reserve in bytes now (the default depends on the filesystem's size); 0 if unknown.
+  uint64_t ReserveBytes() const;
+
+ private:
+  std::string dir_;
+  uint64_t reserve_bytes_;
+};
+
+}  // namespace vmsnap::vault

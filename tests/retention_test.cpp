@@ -29,6 +29,7 @@
 #include "vault/block_store.hpp"
 #include "vault/catalog.hpp"
 #include "vault/db.hpp"
+#include "vault/disk_space.hpp"
 #include "vault/id_sets.hpp"
 #include "vault/retention.hpp"
 
@@ -1984,4 +1985,33 @@ TEST_CASE(
   BlockStore reopened{blocks};
   REQUIRE(reopened.Open().ok());
   for (const auto& content : contents) CHECK(Plain(*reopened.Get(Lib::IdOf(content))) == content);
+}
+
+TEST_CASE("disk space reserve: requests in flight count against it until they end") {
+  TempDir dir;
+  const uint64_t available = std::filesystem::space(dir.path()).available;
+  REQUIRE(available > (400ull << 20));
+  constexpr uint64_t kMiB = 1 << 20;
+  // 100 MiB above the reserve: one 60 MiB request fits, two at once do not (the margins allow
+  // for 40 MiB written or freed by others meanwhile).
+  vault::DiskSpaceReserve reserve(dir.path(), available - 100 * kMiB);
+  CHECK(reserve.ReserveBytes() == available - 100 * kMiB);
+  {
+    auto first = reserve.Admit(60 * kMiB);
+    REQUIRE_MESSAGE(first.ok(), first.status().ToString());
+    auto second = reserve.Admit(60 * kMiB);
+    REQUIRE_FALSE(second.ok());
+    CHECK(second.status().code() == Code::kResourceExhausted);
+    CHECK(second.status().ToString().find("under " + dir.path()) != std::string::npos);
+    CHECK(second.status().ToString().find("vmsnap cleanup --now") != std::string::npos);
+  }
+  auto again = reserve.Admit(60 * kMiB);  // the first has ended (and wrote nothing)
+  CHECK_MESSAGE(again.ok(), again.status().ToString());
+  // No reserve admits anything; the default is 1 % of the filesystem, at most 1 GiB.
+  CHECK(vault::DiskSpaceReserve(dir.path(), 0).Admit(UINT64_MAX / 2).ok());
+  const uint64_t size = std::filesystem::space(dir.path()).capacity;
+  const uint64_t by_default =
+      vault::DiskSpaceReserve(dir.path(), vault::DiskSpaceReserve::kDefault).ReserveBytes();
+  CHECK(by_default <= (1ull << 30));
+  CHECK(by_default >= std::min<uint64_t>(size / 100, 1ull << 30) * 99 / 100);
 }

@@ -116,9 +116,13 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
   }
   // Backup data is refused at the disk's reserve (sessions, blocks, manifests; not commits,
   // which need little and complete what was sent).
-  auto admit = [&](uint64_t bytes) { return reserve_ ? reserve_->Admit(bytes) : Status::Ok(); };
+  auto admit = [&](uint64_t bytes) -> Result<DiskSpaceReserve::Ticket> {
+    if (!reserve_) return DiskSpaceReserve::Ticket();
+    return reserve_->Admit(bytes);
+  };
   if (post && p == "/v1/blocks") {
-    VMSNAP_RETURN_IF_ERROR(admit(req.body.size()));
+    auto admitted = admit(req.body.size());  // held until the blocks are written
+    if (!admitted.ok()) return admitted.take_status();
     auto blocks = DecodeBatchView(req.body);  // views into the body: no copy of the payloads
     if (!blocks.ok()) return blocks.take_status();
     auto stats = store_->Put(std::span<const BlockRecordView>(*blocks));
@@ -164,7 +168,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       return Status::Error(Code::kPermissionDenied,
                            "this agent may back up only its own item '" + who.agent + "'",
                            "leave --item unset in the daemon's config");
-    VMSNAP_RETURN_IF_ERROR(admit(0));
+    if (auto admitted = admit(0); !admitted.ok()) return admitted.take_status();
     auto sid = catalog_->CreateSession(body["item"]);
     if (!sid.ok()) return sid.take_status();
     return Json({{"session", *sid}}, 201);
@@ -177,7 +181,8 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     if (!owns(*item)) return NotYours("backup session " + std::string(m[1]));
   }
   if (put && std::regex_match(p, m, kSessionDisk)) {
-    VMSNAP_RETURN_IF_ERROR(admit(req.body.size()));
+    auto admitted = admit(req.body.size());
+    if (!admitted.ok()) return admitted.take_status();
     VMSNAP_RETURN_IF_ERROR(catalog_->PutManifest(m[1], std::stoi(m[2]), req.body));
     return Json({{"stored", true}});
   }
@@ -191,7 +196,8 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       return Status::InvalidArgument(std::string("manifest ") + (part ? "part" : "seal") +
                                      " needs ?" + key + "=N");
     if (part) {
-      VMSNAP_RETURN_IF_ERROR(admit(req.body.size()));
+      auto admitted = admit(req.body.size());
+      if (!admitted.ok()) return admitted.take_status();
       VMSNAP_RETURN_IF_ERROR(catalog_->PutManifestPart(m[1], std::stoi(m[2]), value, req.body));
       return Json({{"stored", true}, {"end", value + req.body.size()}});
     }

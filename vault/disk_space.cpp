@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <utility>
 
 namespace vmsnap::vault {
 namespace {
@@ -27,13 +28,33 @@ uint64_t DiskSpaceReserve::ReserveBytes() const {
   return std::min<uint64_t>(size / 100, uint64_t{1} << 30);
 }
 
-Status DiskSpaceReserve::Admit(uint64_t incoming_bytes) const {
-  if (reserve_bytes_ == 0) return Status::Ok();
+DiskSpaceReserve::Ticket::Ticket(Ticket&& other) noexcept
+    : owner_(std::exchange(other.owner_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+DiskSpaceReserve::Ticket& DiskSpaceReserve::Ticket::operator=(Ticket&& other) noexcept {
+  if (this != &other) {
+    if (owner_) owner_->in_flight_ -= bytes_;
+    owner_ = std::exchange(other.owner_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+DiskSpaceReserve::Ticket::~Ticket() {
+  if (owner_) owner_->in_flight_ -= bytes_;
+}
+
+Result<DiskSpaceReserve::Ticket> DiskSpaceReserve::Admit(uint64_t incoming_bytes) const {
+  if (reserve_bytes_ == 0) return Ticket();
   struct statvfs st {};
-  if (::statvfs(dir_.c_str(), &st) != 0) return Status::Ok();
-  const uint64_t available = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+  if (::statvfs(dir_.c_str(), &st) != 0) return Ticket();
+  const uint64_t free = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
   const uint64_t reserve = ReserveBytes();
-  if (available >= reserve && available - reserve >= incoming_bytes) return Status::Ok();
+  // Taken first, so that two requests checking together both count each other.
+  const uint64_t others = in_flight_.fetch_add(incoming_bytes);
+  Ticket ticket(this, incoming_bytes);
+  const uint64_t available = free > others ? free - others : 0;
+  if (available >= reserve && available - reserve >= incoming_bytes) return ticket;
   return Status::Error(
       Code::kResourceExhausted,
       "the vault's disk under " + dir_ + " has " + Mib(available) +

@@ -1,6 +1,7 @@
 // The vault's reserve of free disk space: uploads stop before the disk is full.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -14,8 +15,9 @@ namespace vmsnap::vault {
 // write its index, expire points and compact packs, restart, serve restores).
 //
 // "Available" is statvfs's f_bavail: the space unprivileged users may take (ext4 keeps a
-// further 5 % for root by default). Thread-safe: every call asks the kernel; nothing is
-// cached, so freed space counts at once.
+// further 5 % for root by default), less the bytes of admitted requests still in flight, so
+// that uploads arriving together cannot all pass the check and overshoot the reserve.
+// Thread-safe: every call asks the kernel; freed space counts at once.
 class DiskSpaceReserve {
  public:
   static constexpr uint64_t kDefault = UINT64_MAX;  // 1 % of the filesystem, at most 1 GiB
@@ -23,10 +25,26 @@ class DiskSpaceReserve {
   // `dir`: the vault's data directory. `reserve_bytes`: kDefault, 0 (no reserve) or bytes.
   DiskSpaceReserve(std::string dir, uint64_t reserve_bytes);
 
-  // OK when `incoming_bytes` more leave the reserve free. Otherwise kResourceExhausted naming
-  // the directory, the space available, the reserve and the fix. When the filesystem cannot
-  // be asked (statvfs fails) the request is admitted: its own write reports the real error.
-  Status Admit(uint64_t incoming_bytes) const;
+  // Holds an admitted request's bytes as in flight until it is destroyed (after the request
+  // has written them, or failed). Move-only.
+  class Ticket {
+   public:
+    Ticket() = default;
+    Ticket(Ticket&& other) noexcept;
+    Ticket& operator=(Ticket&& other) noexcept;
+    ~Ticket();
+
+   private:
+    friend class DiskSpaceReserve;
+    Ticket(const DiskSpaceReserve* owner, uint64_t bytes) : owner_(owner), bytes_(bytes) {}
+    const DiskSpaceReserve* owner_ = nullptr;
+    uint64_t bytes_ = 0;
+  };
+
+  // A ticket when `incoming_bytes` more leave the reserve free. Otherwise kResourceExhausted
+  // naming the directory, the space available, the reserve and the fix. When the filesystem
+  // cannot be asked (statvfs fails) the request is admitted: its own write reports the error.
+  Result<Ticket> Admit(uint64_t incoming_bytes) const;
 
   // The reserve in bytes now (the default depends on the filesystem's size); 0 if unknown.
   uint64_t ReserveBytes() const;
@@ -34,6 +52,7 @@ class DiskSpaceReserve {
  private:
   std::string dir_;
   uint64_t reserve_bytes_;
+  mutable std::atomic<uint64_t> in_flight_{0};
 };
 
 }  // namespace vmsnap::vault

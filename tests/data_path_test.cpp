@@ -540,6 +540,17 @@ TEST_CASE(
   CHECK(refused["fix"].get<std::string>().find("vmsnap cleanup --now") != std::string::npos);
   CHECK(vault_fs.Available() >= (16u << 20));  // stopped before the disk filled
   CHECK(List(vault).size() == 1);
+  // The administrator sees it in the storage report.
+  auto storage = Run(
+      {VMSNAP_ADMIN_BINARY, "storage", "--vault-config", vault.data() + "/vault.json", "--json"});
+  REQUIRE_MESSAGE(storage.exit_code == 0, storage.err);
+  const json disk = storage.json()["vault"]["disk"];
+  CHECK(disk["reserve_bytes"] == 24u << 20);
+  CHECK(disk["headroom_bytes"].get<uint64_t>() < (8u << 20));  // an 8 MiB batch was refused
+  CHECK(disk["available_bytes"].get<uint64_t>() < (24u << 20) + (8u << 20));
+  auto storage_text =
+      Run({VMSNAP_ADMIN_BINARY, "storage", "--vault-config", vault.data() + "/vault.json"});
+  CHECK(storage_text.out.find("left for backup data (low:") != std::string::npos);
 
   // Something else fills the disk to its last block (as root: past ext4's root reserve too);
   // the vault restarts, lists and restores, and refuses a backup when it starts.

@@ -524,6 +524,17 @@ class AdminCommandsImpl final : public AdminCommands {
               << agent::HumanBytes(v["dedup_saved_bytes"].get<uint64_t>()) << "; "
               << agent::HumanBytes(v["unreferenced_bytes"].get<uint64_t>())
               << " awaiting garbage collection\n";
+    if (v.contains("disk")) {
+      const json& d = v["disk"];
+      std::cout << "disk: " << agent::HumanBytes(d["available_bytes"].get<uint64_t>())
+                << " available, reserve " << agent::HumanBytes(d["reserve_bytes"].get<uint64_t>())
+                << ": " << agent::HumanBytes(d["headroom_bytes"].get<uint64_t>())
+                << " left for backup data"
+                << (d["headroom_bytes"].get<uint64_t>() < (64ull << 20)
+                        ? " (low: expire points, then 'vmsnap cleanup --now', or give the vault "
+                          "a larger disk)\n"
+                        : "\n");
+    }
     return 0;
   }
 

@@ -367,7 +367,14 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
   }
   if (get && p == "/v1/admin/storage") {
     auto vm = req.query.find("vm");
-    return reply(control_->Storage(vm == req.query.end() ? "" : vm->second));
+    auto storage = control_->Storage(vm == req.query.end() ? "" : vm->second);
+    if (storage.ok() && reserve_) {
+      const auto disk = reserve_->Now();
+      (*storage)["vault"]["disk"] = {{"available_bytes", disk.available_bytes},
+                                     {"reserve_bytes", disk.reserve_bytes},
+                                     {"headroom_bytes", disk.headroom_bytes}};
+    }
+    return reply(std::move(storage));
   }
   if (post && p == "/v1/admin/clock") {
     if (!clock_ || !clock_->enabled)

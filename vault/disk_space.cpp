@@ -44,6 +44,18 @@ DiskSpaceReserve::Ticket::~Ticket() {
   if (owner_) owner_->in_flight_ -= bytes_;
 }
 
+DiskSpaceReserve::Report DiskSpaceReserve::Now() const {
+  Report r;
+  r.reserve_bytes = reserve_bytes_ == 0 ? 0 : ReserveBytes();
+  struct statvfs st {};
+  if (::statvfs(dir_.c_str(), &st) != 0) return r;  // unknown: all zero
+  const uint64_t free = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+  const uint64_t others = in_flight_.load();
+  r.available_bytes = free > others ? free - others : 0;
+  r.headroom_bytes = r.available_bytes > r.reserve_bytes ? r.available_bytes - r.reserve_bytes : 0;
+  return r;
+}
+
 Result<DiskSpaceReserve::Ticket> DiskSpaceReserve::Admit(uint64_t incoming_bytes) const {
   if (reserve_bytes_ == 0) return Ticket();
   struct statvfs st {};

@@ -49,6 +49,15 @@ class DiskSpaceReserve {
   // The reserve in bytes now (the default depends on the filesystem's size); 0 if unknown.
   uint64_t ReserveBytes() const;
 
+  // For the storage report: available bytes (as Admit counts them), the reserve, and the
+  // room left above it for backup data (0: every upload is refused).
+  struct Report {
+    uint64_t available_bytes = 0;
+    uint64_t reserve_bytes = 0;
+    uint64_t headroom_bytes = 0;
+  };
+  Report Now() const;
+
  private:
   std::string dir_;
   uint64_t reserve_bytes_;

@@ -405,6 +405,31 @@ TEST_CASE("vault killed mid-upload: rerun uploads only the missing blocks, nothi
   CHECK(FileSha256(dir / "r.img") == FileSha256(img));
 }
 
+namespace {
+
+// True when the test can go on as root; otherwise it skips saying why (what needs root), or
+// fails under CI=true, which forbids skipping.
+bool HaveRoot(const std::string& what) {
+  if (IsRoot()) return true;
+  if (InCi()) FAIL("this test needs root " << what << " and CI=true forbids skipping");
+  MESSAGE("skipped: needs root " << what);
+  return false;
+}
+
+std::vector<uint64_t> BlockRange(uint64_t first, uint64_t end) {
+  std::vector<uint64_t> out;
+  for (uint64_t i = first; i < end; ++i) out.push_back(i);
+  return out;
+}
+
+// A 128 MiB sparse image with 16 MiB of random data in its first 256 blocks.
+std::string SixteenMiBImage(const TempDir& dir, uint64_t seed) {
+  const std::string img = dir / "disk.img";
+  CreateSparseFile(img, 128 << 20);
+  WriteRandomBlocks(img, kBlock, BlockRange(0, 256), seed);
+  return img;
+}
+
 // A small ext4 (4 KiB blocks, like a real vault's disk) for a vault's data: an image file in
 // `dir`, a loop device attached and detached here by name, a mount point below `dir`. Root only.
 class SmallVaultFs {
@@ -446,14 +471,12 @@ json FailedBackup(const Vault& v, const TempDir& dir, const std::string& disk) {
   return error;
 }
 
+}  // namespace
+
 TEST_CASE(
     "the vault's disk fills up: the backup fails naming it, nothing half-written, earlier points "
     "intact; after space is freed the rerun sends only what is missing") {
-  if (!IsRoot()) {
-    if (InCi()) FAIL("this test needs root (a loop-mounted ext4) and CI=true forbids skipping");
-    MESSAGE("skipped: needs root to mount the vault's small filesystem");
-    return;
-  }
+  if (!HaveRoot("to mount the vault's small filesystem")) return;
   TempDir dir;
   SmallVaultFs vault_fs(dir, "96M");
   // A 40 MiB ballast file stands for the space an operator frees.
@@ -464,15 +487,10 @@ TEST_CASE(
   vault.Start();
 
   // 16 MiB of random data fit; 40 MiB more do not.
-  const std::string img = dir / "disk.img";
-  CreateSparseFile(img, 128 << 20);
-  std::vector<uint64_t> first, second;
-  for (uint64_t i = 0; i < 256; ++i) first.push_back(i);
-  for (uint64_t i = 1024; i < 1664; ++i) second.push_back(i);
-  WriteRandomBlocks(img, kBlock, first, 71);
+  const std::string img = SixteenMiBImage(dir, 71);
   const std::string first_sha = FileSha256(img);
   json full = Backup(vault, dir, {img});
-  WriteRandomBlocks(img, kBlock, second, 72);
+  WriteRandomBlocks(img, kBlock, BlockRange(1024, 1664), 72);
 
   json error = FailedBackup(vault, dir, img);
   CHECK(error["phase"] == "upload blocks");
@@ -511,26 +529,17 @@ TEST_CASE(
 TEST_CASE(
     "at its free-space reserve the vault refuses backup data at once; on a disk full to the "
     "last block it still starts, lists and restores") {
-  if (!IsRoot()) {
-    if (InCi()) FAIL("this test needs root (a loop-mounted ext4) and CI=true forbids skipping");
-    MESSAGE("skipped: needs root to mount the vault's small filesystem");
-    return;
-  }
+  if (!HaveRoot("to mount the vault's small filesystem")) return;
   TempDir dir;
   SmallVaultFs vault_fs(dir, "96M");
   Vault vault(vault_fs.mount_point() + "/vault");
   vault.Configure({"--min-free-space", "24M"});
   vault.Start();
 
-  const std::string img = dir / "disk.img";
-  CreateSparseFile(img, 128 << 20);
-  std::vector<uint64_t> first, second;
-  for (uint64_t i = 0; i < 256; ++i) first.push_back(i);       // 16 MiB: fit
-  for (uint64_t i = 1024; i < 2048; ++i) second.push_back(i);  // 64 MiB more: do not
-  WriteRandomBlocks(img, kBlock, first, 81);
+  const std::string img = SixteenMiBImage(dir, 81);  // fits
   const std::string first_sha = FileSha256(img);
   json full = Backup(vault, dir, {img});
-  WriteRandomBlocks(img, kBlock, second, 82);
+  WriteRandomBlocks(img, kBlock, BlockRange(1024, 2048), 82);  // 64 MiB more: do not
 
   json refused = FailedBackup(vault, dir, img);
   CHECK(refused["code"] == "RESOURCE_EXHAUSTED");
@@ -679,11 +688,7 @@ TEST_CASE("bad input: each a clear error and a non-zero exit") {
 }
 
 TEST_CASE("a live block device: refused without a snapshot, consistency none when allowed") {
-  if (!IsRoot()) {
-    if (InCi()) FAIL("this test needs root (loop devices) and CI=true forbids skipping");
-    MESSAGE("skipped: needs root to attach a loop device");
-    return;
-  }
+  if (!HaveRoot("to attach a loop device")) return;
   TempDir dir;
   Vault vault(dir / "vault");
   vault.Start();

@@ -6,19 +6,6 @@
 
 namespace vmsnap::agent {
 
-std::string HumanBytes(uint64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(bytes);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
-}
-
 ProgressReporter::ProgressReporter(std::string what, uint64_t total_bytes, bool enabled)
     : what_(std::move(what)),
       total_(total_bytes),

@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <string>
 
+#include "common/cli_output.hpp"
+
 namespace vmsnap::agent {
 
-std::string HumanBytes(uint64_t bytes);
+using vmsnap::HumanBytes;
 
 class ProgressReporter {
  public:

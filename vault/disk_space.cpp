@@ -3,20 +3,11 @@
 #include <sys/statvfs.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <utility>
 
+#include "common/cli_output.hpp"
+
 namespace vmsnap::vault {
-namespace {
-
-std::string Mib(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
-  return buf;
-}
-
-}  // namespace
-
 DiskSpaceReserve::DiskSpaceReserve(std::string dir, uint64_t reserve_bytes)
     : dir_(std::move(dir)), reserve_bytes_(reserve_bytes) {}
 
@@ -69,9 +60,9 @@ Result<DiskSpaceReserve::Ticket> DiskSpaceReserve::Admit(uint64_t incoming_bytes
   if (available >= reserve && available - reserve >= incoming_bytes) return ticket;
   return Status::Error(
       Code::kResourceExhausted,
-      "the vault's disk under " + dir_ + " has " + Mib(available) +
-          " available, and its reserve (--min-free-space) is " + Mib(reserve) +
-          (incoming_bytes ? " (this request brings " + Mib(incoming_bytes) + ")" : "") +
+      "the vault's disk under " + dir_ + " has " + HumanBytes(available) +
+          " available, and its reserve (--min-free-space) is " + HumanBytes(reserve) +
+          (incoming_bytes ? " (this request brings " + HumanBytes(incoming_bytes) + ")" : "") +
           ": it takes no more backup data until space is freed",
       "free space on the vault's disk: expire recovery points and run 'vmsnap cleanup --now', "
       "or give the vault a larger disk, then run the backup again (blocks already stored are "

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "common/cli_output.hpp"
 #include "common/https_server.hpp"
 #include "common/log.hpp"
 #include "platform/env.hpp"
@@ -179,8 +180,8 @@ int Serve(const ServeOptions& so) {
             << "access token: " << *token << " (stored in " << info["token_file"].get<std::string>()
             << ", mode 0600)\n"
             << std::flush;
-  spdlog::info("serving {} with data in {} (backup data refused below {:.1f} MiB free)", url,
-               data_dir, static_cast<double>(reserve.ReserveBytes()) / (1 << 20));
+  spdlog::info("serving {} with data in {} (backup data refused below {} free)", url, data_dir,
+               HumanBytes(reserve.ReserveBytes()));
 
   // The scheduler: fires due backups once a second.
   std::atomic<bool> stopping{false};

@@ -86,6 +86,8 @@ HttpResponse VaultApi::Handle(const HttpRequest& req) {
     if (st.code() == Code::kInternal || st.code() == Code::kIoError ||
         st.code() == Code::kCorruption)
       spdlog::error("{} {}: {}", req.method, req.path, st.ToString());
+    else if (st.code() == Code::kResourceExhausted)  // the operator has to act
+      spdlog::warn("{} {}: {}", req.method, req.path, st.ToString());
     else
       spdlog::info("{} {}: {}", req.method, req.path, st.ToString());
     return ErrorResponse(st);

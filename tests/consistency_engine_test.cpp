@@ -360,8 +360,13 @@ TEST_CASE("engine: file provider (clone or guarded read), lvm unsupported, allow
     auto view = agent::PrepareConsistentView(opt);
     CHECK_FALSE(view.ok());
     const bool has_dm = std::filesystem::exists("/dev/mapper/control");
-    const bool has_lvm2 =
-        std::filesystem::exists("/usr/sbin/lvs") || std::filesystem::exists("/sbin/lvs");
+    // (the provider looks for lvs and lvcreate in /usr/sbin, /sbin and /usr/bin)
+    auto lvm_tool = [](const std::string& name) {
+      for (const char* dir : {"/usr/sbin/", "/sbin/", "/usr/bin/"})
+        if (std::filesystem::exists(dir + name)) return true;
+      return false;
+    };
+    const bool has_lvm2 = lvm_tool("lvs") && lvm_tool("lvcreate");
     const std::string expected = !has_dm     ? "needs device-mapper"
                                  : !has_lvm2 ? "needs lvm2"
                                              : "is not an LVM logical volume";

@@ -8,15 +8,24 @@
 #include "common/cli_output.hpp"
 
 namespace vmsnap::vault {
+namespace {
+
+// The configured reserve, or the default for the filesystem `st` describes.
+uint64_t ReserveOn(const struct statvfs& st, uint64_t configured) {
+  if (configured != DiskSpaceReserve::kDefault) return configured;
+  const uint64_t size = static_cast<uint64_t>(st.f_blocks) * st.f_frsize;
+  return std::min<uint64_t>(size / 100, uint64_t{1} << 30);
+}
+
+}  // namespace
+
 DiskSpaceReserve::DiskSpaceReserve(std::string dir, uint64_t reserve_bytes)
     : dir_(std::move(dir)), reserve_bytes_(reserve_bytes) {}
 
 uint64_t DiskSpaceReserve::ReserveBytes() const {
   if (reserve_bytes_ != kDefault) return reserve_bytes_;
   struct statvfs st {};
-  if (::statvfs(dir_.c_str(), &st) != 0) return 0;
-  const uint64_t size = static_cast<uint64_t>(st.f_blocks) * st.f_frsize;
-  return std::min<uint64_t>(size / 100, uint64_t{1} << 30);
+  return ::statvfs(dir_.c_str(), &st) == 0 ? ReserveOn(st, reserve_bytes_) : 0;
 }
 
 DiskSpaceReserve::Ticket::Ticket(Ticket&& other) noexcept
@@ -37,9 +46,9 @@ DiskSpaceReserve::Ticket::~Ticket() {
 
 DiskSpaceReserve::Report DiskSpaceReserve::Now() const {
   Report r;
-  r.reserve_bytes = reserve_bytes_ == 0 ? 0 : ReserveBytes();
   struct statvfs st {};
   if (::statvfs(dir_.c_str(), &st) != 0) return r;  // unknown: all zero
+  r.reserve_bytes = ReserveOn(st, reserve_bytes_);
   const uint64_t free = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
   const uint64_t others = in_flight_.load();
   r.available_bytes = free > others ? free - others : 0;
@@ -52,7 +61,7 @@ Result<DiskSpaceReserve::Ticket> DiskSpaceReserve::Admit(uint64_t incoming_bytes
   struct statvfs st {};
   if (::statvfs(dir_.c_str(), &st) != 0) return Ticket();
   const uint64_t free = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
-  const uint64_t reserve = ReserveBytes();
+  const uint64_t reserve = ReserveOn(st, reserve_bytes_);  // one statvfs per request
   // Taken first, so that two requests checking together both count each other.
   const uint64_t others = in_flight_.fetch_add(incoming_bytes);
   Ticket ticket(this, incoming_bytes);

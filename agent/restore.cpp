@@ -67,13 +67,11 @@ struct Batch {
   uint64_t begin, end;  // range of map slots
 };
 
-// A fetcher's buffers, kept from one batch to the next (the write buffer is reused; the
-// body is replaced by each answer): fresh memory costs a page fault per
+// A fetcher's buffers, kept from one batch to the next: fresh memory costs a page fault per
 // 4 KiB on first touch, which on a VM is a large part of a restore's time.
 struct FetchBuffers {
-  // The vault's answer; the fetched views point into it. The HTTP client hands over the
-  // response's own string (moved in), so this one does not save an allocation: it keeps the
-  // answer alive while the batch is decoded.
+  // The vault's answer; the fetched views point into it. Each fetch reads the next answer into
+  // this string's memory (VaultClient::Fetch).
   std::string body;
   AlignedBuffer run;                   // one run of consecutive blocks, decoded
   std::vector<ManifestEntry> entries;  // the batch's part of the map

@@ -130,6 +130,7 @@ Result<json> VaultClient::Commit(const std::string& session, const json& body) {
 
 Result<std::vector<BlockRecordView>> VaultClient::Fetch(const std::vector<BlockId>& ids,
                                                         std::string& body) {
+  http_->RecycleBody(std::move(body));  // the previous batch's answer, no longer referenced
   auto r = http_->Call("POST", "/v1/blocks/fetch", EncodeIdList(ids), kBinary);
   if (!r.ok()) return r.take_status();
   body = std::move(r->body);

@@ -49,6 +49,7 @@ class VaultClient {
 
   // The blocks of `ids` as the vault stores them (not verified yet: DecodeBlockInto does).
   // `body` receives the answer; the views point into it and stay valid while it is unchanged.
+  // Its previous contents are discarded and its memory reused for the answer.
   Result<std::vector<BlockRecordView>> Fetch(const std::vector<BlockId>& ids, std::string& body);
 
   // Any JSON call of the API (control plane endpoints).

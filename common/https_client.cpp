@@ -101,6 +101,7 @@ class HttpsClient::Impl {
   }
 
   uint64_t sent = 0, received = 0;
+  std::string spare_body_;  // from RecycleBody: memory for the next response's body
 
  private:
   void Disconnect() {
@@ -183,6 +184,11 @@ class HttpsClient::Impl {
     sent += wrote;
     http::response_parser<http::string_body> parser;
     parser.body_limit(opts_.response_body_limit);
+    // A recycled string (RecycleBody) keeps its capacity: a large answer lands in memory already
+    // touched instead of in fresh pages.
+    parser.get().body() = std::move(spare_body_);
+    parser.get().body().clear();
+    spare_body_ = std::string();
     ReserveReadBuffer(buffer_);
     size_t got = 0;
     tcp_stream.expires_after(opts_.io_timeout);
@@ -208,7 +214,7 @@ class HttpsClient::Impl {
   VaultUrl url_;
   asio::io_context ioc_;
   ssl::context ctx_{ssl::context::tls_client};
-  std::optional<beast::ssl_stream<beast::tcp_stream>> stream_;
+  std::optional<beast::ssl_stream<BufferedTcpStream>> stream_;
   beast::flat_buffer buffer_;
   bool connected_ = false;
 };
@@ -230,6 +236,10 @@ HttpsClient::~HttpsClient() = default;
 Result<HttpResponse> HttpsClient::Call(const std::string& method, const std::string& target,
                                        std::string body, const std::string& content_type) {
   return impl_->Call(method, target, body, content_type);
+}
+
+void HttpsClient::RecycleBody(std::string&& body) {
+  impl_->spare_body_ = std::move(body);
 }
 
 uint64_t HttpsClient::bytes_sent() const {

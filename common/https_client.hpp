@@ -58,6 +58,11 @@ class HttpsClient {
                             std::string body = {},
                             const std::string& content_type = "application/json");
 
+  // Hands back the body of an earlier response for the next response to be read into: its
+  // capacity is reused (contents discarded). Large answers read into fresh memory cost a page
+  // fault per 4 KiB on first touch, a measurable part of a restore (docs/PERFORMANCE.md).
+  void RecycleBody(std::string&& body);
+
   uint64_t bytes_sent() const;
   uint64_t bytes_received() const;
 

@@ -185,7 +185,7 @@ class HttpsServer::Impl {
       });
     }
 
-    beast::ssl_stream<beast::tcp_stream> stream_;
+    beast::ssl_stream<BufferedTcpStream> stream_;
     Impl* server_;
     beast::flat_buffer buffer_;
     std::optional<http::request_parser<http::string_body>> parser_;

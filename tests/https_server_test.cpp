@@ -205,3 +205,67 @@ TEST_CASE("https server: accepted connections send without Nagle's delay (TCP_NO
   CHECK(accepted == 1);  // the client's one connection
   (*server)->Stop();
 }
+
+// Both ends read the socket through a buffer in large pieces (common/beast_read_buffer.hpp),
+// and a restore's fetchers hand each answer's string back for the next one (RecycleBody). The
+// answers must still arrive whole, one after the other on one connection, into the recycled
+// memory; and a vault that stops answering must still time the client out, since only the
+// socket reads that fill the buffer carry the timer.
+TEST_CASE("https client: recycled answer memory, whole answers in sequence, timeout kept") {
+  TempDir dir;
+  auto tls = vault::EnsureTls(dir.path(), {"127.0.0.1"});
+  REQUIRE(tls.ok());
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  ServerOptions so;
+  so.port = 0;
+  so.cert_file = tls->server_cert_file;
+  so.key_file = tls->server_key_file;
+  auto server = HttpsServer::Start(so, [&](const HttpRequest& r) {
+    if (r.path == "/stall") {
+      released.wait();
+      return HttpResponse{200, "text/plain", "late"};
+    }
+    return HttpResponse{200, "text/plain", Pattern(std::stoul(r.query.at("n")))};
+  });
+  REQUIRE(server.ok());
+  Releaser releaser{release};
+  auto client = Client((*server)->port(), tls->ca_cert_file);
+
+  std::string spare;
+  spare.reserve(6 << 20);
+  spare = "old contents";
+  const char* memory = spare.data();
+  client->RecycleBody(std::move(spare));
+  auto big = client->Call("GET", "/pattern?n=" + std::to_string(5 << 20));
+  REQUIRE_MESSAGE(big.ok(), big.status().ToString());
+  CHECK(big->body == Pattern(5 << 20));
+  CHECK(static_cast<const void*>(big->body.data()) == static_cast<const void*>(memory));
+
+  // Small and large answers back to back: none may take bytes of the next one.
+  for (size_t n : {size_t{1}, size_t{70000}, size_t{0}, size_t{3 << 20}, size_t{17}}) {
+    client->RecycleBody(std::move(big->body));
+    big = client->Call("GET", "/pattern?n=" + std::to_string(n));
+    REQUIRE_MESSAGE(big.ok(), big.status().ToString());
+    CHECK(big->body == Pattern(n));
+  }
+
+  ClientOptions o;
+  o.url = "https://127.0.0.1:" + std::to_string((*server)->port());
+  o.ca_file = tls->ca_cert_file;
+  o.token = "t";
+  o.max_attempts = 1;
+  o.io_timeout = 1s;
+  auto impatient = HttpsClient::Create(o);
+  REQUIRE(impatient.ok());
+  auto stalled =
+      std::async(std::launch::async, [&] { return (*impatient)->Call("GET", "/stall"); });
+  // Without the timeout the call would wait for the release: it gets 30 s before that comes.
+  const bool timed_out_alone = stalled.wait_for(30s) == std::future_status::ready;
+  releaser();
+  auto r = stalled.get();
+  CHECK(timed_out_alone);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == Code::kTimeout);
+  (*server)->Stop();
+}

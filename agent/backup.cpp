@@ -837,6 +837,18 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   // is valid only if the file's identity did not change while it was read: retry once.
   auto session = (*control)->CreateSession(opt.item);
   if (!session.ok()) return std::move(session.take_status()).InPhase("start backup session");
+  // Every way out before the commit succeeds gives the session up (best effort), so that the
+  // vault's cleanup is not held up for the item until the session times out.
+  struct AbandonUnlessCommitted {
+    VaultClient& client;
+    const std::string& session;
+    bool committed = false;
+    ~AbandonUnlessCommitted() {
+      if (committed) return;
+      if (Status st = client.AbandonSession(session); !st.ok())
+        spdlog::debug("could not abandon backup session {}: {}", session, st.ToString());
+    }
+  } abandon{**control, *session};
   std::vector<std::unique_ptr<VaultClient>> upload_clients;
   for (int i = 0; i < opt.uploaders; ++i) {
     auto c = VaultClient::Create(opt.client);
@@ -952,6 +964,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   if (opt.cancel && opt.cancel->load()) return CancelledStatus();  // last safe point
   auto rp = (*control)->Commit(*session, commit);
   if (!rp.ok()) return std::move(rp.take_status()).InPhase("commit recovery point");
+  abandon.committed = true;
   report.recovery_point = rp->value("id", "");
   if (complete_after_commit) {
     release_view();

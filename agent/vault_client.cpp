@@ -90,6 +90,11 @@ Result<std::string> VaultClient::CreateSession(const std::string& item) {
   return r->value("session", "");
 }
 
+Status VaultClient::AbandonSession(const std::string& session) {
+  auto r = http_->Call("DELETE", "/v1/sessions/" + session, {}, "application/json", 1);
+  return r.ok() ? Status::Ok() : r.take_status();
+}
+
 Result<std::vector<BlockId>> VaultClient::Missing(const std::vector<BlockId>& ids) {
   auto r = http_->Call("POST", "/v1/blocks/missing", EncodeIdList(ids), kBinary);
   if (!r.ok()) return r.take_status();

@@ -528,17 +528,25 @@ TEST_CASE(
 
 TEST_CASE(
     "at its free-space reserve the vault refuses backup data at once; on a disk full to the "
-    "last block it still starts, lists and restores") {
+    "last block it still starts, lists and restores, and its emergency space lets points be "
+    "expired and cleaned up") {
   if (!HaveRoot("to mount the vault's small filesystem")) return;
   TempDir dir;
   SmallVaultFs vault_fs(dir, "96M");
   Vault vault(vault_fs.mount_point() + "/vault");
   vault.Configure({"--min-free-space", "24M"});
   vault.Start();
+  // The emergency space is the reserve, at most 32 MiB, set aside as a file at start.
+  const std::string emergency = vault.data() + "/emergency-space";
+  REQUIRE(fs::exists(emergency));
+  CHECK(fs::file_size(emergency) == 24u << 20);
 
   const std::string img = SixteenMiBImage(dir, 81);  // fits
   const std::string first_sha = FileSha256(img);
   json full = Backup(vault, dir, {img});
+  WriteRandomBlocks(img, kBlock, BlockRange(3, 4), 83);  // one block: fits
+  const std::string second_sha = FileSha256(img);
+  json second = Backup(vault, dir, {img});
   WriteRandomBlocks(img, kBlock, BlockRange(1024, 2048), 82);  // 64 MiB more: do not
 
   json refused = FailedBackup(vault, dir, img);
@@ -548,36 +556,69 @@ TEST_CASE(
         std::string::npos);
   CHECK(refused["fix"].get<std::string>().find("vmsnap cleanup --now") != std::string::npos);
   CHECK(vault_fs.Available() >= (16u << 20));  // stopped before the disk filled
-  CHECK(List(vault).size() == 1);
+  CHECK(List(vault).size() == 2);
   // The administrator sees it in the storage report.
-  auto storage = Run(
-      {VMSNAP_ADMIN_BINARY, "storage", "--vault-config", vault.data() + "/vault.json", "--json"});
-  REQUIRE_MESSAGE(storage.exit_code == 0, storage.err);
-  const json disk = storage.json()["vault"]["disk"];
+  auto storage_json = [&] {
+    auto r = Run(
+        {VMSNAP_ADMIN_BINARY, "storage", "--vault-config", vault.data() + "/vault.json", "--json"});
+    REQUIRE_MESSAGE(r.exit_code == 0, r.err);
+    return r.json()["vault"]["disk"];
+  };
+  json disk = storage_json();
   CHECK(disk["reserve_bytes"] == 24u << 20);
   CHECK(disk["headroom_bytes"].get<uint64_t>() < (8u << 20));  // an 8 MiB batch was refused
   CHECK(disk["available_bytes"].get<uint64_t>() < (24u << 20) + (8u << 20));
+  CHECK(disk["emergency_bytes"] == 24u << 20);
   auto storage_text =
       Run({VMSNAP_ADMIN_BINARY, "storage", "--vault-config", vault.data() + "/vault.json"});
   CHECK(storage_text.out.find("left for backup data (low:") != std::string::npos);
+  CHECK(storage_text.out.find("emergency space: 24.0 MiB set aside") != std::string::npos);
 
   // Something else fills the disk to its last block (as root: past ext4's root reserve too);
   // the vault restarts, lists and restores, and refuses a backup when it starts.
+  std::vector<std::string> fillers;
   for (const char* bs : {"bs=1M", "bs=4k"}) {  // the 4 KiB writes take what 1 MiB ones leave
-    auto filler =
-        Run({"/bin/dd", "if=/dev/zero",
-             "of=" + vault_fs.mount_point() + "/filler-" + std::string(bs + 3), bs, "status=none"});
+    fillers.push_back(vault_fs.mount_point() + "/filler-" + std::string(bs + 3));
+    auto filler = Run({"/bin/dd", "if=/dev/zero", "of=" + fillers.back(), bs, "status=none"});
     CHECK(filler.err.find("No space left on device") != std::string::npos);
   }
   CHECK(vault.Stop() == 0);
   vault.Start();
-  REQUIRE(List(vault).size() == 1);
+  REQUIRE(List(vault).size() == 2);
   auto r1 = Restore(vault, full["recovery_point"], {dir / "r1.img"});
   REQUIRE_MESSAGE(r1.exit_code == 0, r1.err);
   CHECK(FileSha256(dir / "r1.img") == first_sha);
   json at_start = FailedBackup(vault, dir, img);
   CHECK(at_start["code"] == "RESOURCE_EXHAUSTED");
   CHECK(at_start["phase"] == "start backup session");
+
+  // The administrator expires the first point and cleans up. Both write metadata, which a
+  // disk full to its last block refuses: the vault gives its emergency space back and runs
+  // the request again.
+  auto admin = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), VMSNAP_ADMIN_BINARY);
+    args.insert(args.end(), {"--vault-config", vault.data() + "/vault.json"});
+    return Run(args);
+  };
+  auto retain = admin({"rp", "retain", full["recovery_point"], "--until", "2000-01-01"});
+  REQUIRE_MESSAGE(retain.exit_code == 0, retain.err);
+  CHECK_FALSE(fs::exists(emergency));
+  auto cleanup = admin({"cleanup", "--now", "--json"});
+  REQUIRE_MESSAGE(cleanup.exit_code == 0, cleanup.err);
+  CHECK(cleanup.json()["removed"] == json::array({full["recovery_point"]}));
+  REQUIRE(List(vault).size() == 1);
+  auto r2 = Restore(vault, second["recovery_point"], {dir / "r2.img"});
+  REQUIRE_MESSAGE(r2.exit_code == 0, r2.err);
+  CHECK(FileSha256(dir / "r2.img") == second_sha);
+  CHECK(storage_json()["emergency_bytes"] == 0);
+
+  // Once there is room above the reserve again, the next cleanup sets the space aside again.
+  for (const auto& f : fillers) fs::remove(f);
+  auto again = admin({"cleanup", "--now"});
+  REQUIRE_MESSAGE(again.exit_code == 0, again.err);
+  REQUIRE(fs::exists(emergency));
+  CHECK(fs::file_size(emergency) == 24u << 20);
+  CHECK(storage_json()["emergency_bytes"] == 24u << 20);
   CHECK(vault.Stop() == 0);
 }
 

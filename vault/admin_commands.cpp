@@ -534,6 +534,12 @@ class AdminCommandsImpl final : public AdminCommands {
                         ? " (low: expire points, then 'vmsnap cleanup --now', or give the vault "
                           "a larger disk)\n"
                         : "\n");
+      if (d.contains("emergency_bytes"))
+        std::cout << "emergency space: "
+                  << (d["emergency_bytes"].get<uint64_t>() > 0
+                          ? agent::HumanBytes(d["emergency_bytes"].get<uint64_t>()) +
+                                " set aside, given back if the disk fills up\n"
+                          : std::string("none set aside (no reserve, or no room for it)\n"));
     }
     return 0;
   }

@@ -1,10 +1,12 @@
 #include "vault/api.hpp"
 
 #include "common/bytes.hpp"
+#include "common/cli_output.hpp"
 
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <charconv>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -37,13 +39,15 @@ bool TokenMatches(const std::string& header, const std::string& token) {
 }  // namespace
 
 VaultApi::VaultApi(BlockStore* store, Catalog* catalog, ControlPlane* control, TestClock* clock,
-                   std::string admin_token, const DiskSpaceReserve* reserve)
+                   std::string admin_token, const DiskSpaceReserve* reserve,
+                   EmergencySpace* emergency)
     : store_(store),
       catalog_(catalog),
       control_(control),
       clock_(clock),
       token_(std::move(admin_token)),
-      reserve_(reserve) {}
+      reserve_(reserve),
+      emergency_(emergency) {}
 
 namespace {
 Status NotYours(const std::string& what) {
@@ -100,6 +104,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
   static const std::regex kSessionDiskPart(
       R"(^/v1/sessions/([0-9a-f]{32})/disks/([0-9]{1,3})/(part|seal)$)");
   static const std::regex kSessionCommit(R"(^/v1/sessions/([0-9a-f]{32})/commit$)");
+  static const std::regex kSession(R"(^/v1/sessions/([0-9a-f]{32})$)");
   static const std::regex kRp(R"(^/v1/rps/([^/]+)$)");
   static const std::regex kRpMap(R"(^/v1/rps/([^/]+)/disks/([0-9]{1,3})/map$)");
   static const std::regex kLatest(R"(^/v1/items/([^/]+)/latest$)");
@@ -152,7 +157,22 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     if (!who.admin)
       return Status::Error(Code::kPermissionDenied, "only the vault administrator may call " + p,
                            "use the admin token (DATA/token) with the vmsnap command");
-    return RouteAdmin(req);
+    auto r = RouteAdmin(req);
+    // A disk full to its last block: the emergency space goes back to the filesystem and the
+    // request runs once more. Every administrator's request may run again after failing: its
+    // metadata transaction was rolled back, or (a cleanup) what it did stays done and it goes on.
+    if (!r.ok() && r.status().code() == Code::kResourceExhausted && emergency_) {
+      if (const uint64_t released = emergency_->Release(); released > 0) {
+        spdlog::warn(
+            "{} {}: {}; gave back the {} of emergency space ({}) and running it again: free "
+            "space on the vault's disk, then run 'vmsnap cleanup --now' to set it aside again",
+            req.method, p, r.status().cause(), HumanBytes(released), emergency_->path());
+        r = RouteAdmin(req);
+      }
+    }
+    if (r.ok() && req.method == "POST" && p == "/v1/admin/cleanup" && emergency_)
+      emergency_->Ensure();
+    return r;
   }
   if (p.rfind("/v1/agent/", 0) == 0) {
     if (who.admin || !control_)
@@ -174,6 +194,21 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     auto sid = catalog_->CreateSession(body["item"]);
     if (!sid.ok()) return sid.take_status();
     return Json({{"session", *sid}}, 201);
+  }
+  if (req.method == "DELETE" && std::regex_match(p, m, kSession)) {
+    // A failed backup gives up its session, so that cleanup need not wait for its timeout
+    // before expiring the item's points. A committed session stays (a retried commit finds
+    // it); so do its blocks (they count as missing to no one, and garbage collection frees
+    // those no point uses). Never refused for space: it frees some.
+    auto sessions = catalog_->ListSessions();
+    auto it = std::find_if(sessions.begin(), sessions.end(),
+                           [&](const SessionInfo& s) { return s.id == m[1]; });
+    if (it == sessions.end()) return NotYours("backup session " + std::string(m[1]));
+    if (!owns(it->item)) return NotYours("backup session " + std::string(m[1]));
+    if (it->committed) return Json({{"abandoned", false}, {"committed", true}});
+    VMSNAP_RETURN_IF_ERROR(catalog_->DeleteSession(m[1]));
+    spdlog::info("backup session {} of item {} abandoned by its agent", it->id, it->item);
+    return Json({{"abandoned", true}, {"committed", false}});
   }
   if ((put && std::regex_match(p, m, kSessionDisk)) ||
       ((put || post) && std::regex_match(p, m, kSessionDiskPart)) ||
@@ -372,9 +407,11 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
     auto storage = control_->Storage(vm == req.query.end() ? "" : vm->second);
     if (storage.ok() && reserve_) {
       const auto disk = reserve_->Now();
-      (*storage)["vault"]["disk"] = {{"available_bytes", disk.available_bytes},
-                                     {"reserve_bytes", disk.reserve_bytes},
-                                     {"headroom_bytes", disk.headroom_bytes}};
+      (*storage)["vault"]["disk"] = {
+          {"available_bytes", disk.available_bytes},
+          {"reserve_bytes", disk.reserve_bytes},
+          {"headroom_bytes", disk.headroom_bytes},
+          {"emergency_bytes", emergency_ ? emergency_->held_bytes() : uint64_t{0}}};
     }
     return reply(std::move(storage));
   }

@@ -38,10 +38,12 @@ struct TestClock {
 
 class VaultApi {
  public:
-  // Not owned: everything must outlive the VaultApi. control, clock and reserve may be null
-  // (no reserve: uploads are taken until a write fails).
+  // Not owned: everything must outlive the VaultApi. control, clock, reserve and emergency may
+  // be null (no reserve: uploads are taken until a write fails; no emergency space: an
+  // administrator's request that meets a full disk fails).
   VaultApi(BlockStore* store, Catalog* catalog, ControlPlane* control, TestClock* clock,
-           std::string admin_token, const DiskSpaceReserve* reserve = nullptr);
+           std::string admin_token, const DiskSpaceReserve* reserve = nullptr,
+           EmergencySpace* emergency = nullptr);
   HttpResponse Handle(const HttpRequest& request);
   const ApiCounters& counters() const { return counters_; }
 
@@ -55,6 +57,7 @@ class VaultApi {
   TestClock* clock_;
   std::string token_;
   const DiskSpaceReserve* reserve_;
+  EmergencySpace* emergency_;
   ApiCounters counters_;
 };
 

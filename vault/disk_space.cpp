@@ -1,8 +1,15 @@
 #include "vault/disk_space.hpp"
 
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <utility>
 
 #include "common/cli_output.hpp"
@@ -76,6 +83,66 @@ Result<DiskSpaceReserve::Ticket> DiskSpaceReserve::Admit(uint64_t incoming_bytes
       "free space on the vault's disk: expire recovery points and run 'vmsnap cleanup --now', "
       "or give the vault a larger disk, then run the backup again (blocks already stored are "
       "not sent again); restores and cleanups work meanwhile");
+}
+
+EmergencySpace::EmergencySpace(std::string dir, const DiskSpaceReserve* reserve)
+    : dir_(std::move(dir)), reserve_(reserve) {}
+
+uint64_t EmergencySpace::held_bytes() const {
+  struct stat st {};
+  if (::stat(path().c_str(), &st) != 0) return 0;
+  // Counted only when its blocks are really allocated: a sparse file would give back nothing.
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  return static_cast<uint64_t>(st.st_blocks) * 512 >= size ? size : 0;
+}
+
+uint64_t EmergencySpace::Ensure() {
+  std::lock_guard lock(mu_);
+  if (const uint64_t held = held_bytes(); held > 0) return held;
+  const uint64_t reserve = reserve_->ReserveBytes();
+  const uint64_t size = std::min(reserve, kMaxBytes);
+  if (size == 0) return 0;
+  const auto disk = reserve_->Now();
+  if (disk.available_bytes < size || disk.available_bytes - size < disk.reserve_bytes) {
+    spdlog::warn(
+        "no room to set aside {} of emergency space in {}: {} available, reserve {} (it is set "
+        "aside at the next start or cleanup that finds room)",
+        HumanBytes(size), path(), HumanBytes(disk.available_bytes), HumanBytes(disk.reserve_bytes));
+    return 0;
+  }
+  const std::string tmp = path() + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int err = fd < 0 ? errno : 0;
+  if (fd >= 0) {
+    // posix_fallocate allocates every block (glibc writes them where the filesystem has no
+    // fallocate), so the space is really taken, unlike a sparse file's.
+    err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+    if (err == 0 && ::fsync(fd) != 0) err = errno;
+    ::close(fd);
+  }
+  if (err == 0 && ::rename(tmp.c_str(), path().c_str()) != 0) err = errno;
+  if (err != 0) {
+    ::unlink(tmp.c_str());
+    spdlog::warn("cannot set aside {} of emergency space in {}: {}", HumanBytes(size), path(),
+                 std::strerror(err));
+    return 0;
+  }
+  spdlog::info(
+      "set aside {} of emergency space in {} (given back when the disk is full, so that "
+      "points can still be expired and cleaned up)",
+      HumanBytes(size), path());
+  return size;
+}
+
+uint64_t EmergencySpace::Release() {
+  std::lock_guard lock(mu_);
+  const uint64_t held = held_bytes();
+  if (held == 0) return 0;
+  if (::unlink(path().c_str()) != 0) {
+    spdlog::error("cannot delete the emergency space file {}: {}", path(), std::strerror(errno));
+    return 0;
+  }
+  return held;
 }
 
 }  // namespace vmsnap::vault

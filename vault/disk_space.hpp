@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "common/status.hpp"
@@ -62,6 +63,40 @@ class DiskSpaceReserve {
   std::string dir_;
   uint64_t reserve_bytes_;
   mutable std::atomic<uint64_t> in_flight_{0};
+};
+
+// Space set aside in a file of the data directory (DATA/emergency-space, fully allocated) for the
+// moment another writer has taken the disk's last free block. The reserve above cannot help
+// then, and every administrator's way to free space (expire a point, run a cleanup) writes
+// metadata first. An administrator's request that fails for lack of space makes the API
+// delete this file and run the request once more (VaultApi); the space is set aside again at
+// the next start or after a cleanup, when the disk has room for it above the reserve.
+//
+// Its size: the reserve, at most kMaxBytes; none when the reserve is 0. Thread-safe.
+class EmergencySpace {
+ public:
+  static constexpr uint64_t kMaxBytes = 32u << 20;
+  static constexpr const char* kFileName = "emergency-space";
+
+  // `reserve`: not owned, must outlive this object.
+  EmergencySpace(std::string dir, const DiskSpaceReserve* reserve);
+
+  // Creates the file if it is missing and `available - size >= reserve`. A failed attempt
+  // leaves no file behind (it is written under a temporary name and renamed). Returns the
+  // bytes set aside afterwards; errors are logged, never fatal.
+  uint64_t Ensure();
+
+  // Deletes the file, giving its space back to the filesystem. Returns the bytes released (0
+  // if none were set aside).
+  uint64_t Release();
+
+  uint64_t held_bytes() const;
+  std::string path() const { return dir_ + "/" + kFileName; }
+
+ private:
+  std::string dir_;
+  const DiskSpaceReserve* reserve_;
+  mutable std::mutex mu_;
 };
 
 }  // namespace vmsnap::vault

@@ -131,7 +131,9 @@ int Serve(const ServeOptions& so) {
   vault::Lifecycle lifecycle(&catalog, &store);
   control.SetLifecycle(&lifecycle);
   vault::DiskSpaceReserve reserve(data_dir, so.min_free_space);
-  vault::VaultApi api(&store, &catalog, &control, &clock, *token, &reserve);
+  vault::EmergencySpace emergency(data_dir, &reserve);
+  emergency.Ensure();
+  vault::VaultApi api(&store, &catalog, &control, &clock, *token, &reserve, &emergency);
 
   // Signals are taken synchronously by this thread; block them before any thread starts.
   sigset_t signals;

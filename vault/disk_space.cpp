@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "common/cli_output.hpp"
+#include "platform/linux/fd.hpp"
 
 namespace vmsnap::vault {
 namespace {
@@ -111,14 +112,14 @@ uint64_t EmergencySpace::Ensure() {
     return 0;
   }
   const std::string tmp = path() + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  int err = fd < 0 ? errno : 0;
-  if (fd >= 0) {
+  int err = 0;
+  {
+    platform::Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    if (!fd.valid()) err = errno;
     // posix_fallocate allocates every block (glibc writes them where the filesystem has no
     // fallocate), so the space is really taken, unlike a sparse file's.
-    err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
-    if (err == 0 && ::fsync(fd) != 0) err = errno;
-    ::close(fd);
+    if (err == 0) err = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(size));
+    if (err == 0 && ::fsync(fd.get()) != 0) err = errno;
   }
   if (err == 0 && ::rename(tmp.c_str(), path().c_str()) != 0) err = errno;
   if (err != 0) {

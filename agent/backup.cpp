@@ -840,15 +840,22 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
   // Every way out before the commit succeeds gives the session up (best effort), so that the
   // vault's cleanup is not held up for the item until the session times out.
   struct AbandonUnlessCommitted {
-    VaultClient& client;
+    const ClientOptions& options;
     const std::string& session;
     bool committed = false;
     ~AbandonUnlessCommitted() {
       if (committed) return;
-      if (Status st = client.AbandonSession(session); !st.ok())
+      // One attempt on a connection of its own with a short timeout: the backup has failed
+      // already, maybe because the vault is unreachable, and its error should not wait long.
+      ClientOptions once = options;
+      once.max_attempts = 1;
+      once.io_timeout = std::chrono::seconds(10);
+      auto client = VaultClient::Create(once);
+      Status st = client.ok() ? (*client)->AbandonSession(session) : client.status();
+      if (!st.ok())
         spdlog::debug("could not abandon backup session {}: {}", session, st.ToString());
     }
-  } abandon{**control, *session};
+  } abandon{opt.client, *session};
   std::vector<std::unique_ptr<VaultClient>> upload_clients;
   for (int i = 0; i < opt.uploaders; ++i) {
     auto c = VaultClient::Create(opt.client);

@@ -91,7 +91,7 @@ Result<std::string> VaultClient::CreateSession(const std::string& item) {
 }
 
 Status VaultClient::AbandonSession(const std::string& session) {
-  auto r = http_->Call("DELETE", "/v1/sessions/" + session, {}, "application/json", 1);
+  auto r = http_->Call("DELETE", "/v1/sessions/" + session);
   return r.ok() ? Status::Ok() : r.take_status();
 }
 

@@ -37,9 +37,8 @@ class VaultClient {
 
   Result<std::string> CreateSession(const std::string& item);
   // Tells the vault that an uncommitted session will not be committed: until it is abandoned
-  // or times out, cleanup expires none of the item's points. One attempt, no retry (the
-  // backup has failed already, maybe because the vault is unreachable); a vault that does not
-  // hear it drops the session after its timeout.
+  // or times out, cleanup expires none of the item's points. A vault that does not hear it
+  // drops the session after its timeout.
   Status AbandonSession(const std::string& session);
   Result<std::vector<BlockId>> Missing(const std::vector<BlockId>& ids);
   Status Upload(const std::vector<EncodedBlock>& blocks);

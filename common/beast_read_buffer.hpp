@@ -26,8 +26,9 @@ inline void ReserveReadBuffer(boost::beast::flat_buffer& buffer) {
 // loop poll and a re-armed timer — three system calls per record, which on this project's VM
 // cost more than decrypting the record (docs/PERFORMANCE.md). This stream reads the socket in
 // pieces of up to kSocketReadBytes (whatever has arrived) and hands the TLS layer its records
-// from memory. Writes pass straight through. The timeout of the underlying tcp_stream still
-// applies to each socket read.
+// from memory (the event loop is still polled once per record: Asio completes a buffered read
+// through the layer below). Writes pass straight through. The timeout of the underlying
+// tcp_stream still applies to each socket read.
 inline constexpr std::size_t kSocketReadBytes = 256 * 1024;
 
 // Beast's tcp_stream (timeouts on every operation) with the lowest-layer names Asio's stream

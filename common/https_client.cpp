@@ -69,14 +69,11 @@ class HttpsClient::Impl {
     return Status::Ok();
   }
 
-  int default_attempts() const { return opts_.max_attempts; }
-
   Result<HttpResponse> Call(const std::string& method, const std::string& target,
-                            const std::string& body, const std::string& content_type,
-                            int max_attempts) {
+                            const std::string& body, const std::string& content_type) {
     auto backoff = opts_.initial_backoff;
     Status last;
-    for (int attempt = 1; attempt <= std::max(1, max_attempts); ++attempt) {
+    for (int attempt = 1; attempt <= std::max(1, opts_.max_attempts); ++attempt) {
       auto r = Once(method, target, body, content_type);
       if (r.ok()) {
         if (r->status >= 200 && r->status < 300) return r;
@@ -88,7 +85,7 @@ class HttpsClient::Impl {
         Disconnect();
         if (!last.retryable()) return last;
       }
-      if (attempt < max_attempts) {
+      if (attempt < opts_.max_attempts) {
         std::this_thread::sleep_for(backoff);
         backoff = std::min(backoff * 2, opts_.max_backoff);
       }
@@ -96,7 +93,7 @@ class HttpsClient::Impl {
     if (last.code() == Code::kUnavailable || last.code() == Code::kTimeout)
       return Status::Error(last.code(),
                            "vault at https://" + url_.host + ":" + url_.port +
-                               " unreachable after " + std::to_string(max_attempts) +
+                               " unreachable after " + std::to_string(opts_.max_attempts) +
                                " attempts: " + last.cause(),
                            "check that vmsnap-vault is running, the URL and port, and that this "
                            "machine has a route and DNS to the vault");
@@ -237,10 +234,8 @@ HttpsClient::HttpsClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpsClient::~HttpsClient() = default;
 
 Result<HttpResponse> HttpsClient::Call(const std::string& method, const std::string& target,
-                                       std::string body, const std::string& content_type,
-                                       int max_attempts) {
-  return impl_->Call(method, target, body, content_type,
-                     max_attempts > 0 ? max_attempts : impl_->default_attempts());
+                                       std::string body, const std::string& content_type) {
+  return impl_->Call(method, target, body, content_type);
 }
 
 void HttpsClient::RecycleBody(std::string&& body) {

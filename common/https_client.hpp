@@ -54,11 +54,9 @@ class HttpsClient {
 
   // Sends one request (with retries) and returns the response if its status is 2xx;
   // otherwise the Status the vault sent back (see StatusFromResponse).
-  // `max_attempts` > 0 overrides the options' for this call (1: no retry).
   Result<HttpResponse> Call(const std::string& method, const std::string& target,
                             std::string body = {},
-                            const std::string& content_type = "application/json",
-                            int max_attempts = 0);
+                            const std::string& content_type = "application/json");
 
   // Hands back the body of an earlier response for the next response to be read into: its
   // capacity is reused (contents discarded). Large answers read into fresh memory cost a page

@@ -100,10 +100,9 @@ uint64_t EmergencySpace::held_bytes() const {
 uint64_t EmergencySpace::Ensure() {
   std::lock_guard lock(mu_);
   if (const uint64_t held = held_bytes(); held > 0) return held;
-  const uint64_t reserve = reserve_->ReserveBytes();
-  const uint64_t size = std::min(reserve, kMaxBytes);
+  const auto disk = reserve_->Now();  // one statvfs: the reserve and the space available
+  const uint64_t size = std::min(disk.reserve_bytes, kMaxBytes);
   if (size == 0) return 0;
-  const auto disk = reserve_->Now();
   if (disk.available_bytes < size || disk.available_bytes - size < disk.reserve_bytes) {
     spdlog::warn(
         "no room to set aside {} of emergency space in {}: {} available, reserve {} (it is set "

@@ -106,7 +106,7 @@ uint64_t EmergencySpace::Ensure() {
   if (disk.available_bytes < size || disk.available_bytes - size < disk.reserve_bytes) {
     spdlog::warn(
         "no room to set aside {} of emergency space in {}: {} available, reserve {} (it is set "
-        "aside at the next start or cleanup that finds room)",
+        "aside at the next start or 'vmsnap cleanup --now' that finds room)",
         HumanBytes(size), path(), HumanBytes(disk.available_bytes), HumanBytes(disk.reserve_bytes));
     return 0;
   }

@@ -70,7 +70,8 @@ class DiskSpaceReserve {
 // then, and every administrator's way to free space (expire a point, run a cleanup) writes
 // metadata first. An administrator's request that fails for lack of space makes the API
 // delete this file and run the request once more (VaultApi); the space is set aside again at
-// the next start or after a cleanup, when the disk has room for it above the reserve.
+// the next start or after a `vmsnap cleanup --now` (not the scheduled cleanups), when the disk has
+// room for it above the reserve.
 //
 // Its size: the reserve, at most kMaxBytes; none when the reserve is 0. Thread-safe.
 class EmergencySpace {

@@ -40,7 +40,8 @@ using nlohmann::json;
 namespace {
 
 // The block index of a vault's block store (DATA/blocks/index.db), opened beside the store's
-// own connection (SQLite in WAL mode allows it), to damage or age blocks as a test needs.
+// own connection in this process (the store holds it exclusively against other processes, not
+// against other connections of its own), to damage or age blocks as a test needs.
 std::unique_ptr<vault::Db> BlockIndex(const std::string& blocks_dir) {
   auto db = vault::Db::Open(blocks_dir + "/index.db");
   REQUIRE(db.ok());
@@ -54,10 +55,15 @@ int64_t IndexedRows(const std::string& blocks_dir) {
   return (*rows)[0].Int(0);
 }
 
-// Overwrites bytes of a stored block's payload in its pack file.
+// Overwrites bytes of a stored block's payload in its pack file. Finds the block in a copy of
+// the index (and its log): a running vault process holds the index itself exclusively.
 void CorruptStoredBlock(const std::string& blocks_dir, const BlockId& id, uint64_t at,
                         std::string_view bytes) {
-  auto rows = BlockIndex(blocks_dir)
+  TempDir copy;
+  for (const char* f : {"index.db", "index.db-wal"})
+    if (std::filesystem::exists(blocks_dir + "/" + f))
+      std::filesystem::copy_file(blocks_dir + "/" + f, copy / f);
+  auto rows = BlockIndex(copy.path())
                   ->Query("SELECT pack, offset FROM blocks WHERE id = x'" + id.Hex() + "'");
   REQUIRE(rows.ok());
   REQUIRE(rows->size() == 1);
@@ -70,7 +76,8 @@ void CorruptStoredBlock(const std::string& blocks_dir, const BlockId& id, uint64
   REQUIRE(f.good());
 }
 
-// Removes a block from the index, as if its data had been lost.
+// Removes a block from the index, as if its data had been lost. In this process's store, or in
+// a stopped vault's (a running vault process holds its index exclusively).
 void LoseStoredBlock(const std::string& blocks_dir, const BlockId& id) {
   auto db = BlockIndex(blocks_dir);
   REQUIRE(db->Exec("DELETE FROM blocks WHERE id = x'" + id.Hex() + "'").ok());
@@ -390,7 +397,10 @@ TEST_CASE("verify finds a corrupted and a missing block") {
   // A missing block is reported as missing.
   std::string data2 = ReadWhole(s.kept[rp2]);
   BlockId id2 = Sha256Block(std::as_bytes(std::span(data2.data() + 2 * kBlock, kBlock)));
+  REQUIRE(s.vault.Stop() == 0);
   LoseStoredBlock(s.vault.data() + "/blocks", id2);
+  s.vault.Start();
+  SetClock(s.vault, kJan31 + 3000);
   json r2 = Admin(s.vault, {"verify", s.name, "--rp", rp2}).json();
   CHECK(r2["points"][0]["missing"] == json::array({id2.Hex()}));
   // Bad input: unknown point.

@@ -295,12 +295,15 @@ Status BlockStore::Open() {
                            "check that the vault's data directory is writable")
         .InPhase("open block store");
   const bool had_index = fs::exists(root_ + "/index.db", ec);
-  if (Status st = OpenIndex(); !st.ok())
+  if (Status st = OpenIndex(); !st.ok()) {
+    // Held by another vault process: its own fix (never move the index away then).
+    if (st.code() == Code::kConflict) return std::move(st).InPhase("open block store");
     return std::move(st)
         .InPhase("open block store")
         .WithFix(
             "check the vault's data directory; if " + root_ +
             "/index.db is damaged, move it away: the vault rebuilds it from the packs at start");
+  }
   for (auto it = fs::directory_iterator(root_ + "/packs", ec);
        !ec && it != fs::directory_iterator(); it.increment(ec))
     next_pack_ = std::max(next_pack_, PackNumberOf(it->path()) + 1);

@@ -18,17 +18,45 @@ std::string DbRow::Text(size_t i) const {
   return "";
 }
 
+namespace {
+
+// Only the process that opens a database first may use it: SQLite's "unix-excl" VFS holds an
+// exclusive lock from the first access on (other connections of the same process share it).
+// SQLite then keeps the WAL index in this process's memory instead of a memory-mapped
+// "-shm" file. A write into such a mapping whose blocks the filesystem cannot allocate — a full
+// disk with blocks smaller than a memory page (SQLite allocates only one block per page), or
+// btrfs, which needs new space for every write — can kill the process with SIGBUS instead of
+// failing the statement with SQLITE_FULL. A second vault on the same data directory gets a
+// clear error instead of sharing the packs.
+#if defined(__unix__)
+constexpr const char* kVfs = "unix-excl";
+#else
+constexpr const char* kVfs = nullptr;
+#endif
+
+}  // namespace
+
 Result<std::unique_ptr<Db>> Db::Open(const std::string& path) {
   sqlite3* raw = nullptr;
-  int rc =
-      sqlite3_open_v2(path.c_str(), &raw,
-                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
+  int rc = sqlite3_open_v2(
+      path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, kVfs);
   std::unique_ptr<Db> db(new Db(raw));
   if (rc != SQLITE_OK)
     return Status::IoError("open metadata database " + path + ": " + sqlite3_errstr(rc),
                            "check that the vault's data directory is writable");
   sqlite3_busy_timeout(raw, 5000);
-  VMSNAP_RETURN_IF_ERROR(db->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
+  // The first access takes the lock: a database another process holds is busy.
+  if (rc = sqlite3_exec(raw, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", nullptr, nullptr,
+                        nullptr);
+      (rc & 0xff) == SQLITE_BUSY)
+    return Status::Error(Code::kConflict,
+                         "metadata database " + path + " is in use by another process",
+                         "only one vmsnap-vault may serve a data directory: stop the other one "
+                         "(see 'fuser " +
+                             path + "')");
+  if (rc != SQLITE_OK)
+    return Status::IoError("open metadata database " + path + ": " + sqlite3_errmsg(raw),
+                           "check that the vault's data directory is writable");
   return db;
 }
 

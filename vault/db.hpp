@@ -1,7 +1,9 @@
 // A small RAII wrapper around one SQLite connection (the control plane's metadata store).
 // Values are NULL, 64-bit integers or text. Not thread-safe: the owner serialises access
 // (ControlPlane holds a mutex around every use). The database runs in WAL mode with
-// synchronous=FULL, so a committed statement survives a crash.
+// synchronous=FULL, so a committed statement survives a crash. The first process to use a
+// database holds it until its last connection closes; Open in another process fails with
+// kConflict after a 5 s wait (see db.cpp).
 #pragma once
 
 #include <cstdint>

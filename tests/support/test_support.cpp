@@ -166,8 +166,13 @@ std::vector<std::string> Vault::conn() const {
 
 std::vector<Vault::StoredRecord> Vault::StoredRecords() const {
   std::vector<StoredRecord> out;
-  const std::string path = data_ + "/blocks/index.db";
-  if (!fs::exists(path)) return out;
+  if (!fs::exists(data_ + "/blocks/index.db")) return out;
+  // The running vault holds its index exclusively (vault/db.cpp): read a copy of the database
+  // and its log, taken while the vault is idle between the test's steps.
+  TempDir copy;
+  for (const char* f : {"index.db", "index.db-wal"})
+    if (fs::exists(data_ + "/blocks/" + f)) fs::copy_file(data_ + "/blocks/" + f, copy / f);
+  const std::string path = copy / "index.db";
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr) != SQLITE_OK) {
     sqlite3_close(db);

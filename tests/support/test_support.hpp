@@ -75,7 +75,8 @@ class Vault {
   pid_t pid() const { return child_ ? child_->pid() : -1; }
   // Connection flags for vmsnap-agent.
   std::vector<std::string> conn() const;
-  // Blocks in the store's index (DATA/blocks/index.db, read beside the running vault).
+  // Blocks in the store's index (DATA/blocks/index.db, read from a copy: the running vault
+  // holds it exclusively).
   size_t StoredBlockCount() const;
   // Where each stored block's record is: pack file and the offset of its payload.
   struct StoredRecord {

@@ -36,21 +36,6 @@ uint64_t PeakRss(pid_t pid) {
   return 0;
 }
 
-// Under AddressSanitizer freed memory is held in a quarantine (256 MiB by default), which would
-// be measured as the process's own; it is turned off for the processes started in a scope.
-class NoAsanQuarantine {
- public:
-  NoAsanQuarantine() {
-    const char* asan = std::getenv("ASAN_OPTIONS");
-    before_ = asan ? asan : "";
-    ::setenv("ASAN_OPTIONS", (before_ + ":quarantine_size_mb=0").c_str(), 1);
-  }
-  ~NoAsanQuarantine() { ::setenv("ASAN_OPTIONS", before_.c_str(), 1); }
-
- private:
-  std::string before_;
-};
-
 // Sets an environment variable for the processes started while it lives (a vault started in
 // its scope keeps it), and puts the old value back.
 class ScopedEnv {
@@ -72,6 +57,19 @@ class ScopedEnv {
   const char* name_;
   bool had_ = false;
   std::string before_;
+};
+
+// Under AddressSanitizer freed memory is held in a quarantine (256 MiB by default), which would
+// be measured as the process's own; it is turned off for the processes started in a scope.
+class NoAsanQuarantine : public ScopedEnv {
+ public:
+  NoAsanQuarantine() : ScopedEnv("ASAN_OPTIONS", WithoutQuarantine().c_str()) {}
+
+ private:
+  static std::string WithoutQuarantine() {
+    const char* options = std::getenv("ASAN_OPTIONS");
+    return std::string(options ? options : "") + ":quarantine_size_mb=0";
+  }
 };
 
 std::vector<std::string> Args(std::initializer_list<std::vector<std::string>> parts) {

@@ -60,9 +60,7 @@ int64_t IndexedRows(const std::string& blocks_dir) {
 void CorruptStoredBlock(const std::string& blocks_dir, const BlockId& id, uint64_t at,
                         std::string_view bytes) {
   TempDir copy;
-  for (const char* f : {"index.db", "index.db-wal"})
-    if (std::filesystem::exists(blocks_dir + "/" + f))
-      std::filesystem::copy_file(blocks_dir + "/" + f, copy / f);
+  CopyBlockIndex(blocks_dir, copy.path());
   auto rows = BlockIndex(copy.path())
                   ->Query("SELECT pack, offset FROM blocks WHERE id = x'" + id.Hex() + "'");
   REQUIRE(rows.ok());

@@ -20,6 +20,16 @@ std::string DbRow::Text(size_t i) const {
 
 namespace {
 
+// A failed statement's status: a full disk is kResourceExhausted (the caller may go on without
+// writing), a violated constraint kAlreadyExists, anything else kIoError.
+Status StepError(int rc, const std::string& message) {
+  const std::string msg = "metadata database: " + message;
+  if (rc == SQLITE_CONSTRAINT) return Status::Error(Code::kAlreadyExists, msg);
+  if ((rc & 0xff) == SQLITE_FULL)
+    return Status::Error(Code::kResourceExhausted, msg, "free space on the vault's disk");
+  return Status::IoError(msg);
+}
+
 // Only the process that opens a database first may use it: SQLite's "unix-excl" VFS holds an
 // exclusive lock from the first access on (other connections of the same process share it).
 // SQLite then keeps the WAL index in this process's memory instead of a memory-mapped
@@ -54,29 +64,13 @@ Result<std::unique_ptr<Db>> Db::Open(const std::string& path) {
                          "only one vmsnap-vault may serve a data directory: stop the other one "
                          "(see 'fuser " +
                              path + "')");
-  if (rc != SQLITE_OK)
-    return Status::IoError("open metadata database " + path + ": " + sqlite3_errmsg(raw),
-                           "check that the vault's data directory is writable");
+  if (rc != SQLITE_OK) return StepError(rc, "open " + path + ": " + sqlite3_errmsg(raw));
   return db;
 }
 
 Db::~Db() {
   if (db_) sqlite3_close_v2(db_);
 }
-
-namespace {
-
-// A failed statement's status: a full disk is kResourceExhausted (the caller may go on without
-// writing), a violated constraint kAlreadyExists, anything else kIoError.
-Status StepError(int rc, const std::string& message) {
-  const std::string msg = "metadata database: " + message;
-  if (rc == SQLITE_CONSTRAINT) return Status::Error(Code::kAlreadyExists, msg);
-  if ((rc & 0xff) == SQLITE_FULL)
-    return Status::Error(Code::kResourceExhausted, msg, "free space on the vault's disk");
-  return Status::IoError(msg);
-}
-
-}  // namespace
 
 Status Db::Exec(const std::string& sql) {
   char* err = nullptr;

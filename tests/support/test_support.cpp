@@ -167,11 +167,9 @@ std::vector<std::string> Vault::conn() const {
 std::vector<Vault::StoredRecord> Vault::StoredRecords() const {
   std::vector<StoredRecord> out;
   if (!fs::exists(data_ + "/blocks/index.db")) return out;
-  // The running vault holds its index exclusively (vault/db.cpp): read a copy of the database
-  // and its log, taken while the vault is idle between the test's steps.
+  // A copy, taken while the vault is idle between the test's steps.
   TempDir copy;
-  for (const char* f : {"index.db", "index.db-wal"})
-    if (fs::exists(data_ + "/blocks/" + f)) fs::copy_file(data_ + "/blocks/" + f, copy / f);
+  CopyBlockIndex(data_ + "/blocks", copy.path());
   const std::string path = copy / "index.db";
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr) != SQLITE_OK) {
@@ -198,6 +196,11 @@ std::vector<Vault::StoredRecord> Vault::StoredRecords() const {
 
 size_t Vault::StoredBlockCount() const {
   return StoredRecords().size();
+}
+
+void CopyBlockIndex(const std::string& blocks_dir, const std::string& to) {
+  for (const char* f : {"index.db", "index.db-wal"})
+    if (fs::exists(blocks_dir + "/" + f)) fs::copy_file(blocks_dir + "/" + f, to + "/" + f);
 }
 
 uint16_t FreePort() {

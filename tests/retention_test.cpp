@@ -1675,8 +1675,8 @@ bool DirectIoWorks(const std::filesystem::path& dir) {
 }  // namespace
 
 TEST_CASE(
-    "block store: a run of adjacent records is fetched with one direct read, scattered "
-    "records with one read each; both give the records as stored") {
+    "block store: records are read in pack order, those close together in one direct read, "
+    "and answered in request order as stored") {
   TempDir tmp;
   BlockStore store{tmp / "blocks"};
   REQUIRE(store.Open().ok());
@@ -1718,7 +1718,8 @@ TEST_CASE(
   CHECK(after.reads - before.reads == 1);
   CHECK(after.bytes - before.bytes == want.size());
   CHECK(after.direct - before.direct == (direct_io ? 1u : 0u));
-  // Backwards: no two requested records are adjacent in that order, one read each.
+  // Backwards: no two requested records are adjacent in that order, but they are in the pack:
+  // one read, the answer in request order.
   std::vector<BlockId> backwards(ids.rbegin(), ids.rend());
   std::string reversed, want_reversed;
   for (size_t i = ids.size(); i-- > 0;) want_reversed += single[i];
@@ -1726,8 +1727,96 @@ TEST_CASE(
   REQUIRE(store.AppendRecords(backwards, reversed).ok());
   after = store.read_counts();
   CHECK(reversed == want_reversed);
-  CHECK(after.reads - before.reads == ids.size());
+  CHECK(after.reads - before.reads == 1);
+  // Every other record, with a repeat: the gaps (one record each) are read through, in one read
+  // of the whole span; each requested record appears where it was asked for.
+  std::vector<BlockId> sparse;
+  std::string sparse_records, want_sparse;
+  for (size_t i = 0; i < 16; i += 2) {
+    sparse.push_back(ids[i]);
+    want_sparse += single[i];
+  }
+  sparse.push_back(ids[4]);
+  want_sparse += single[4];
+  before = store.read_counts();
+  REQUIRE(store.AppendRecords(sparse, sparse_records).ok());
+  after = store.read_counts();
+  CHECK(sparse_records == want_sparse);
+  CHECK(after.reads - before.reads == 1);
+  CHECK(after.bytes - before.bytes == 15 * single[0].size());  // records 0..14, gaps included
+  // Records further apart than BlockStore::kMaxReadGap: one read each.
+  static_assert(BlockStore::kMaxReadGap < 19 * (kRecordHeaderSize + kBlock));
+  std::vector<BlockId> far{ids[40], ids[0], ids[20]};
+  std::string far_records;
+  before = store.read_counts();
+  REQUIRE(store.AppendRecords(far, far_records).ok());
+  after = store.read_counts();
+  CHECK(far_records == single[40] + single[0] + single[20]);
+  CHECK(after.reads - before.reads == 3);
+  CHECK(after.bytes - before.bytes == 3 * single[0].size());
   for (size_t i = 0; i < ids.size(); i += 9) CHECK(Plain(*store.Get(ids[i])) == contents[i]);
+  // An answer larger than the limit is refused before anything is read or allocated.
+  std::vector<BlockId> too_many(BlockStore::kMaxAnswerBytes / single[0].size() + 1, ids[7]);
+  std::string refused;
+  before = store.read_counts();
+  Status big = store.AppendRecords(too_many, refused);
+  after = store.read_counts();
+  CHECK(big.code() == Code::kInvalidArgument);
+  CHECK(big.fix().find("fewer blocks") != std::string::npos);
+  CHECK(refused.empty());
+  CHECK(after.reads == before.reads);
+  // At the limit it is answered.
+  std::vector<BlockId> at_limit(BlockStore::kMaxAnswerBytes / single[0].size(), ids[7]);
+  std::string answered;
+  REQUIRE(store.AppendRecords(at_limit, answered).ok());
+  CHECK(answered.size() == at_limit.size() * single[0].size());
+  CHECK(answered.compare(answered.size() - single[7].size(), single[7].size(), single[7]) == 0);
+}
+
+TEST_CASE(
+    "block store: a request interleaving the records of two packs (an incremental point's "
+    "changed blocks among its parent's) takes one read per pack, not one per record") {
+  TempDir tmp;
+  std::mt19937_64 rng(72);
+  std::vector<std::string> contents[2];
+  std::vector<BlockId> ids[2];
+  for (int pack = 0; pack < 2; ++pack) {
+    // A store opened anew appends to a new pack.
+    BlockStore store{tmp / "blocks"};
+    REQUIRE(store.Open().ok());
+    std::vector<EncodedBlock> batch;
+    for (int i = 0; i < 32; ++i) {
+      contents[pack].push_back(RandomBlock(rng));
+      ids[pack].push_back(Lib::IdOf(contents[pack].back()));
+      batch.push_back(Encoded(contents[pack].back()));
+    }
+    REQUIRE(store.Put(batch).ok());
+  }
+  BlockStore store{tmp / "blocks"};
+  REQUIRE(store.Open().ok());
+  // Disk order of an incremental point: most blocks from the first pack, every fourth one
+  // replaced by a block of the second.
+  std::vector<BlockId> request;
+  std::vector<const std::string*> want;
+  for (int i = 0; i < 32; ++i) {
+    const int pack = i % 4 == 3 ? 1 : 0;
+    request.push_back(ids[pack][i]);
+    want.push_back(&contents[pack][i]);
+  }
+  std::string records;
+  const auto before = store.read_counts();
+  REQUIRE(store.AppendRecords(request, records).ok());
+  const auto after = store.read_counts();
+  CHECK(after.reads - before.reads == 2);
+  ByteReader reader(records);
+  for (size_t i = 0; i < request.size(); ++i) {
+    CAPTURE(i);
+    BlockRecordView view;
+    REQUIRE(ReadRecord(reader, view));
+    CHECK(view.id == request[i]);
+    CHECK(Plain(view.ToOwned()) == *want[i]);
+  }
+  CHECK(reader.remaining() == 0);
 }
 
 TEST_CASE(

@@ -10,7 +10,9 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <numeric>
 #include <optional>
+#include <tuple>
 #include <unordered_set>
 
 #include "common/aligned_buffer.hpp"
@@ -761,24 +763,28 @@ BlockStore::ReadCounts BlockStore::read_counts() const {
   return {pack_reads_.load(), pack_direct_reads_.load(), pack_read_bytes_.load()};
 }
 
-// Reads [offset, offset + n) of a pack into `out`. Runs bypass the page cache: the packs
+// Reads [offset, offset + n) of a pack into `buffer`. Spans bypass the page cache: the packs
 // were appended with O_DIRECT, so they are rarely cached, and a buffered read would copy every
 // byte once more and fill the page cache with pages that are read once (measured on this
 // project's VM: 1.3 GB read buffered right after direct appends cost 2.4 CPU-seconds of kernel
-// time, read direct 0.05; docs/PERFORMANCE.md). The aligned range around the run is read into
-// `buffer` (kept by the caller across runs) and the run copied out of it. Runs shorter than
-// kDirectReadMinBytes, and packs whose filesystem refuses direct reads, are read through the
-// page cache.
-Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
-                           AlignedBuffer& buffer) const {
+// time, read direct 0.05; docs/PERFORMANCE.md). The aligned range around the span is read.
+// Spans shorter than kDirectReadMinBytes, and packs whose filesystem refuses direct reads, are
+// read through the page cache.
+Result<const char*> BlockStore::ReadSpan(Pack& pack, uint64_t offset, uint64_t n,
+                                         AlignedBuffer& buffer) const {
   pack_reads_.fetch_add(1, std::memory_order_relaxed);
   pack_read_bytes_.fetch_add(n, std::memory_order_relaxed);
+  auto buffered = [&]() -> Result<const char*> {
+    buffer.Reserve(n);
+    VMSNAP_RETURN_IF_ERROR(PreadAll(pack.fd.get(), offset, buffer.data(), n, pack.path));
+    return static_cast<const char*>(buffer.data());
+  };
   if (n < kDirectReadMinBytes || pack.direct_read_refused.load(std::memory_order_relaxed))
-    return PreadAll(pack.fd.get(), offset, out, n, pack.path);
+    return buffered();
   std::call_once(pack.direct_read_open, [&] {
     pack.direct_read_fd = Fd(::open(pack.path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));
   });
-  if (!pack.direct_read_fd.valid()) return PreadAll(pack.fd.get(), offset, out, n, pack.path);
+  if (!pack.direct_read_fd.valid()) return buffered();
   const uint64_t first = offset / kAlign * kAlign, last = AlignUp(offset + n);
   const size_t span = last - first;
   buffer.Reserve(span);
@@ -790,7 +796,7 @@ Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && errno == EINVAL && done == 0) {  // no direct reads here after all
       pack.direct_read_refused.store(true, std::memory_order_relaxed);
-      return PreadAll(pack.fd.get(), offset, out, n, pack.path);
+      return buffered();
     }
     if (r < 0) return Status::FromErrno(errno, "read " + pack.path);
     if (r == 0) return Status::Corruption(pack.path + " ends early (truncated)");
@@ -799,8 +805,7 @@ Status BlockStore::ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out,
   }
   if (done < need) return Status::Corruption(pack.path + " ends early (truncated)");
   pack_direct_reads_.fetch_add(1, std::memory_order_relaxed);
-  std::memcpy(out, buffer.data() + (offset - first), n);
-  return Status::Ok();
+  return static_cast<const char*>(buffer.data() + (offset - first));
 }
 
 Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out) const {
@@ -819,39 +824,62 @@ Status BlockStore::AppendRecords(std::span<const BlockId> ids, std::string& out)
   auto damaged = [&](size_t i, const std::string& why) {
     return DamagedBlock(ids[i], PackPath(where[i].pack), where[i].offset, why);
   };
-  // The answer grows once to its final size: growing it run by run copied everything read so
-  // far at each reallocation (a tenth of the vault's CPU time in a restore, docs/PERFORMANCE.md).
+  // The answer holds the records in request order; `at[i]` is where record i goes. It grows
+  // once to its final size: growing it run by run copied everything read so far at each
+  // reallocation (a tenth of the vault's CPU time in a restore, docs/PERFORMANCE.md).
+  const size_t base = out.size();
+  std::vector<uint64_t> at(ids.size());
   uint64_t total = 0;
-  for (const IndexRow& row : where)  // an impossible length is refused below, not reserved
-    total += std::min<uint64_t>(row.length, kRecordHeaderSize + 2 * kMaxBlockSize);
-  out.reserve(out.size() + total);
-  AlignedBufferPool::Lease direct_buffer(read_buffers_);
-  for (size_t i = 0; i < ids.size();) {
+  for (size_t i = 0; i < ids.size(); ++i) {
     if (where[i].length < kRecordHeaderSize ||
         where[i].length > kRecordHeaderSize + 2 * kMaxBlockSize)
       return damaged(i, "its index row has an impossible length");
-    // A run of records that follow each other in the same pack: one read.
-    size_t j = i + 1;
-    uint64_t run = where[i].length;
-    while (j < ids.size() && where[j].pack == where[i].pack &&
-           where[j].offset == where[i].offset + run && run < (8u << 20) &&
-           where[j].length >= kRecordHeaderSize &&
-           where[j].length <= kRecordHeaderSize + 2 * kMaxBlockSize)
-      run += where[j++].length;
-    auto pack = PackForRead(where[i].pack);
-    if (!pack.ok()) return damaged(i, pack.status().cause());
-    const size_t base = out.size();
-    out.resize(base + run);
-    if (Status st = ReadRun(**pack, where[i].offset, run, out.data() + base, *direct_buffer);
-        !st.ok())
-      return damaged(i, st.cause());
-    for (size_t k = i, at = base; k < j; at += where[k].length, ++k) {
-      const RecordHeader h = ReadRecordHeader(out.data() + at);
-      if (h.id != ids[k]) return damaged(k, "the record holds block " + h.id.Hex());
-      if (kRecordHeaderSize + h.payload_size != where[k].length || h.plain_size > kMaxBlockSize)
-        return damaged(k, "the record's sizes do not match the index");
+    at[i] = total;
+    total += where[i].length;
+  }
+  if (total > kMaxAnswerBytes)
+    return Status::InvalidArgument("a fetch of " + std::to_string(ids.size()) +
+                                       " blocks would answer " + std::to_string(total) +
+                                       " bytes, more than the vault's limit of " +
+                                       std::to_string(kMaxAnswerBytes) + " bytes",
+                                   "ask for fewer blocks per fetch");
+  out.resize(base + total);
+  // The records are read in pack order: a span covers those of one pack that lie close
+  // together (kMaxReadGap), whatever their order in the request, and each is copied to its
+  // place in the answer.
+  std::vector<uint32_t> order(ids.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return std::tie(where[a].pack, where[a].offset) < std::tie(where[b].pack, where[b].offset);
+  });
+  AlignedBufferPool::Lease direct_buffer(read_buffers_);
+  for (size_t a = 0; a < order.size();) {
+    const IndexRow& head = where[order[a]];
+    const uint64_t begin = head.offset;
+    uint64_t end = begin + head.length;
+    size_t b = a + 1;
+    for (; b < order.size(); ++b) {
+      const IndexRow& next = where[order[b]];
+      if (next.pack != head.pack || next.offset > end + kMaxReadGap ||
+          next.offset + next.length - begin > kMaxReadSpan)
+        break;
+      end = std::max(end, next.offset + next.length);
     }
-    i = j;
+    auto pack = PackForRead(head.pack);
+    if (!pack.ok()) return damaged(order[a], pack.status().cause());
+    auto span = ReadSpan(**pack, begin, end - begin, *direct_buffer);
+    if (!span.ok()) return damaged(order[a], span.status().cause());
+    for (size_t k = a; k < b; ++k) {
+      const uint32_t i = order[k];
+      std::memcpy(out.data() + base + at[i], *span + (where[i].offset - begin), where[i].length);
+    }
+    a = b;
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const RecordHeader h = ReadRecordHeader(out.data() + base + at[i]);
+    if (h.id != ids[i]) return damaged(i, "the record holds block " + h.id.Hex());
+    if (kRecordHeaderSize + h.payload_size != where[i].length || h.plain_size > kMaxBlockSize)
+      return damaged(i, "the record's sizes do not match the index");
   }
   return Status::Ok();
 }

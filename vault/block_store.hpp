@@ -156,10 +156,23 @@ class BlockStore {
   Result<EncodedBlock> Get(const BlockId& id) const;
   // Appends the stored records of `ids` (in that order, duplicates repeated) to `out` as they
   // are in the packs, which is the VMB1 record format: the body of a fetch answer without its
-  // 8-byte header. Records adjacent in a pack are read with one call. Each record's header is
-  // checked (its id, its sizes); the payload is not decoded. Same errors as Get; `out` then
-  // holds a partial answer the caller must discard.
+  // 8-byte header. The records are read in pack order, whatever their order in `ids`: those of
+  // one pack at most kMaxReadGap apart with one call (kMaxReadSpan at most). Each record's
+  // header is checked (its id, its sizes); the payload is not decoded. Same errors as Get, and
+  // kInvalidArgument, before anything is read, for records of more than kMaxAnswerBytes in all;
+  // `out` then holds a partial answer the caller must discard.
   Status AppendRecords(std::span<const BlockId> ids, std::string& out) const;
+  // The most one AppendRecords call answers: a fetch's answer is built in memory, and the
+  // agent reads answers of at most 256 MiB (ClientOptions::response_body_limit).
+  static constexpr uint64_t kMaxAnswerBytes = 256ull << 20;
+  // Records of one pack that start at most this far past the end of the previous one are read
+  // together, gap included: one read through a few dead or unrequested records costs less than
+  // another I/O. Restoring an incremental point (its 2 % of changed blocks in a newer pack,
+  // the rest around their stale versions in the full backup's packs) took 6 times as many
+  // reads as the full point with exactly adjacent runs only (docs/PERFORMANCE.md, session 24).
+  static constexpr uint64_t kMaxReadGap = 128 << 10;
+  // The most one read of records spans (gap included).
+  static constexpr uint64_t kMaxReadSpan = 8 << 20;
   // kNotFound if absent.
   Result<BlockLocation> Locate(const BlockId& id) const;
 
@@ -195,7 +208,8 @@ class BlockStore {
   StoreUsage Usage() const;
 
   // Reads of pack files made by AppendRecords and Get since Open (thread-safe counters): one per
-  // run of adjacent records; `direct` of them bypassed the page cache.
+  // span of records read together; `bytes` counts the spans, gaps included; `direct` of them
+  // bypassed the page cache.
   struct ReadCounts {
     uint64_t reads = 0, direct = 0, bytes = 0;
   };
@@ -245,8 +259,10 @@ class BlockStore {
   // ones would read a whole page anyway). Reading every run direct, even single records,
   // restored the 4 GiB image in 4.1-4.2 s against 4.3-4.6 s with a 256 KiB threshold.
   static constexpr uint64_t kDirectReadMinBytes = 4 << 10;
-  // `buffer`: kept by the caller from one run to the next.
-  Status ReadRun(Pack& pack, uint64_t offset, uint64_t n, char* out, AlignedBuffer& buffer) const;
+  // Reads [offset, offset + n) of the pack; returns where those bytes start inside `buffer`
+  // (kept by the caller from one read to the next; valid until its next use).
+  Result<const char*> ReadSpan(Pack& pack, uint64_t offset, uint64_t n,
+                               AlignedBuffer& buffer) const;
   Status IndexInsert(std::span<const BlockRecordView> blocks, int64_t pack, uint64_t first_offset,
                      PutStats* stats);
   std::vector<bool> HasForUploadLocked(std::span<const BlockId> ids);

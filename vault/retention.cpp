@@ -84,7 +84,7 @@ class BlockVerifier {
       }
     positions_.clear();
     checked_.Insert(keys_, &positions_);
-    fresh_.clear();  // in the map's order, so that AppendRecords finds runs of adjacent records
+    fresh_.clear();  // in the map's order: a batch's records then lie close together in the packs
     for (size_t at : positions_) fresh_.push_back(ids_[at]);
     for (size_t at = 0; at < fresh_.size(); at += per_batch)
       CheckBatch(std::span(fresh_).subspan(at, std::min(per_batch, fresh_.size() - at)));

@@ -58,8 +58,8 @@ const ItemRules& RulesOf(const std::string& item, const LifecycleInputs& inputs)
 }
 
 // Re-reads and re-hashes blocks, each id once per verifier, a batch at a time: the ids of a
-// batch are read with BlockStore::AppendRecords (records adjacent in a pack in one read), then
-// each record is decompressed and hashed (VerifyBlock). Memory: the blocks checked so far
+// batch are read with BlockStore::AppendRecords (records close together in a pack in one read),
+// then each record is decompressed and hashed (VerifyBlock). Memory: the blocks checked so far
 // (their 16-byte prefixes in sorted runs, vault/id_sets.hpp: 17-34 bytes per block of what
 // was verified), the bad ones with their state, and one batch of records (about
 // `batch_bytes`). One thread.

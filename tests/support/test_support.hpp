@@ -94,11 +94,11 @@ class Vault {
   uint16_t port_ = 0;
 };
 
-// A TCP port on 127.0.0.1 that was free a moment ago.
 // Copies a block store's index (BLOCKS_DIR/index.db and its log) into the directory `to`, to be
 // read there: a running vault process holds the index itself exclusively (vault/db.cpp).
 void CopyBlockIndex(const std::string& blocks_dir, const std::string& to);
 
+// A TCP port on 127.0.0.1 that was free a moment ago.
 uint16_t FreePort();
 
 std::string AgentBinary();

@@ -59,7 +59,7 @@ struct BackupOptions {
   // one request, below the vault's 96 MiB limit); smaller ones in one request.
   uint64_t manifest_part_bytes = 32ull << 20;
   // Entries per request when the vault's block map of the parent is read (the incremental
-  // without local state): 1 Mi entries are about 41 MB.
+  // without local state): 1 Mi entries are about 57 MB.
   uint64_t map_page_entries = kMapPageEntries;
   bool progress = true;  // progress lines on stderr for long jobs
   // Set by another thread to stop at the next safe point: nothing is committed and the job
@@ -90,6 +90,9 @@ struct DiskReport {
   uint64_t blocks_zero = 0;
   uint64_t blocks_read = 0;  // blocks that held data and were read (holes are not read)
   uint64_t blocks_changed = 0;
+  // Blocks whose SHA-256 (their id) was computed: the changed ones; in a full backup every block
+  // with data; without local state, also the unchanged blocks whose parent entry has no check.
+  uint64_t blocks_hashed = 0;
   uint64_t blocks_uploaded = 0;
   uint64_t bytes_uploaded = 0;  // payload bytes (after compression)
   uint64_t bytes_changed = 0;   // plaintext bytes of changed blocks

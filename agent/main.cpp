@@ -247,7 +247,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 32));
   restore
       ->add_option("--state-dir", ropt.state_dir,
-                   "Where the block maps being restored are kept meanwhile (41 bytes per "
+                   "Where the block maps being restored are kept meanwhile (57 bytes per "
                    "block with data)")
       ->capture_default_str();
   // Entries per request when a block map is read from the vault (tests use small pages).

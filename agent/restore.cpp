@@ -127,7 +127,8 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
       if (it == encoded.end())
         return Status::Unavailable("the vault left out block " + e.id->Hex());
       const uint64_t len = std::min<uint64_t>(bs, d.disk_size - e.index * bs);
-      Status st = DecodeBlockInto(*it->second, std::span(run.bytes() + (k - i) * bs, len));
+      Status st = DecodeBlockInto(*it->second, std::span(run.bytes() + (k - i) * bs, len),
+                                  e.check ? &*e.check : nullptr);
       if (!st.ok())
         return Status::Corruption(
             "block " + std::to_string(e.index) + " (id " + e.id->Hex() + ") of disk " +

@@ -1,8 +1,9 @@
 // Restore of whole disks from a recovery point to block devices or image files.
 //
 // Every disk of the selection is restored in parallel: F fetcher threads, each with its own
-// connection, fetch batches of blocks, verify each one (decompress, SHA-256 must equal its id)
-// and write it in place. Zero blocks are written as zeros unless the target was created empty.
+// connection, fetch batches of blocks, verify each one (decompress; the XXH3-128 its manifest
+// entry holds must match, or, for entries of older agents without one, the SHA-256 must equal
+// its id) and write it in place. Zero blocks are written as zeros unless the target was created empty.
 // A new target file is written under PATH.vmsnap-partial and renamed only when complete and
 // synced, so a failed restore never leaves a file that looks finished. An existing target
 // (device or file) must be large enough; on failure its content is undefined and the error
@@ -28,7 +29,7 @@ struct RestoreOptions {
   std::vector<std::string> targets;  // devices or files, in disk order
   int fetchers = 6;
   bool progress = true;
-  // Where the block maps of the disks being restored are kept while the restore runs (41 B per
+  // Where the block maps of the disks being restored are kept while the restore runs (57 B per
   // block with data, in nameless scratch files; agent/scratch.hpp).
   std::string state_dir = platform::DefaultAgentPaths().state_dir;
   uint64_t map_page_entries = kMapPageEntries;  // entries per request when the map is read

@@ -23,8 +23,8 @@ Result<std::unique_ptr<platform::ScratchFile>> CreateScratch(const std::string& 
                                              : first_error.cause();
   return Status::Error(Code::kIoError, cause,
                        "give the agent a writable --state-dir with free space (a backup needs "
-                       "about 16 bytes per block of each disk plus 41 per changed block, a "
-                       "restore 41 per block with data, while it runs)")
+                       "about 16 bytes per block of each disk plus 57 per changed block, a "
+                       "restore 57 per block with data, while it runs)")
       .InPhase("prepare");
 }
 
@@ -33,10 +33,17 @@ Status WriteEntrySlots(platform::ScratchFile& file, uint64_t first_slot,
   if (entries.empty()) return Status::Ok();
   buf.assign(entries.size() * kEntrySlot, '\0');
   char* p = buf.data();
+  auto le64 = [](char* at, uint64_t v) {
+    for (int k = 0; k < 8; ++k) at[k] = static_cast<char>((v >> (8 * k)) & 0xff);
+  };
   for (const auto& e : entries) {
-    for (int k = 0; k < 8; ++k) p[k] = static_cast<char>((e.index >> (8 * k)) & 0xff);
-    p[8] = e.id ? 1 : 0;
+    le64(p, e.index);
+    p[8] = !e.id ? 0 : e.check ? 2 : 1;
     if (e.id) std::memcpy(p + 9, e.id->bytes.data(), 32);
+    if (e.id && e.check) {
+      le64(p + 41, e.check->low);
+      le64(p + 49, e.check->high);
+    }
     p += kEntrySlot;
   }
   return file.WriteAt(first_slot * kEntrySlot, std::as_bytes(std::span(buf.data(), buf.size())));
@@ -61,16 +68,21 @@ Status ReadEntrySlots(platform::ScratchFile& file, uint64_t first_slot, uint64_t
                                      std::as_writable_bytes(std::span(buf.data(), buf.size()))));
   out.resize(count);
   const char* p = buf.data();
+  auto le64 = [](const char* at) {
+    uint64_t v = 0;
+    for (int k = 0; k < 8; ++k) v |= uint64_t{static_cast<unsigned char>(at[k])} << (8 * k);
+    return v;
+  };
   for (auto& e : out) {
-    e.index = 0;
-    for (int k = 0; k < 8; ++k) e.index |= uint64_t{static_cast<unsigned char>(p[k])} << (8 * k);
+    e.index = le64(p);
+    e.id.reset();
+    e.check.reset();
     if (p[8] != 0) {
       BlockId id;
       std::memcpy(id.bytes.data(), p + 9, 32);
       e.id = id;
-    } else {
-      e.id.reset();
     }
+    if (p[8] == 2) e.check = FastHash{le64(p + 41), le64(p + 49)};
     p += kEntrySlot;
   }
   return Status::Ok();

@@ -4,8 +4,9 @@
 // size of the disks it backs up or restores (docs/ARCHITECTURE.md, "Memory bounds").
 //
 // Manifest entries are stored in fixed slots of kEntrySlot bytes: index (u64 little-endian),
-// kind (1 = data, 0 = zero or "no entry": bytes never written read as zero), block id (32
-// bytes; zero for kind 0).
+// kind (1 = data, 2 = data with its check, 0 = zero or "no entry": bytes never written read as
+// zero), block id (32 bytes; zero for kind 0), check (XXH3-128, low and high u64; zero unless
+// kind 2).
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,7 @@
 
 namespace vmsnap::agent {
 
-constexpr uint64_t kEntrySlot = 41;
+constexpr uint64_t kEntrySlot = 57;
 
 // A scratch file in STATE_DIR/disks if that directory exists (it holds the agent's state
 // files, so it exists after the first backup), else in /var/tmp if it exists, else in the

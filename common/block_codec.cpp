@@ -264,7 +264,8 @@ Status DecodeBlock(const BlockRecordView& block, std::vector<std::byte>& out) {
   return DecodeBlockInto(block, out);
 }
 
-Status DecodeBlockInto(const BlockRecordView& block, std::span<std::byte> out) {
+Status DecodeBlockInto(const BlockRecordView& block, std::span<std::byte> out,
+                       const FastHash* check) {
   if (out.size() != block.plain_size)
     return Status::Corruption("block " + block.id.Hex() + " holds " +
                               std::to_string(block.plain_size) + " bytes, expected " +
@@ -284,8 +285,13 @@ Status DecodeBlockInto(const BlockRecordView& block, std::span<std::byte> out) {
     return Status::Corruption("block " + block.id.Hex() + " has unknown codec " +
                               std::to_string(static_cast<int>(block.codec)));
   }
-  if (Sha256Block(out) != block.id)
+  if (check) {
+    if (FastHashBlock(out) != *check)
+      return Status::Corruption("block " + block.id.Hex() +
+                                " does not match the check its manifest holds (XXH3-128)");
+  } else if (Sha256Block(out) != block.id) {
     return Status::Corruption("block " + block.id.Hex() + " does not match its SHA-256");
+  }
   return Status::Ok();
 }
 

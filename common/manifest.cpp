@@ -13,6 +13,12 @@ namespace {
 constexpr std::string_view kMagic = "VMSNAPM1";
 constexpr uint8_t kZeroEntry = 0;
 constexpr uint8_t kDataEntry = 1;
+constexpr uint8_t kCheckedDataEntry = 2;  // id, then the XXH3-128 of the plaintext
+constexpr size_t kMaxEntrySize = 57;
+
+void PutLe64(char* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
 }  // namespace
 
 ManifestEncoder::ManifestEncoder(uint64_t disk_size, uint32_t block_size, std::string_view parent,
@@ -31,11 +37,22 @@ ManifestEncoder::ManifestEncoder(uint64_t disk_size, uint32_t block_size, std::s
 ManifestEncoder::~ManifestEncoder() = default;
 
 void ManifestEncoder::Add(const ManifestEntry& e) {
-  char entry[41];
-  for (int i = 0; i < 8; ++i) entry[i] = static_cast<char>((e.index >> (8 * i)) & 0xff);
-  entry[8] = static_cast<char>(e.id ? kDataEntry : kZeroEntry);
-  if (e.id) std::memcpy(entry + 9, e.id->bytes.data(), 32);
-  out_.append(entry, e.id ? 41 : 9);
+  char entry[kMaxEntrySize];
+  PutLe64(entry, e.index);
+  size_t size = 9;
+  if (!e.id) {
+    entry[8] = static_cast<char>(kZeroEntry);
+  } else {
+    entry[8] = static_cast<char>(e.check ? kCheckedDataEntry : kDataEntry);
+    std::memcpy(entry + 9, e.id->bytes.data(), 32);
+    size = 41;
+    if (e.check) {
+      PutLe64(entry + 41, e.check->low);
+      PutLe64(entry + 49, e.check->high);
+      size = 57;
+    }
+  }
+  out_.append(entry, size);
   ++added_;
 }
 
@@ -70,7 +87,6 @@ Status BadManifest(const std::string& why) {
 }
 constexpr size_t kChecksumSize = 32;
 constexpr size_t kReadChunk = 1 << 20;
-constexpr size_t kMaxEntrySize = 41;
 }  // namespace
 
 ManifestReader::ManifestReader(Source source, uint64_t total_size, bool verify_checksum)
@@ -183,10 +199,15 @@ Status ManifestReader::Next(std::vector<ManifestEntry>& out, size_t max) {
     ManifestEntry e;
     uint8_t kind = 0;
     if (!*filled || !r.u64(e.index) || !r.u8(kind)) return BadManifest("truncated entry");
-    if (kind == kDataEntry) {
+    if (kind == kDataEntry || kind == kCheckedDataEntry) {
       BlockId id;
       if (!r.bytes(id.bytes.data(), 32)) return BadManifest("truncated entry");
       e.id = id;
+      if (kind == kCheckedDataEntry) {
+        FastHash check;
+        if (!r.u64(check.low) || !r.u64(check.high)) return BadManifest("truncated entry");
+        e.check = check;
+      }
     } else if (kind != kZeroEntry || full) {
       return BadManifest("bad entry kind");
     }

@@ -4,7 +4,8 @@
 // listed are zero. An incremental manifest names its parent recovery point and lists only
 // the blocks that differ from the parent's resolved view: a new id, or "now zero". Its size
 // therefore grows with the changed blocks, not with the disk. Entries are sorted by index.
-// Encoded manifests end with the SHA-256 of everything before it; decoding checks it.
+// Encoded manifests end with the SHA-256 of everything before it; decoding checks it. A data
+// entry may carry the block's XXH3-128 (its "check", docs/FORMAT.md).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,10 @@ namespace vmsnap {
 struct ManifestEntry {
   uint64_t index = 0;
   std::optional<BlockId> id;  // nullopt: the block is all zero
+  // XXH3-128 of the block's plaintext, written by the agent that read the block (manifests of
+  // older agents have none). A restore verifies the block with it instead of re-computing the
+  // SHA-256, and an incremental without local state compares with it. Only with an id.
+  std::optional<FastHash> check;
   bool operator==(const ManifestEntry&) const = default;
 };
 

@@ -88,7 +88,7 @@ class DiskWriter {
 };
 
 // A temporary file for data too large to hold in memory (the agent's block hashes and manifest
-// entries during a backup: 16 B per block of the disk and 41 B per changed block). It has no
+// entries during a backup: 16 B per block of the disk and 57 B per changed block). It has no
 // name that outlives it: Linux creates it with O_TMPFILE (or unlinks it at once), Windows
 // deletes it when its handle closes, so even a killed agent leaves nothing behind on Linux.
 // ReadAt and WriteAt are positioned and may be called from several threads at once for

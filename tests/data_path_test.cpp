@@ -352,7 +352,28 @@ TEST_CASE("without local state the agent compares with the vault's map and resen
   Vault vault(dir / "vault");
   vault.Start();
   std::string img = MakeImage(dir, "disk.img", 3);
-  Backup(vault, dir, {img});
+  json full = Backup(vault, dir, {img});
+  CHECK(full["disks"][0]["blocks_hashed"] == 8);  // every block with data gets its id
+  // The stored manifest gives every block, besides its id, the XXH3-128 of its bytes.
+  {
+    std::ifstream file(fs::path(dir / "vault") / "rps" / full["recovery_point"].get<std::string>() /
+                           "disk-0.manifest",
+                       std::ios::binary);
+    const std::string text{std::istreambuf_iterator<char>(file), {}};
+    auto m = vmsnap::DecodeManifest(text);
+    REQUIRE(m.ok());
+    REQUIRE(m->entries.size() == 8);
+    std::ifstream in(img, std::ios::binary);
+    for (const auto& e : m->entries) {
+      CAPTURE(e.index);
+      std::vector<std::byte> block(kBlock);
+      in.seekg(static_cast<std::streamoff>(e.index * kBlock));
+      in.read(reinterpret_cast<char*>(block.data()), kBlock);
+      REQUIRE(in.good());
+      CHECK(e.id == vmsnap::Sha256Block(block));
+      CHECK(e.check == vmsnap::FastHashBlock(block));
+    }
+  }
   fs::remove_all(dir / "state");
   WriteRandomBlocks(img, kBlock, {2}, 11);
   json inc = Backup(vault, dir, {img});
@@ -360,6 +381,8 @@ TEST_CASE("without local state the agent compares with the vault's map and resen
   CHECK(d["mode"] == "incremental-vault-map");
   CHECK(d["blocks_changed"] == 1);
   CHECK(d["blocks_uploaded"] == 1);
+  // The unchanged blocks are recognised by their check, without a SHA-256 of each.
+  CHECK(d["blocks_hashed"] == 1);
   auto r = Restore(vault, inc["recovery_point"], {dir / "r.img"});
   REQUIRE(r.exit_code == 0);
   CHECK(FileSha256(dir / "r.img") == FileSha256(img));

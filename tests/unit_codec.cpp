@@ -89,6 +89,30 @@ TEST_CASE("a damaged payload or a wrong id is reported as corruption") {
   }
 }
 
+TEST_CASE(
+    "a block verified by its manifest check: accepted intact, damage and other bytes refused") {
+  for (auto plain : {TextBytes(16384), RandomBytes(16384, 4)}) {
+    const EncodedBlock enc = EncodeBlock(Sha256Block(plain), plain);
+    const FastHash check = FastHashBlock(plain);
+    std::vector<std::byte> out(plain.size());
+    REQUIRE(DecodeBlockInto(enc, out, &check).ok());
+    CHECK(out == plain);
+    EncodedBlock flipped = enc;
+    flipped.payload[flipped.payload.size() / 2] ^= 0x40;
+    CHECK(DecodeBlockInto(flipped, out, &check).code() == Code::kCorruption);
+    FastHash other_check = check;
+    other_check.high ^= 1;
+    Status st = DecodeBlockInto(enc, out, &other_check);
+    CHECK(st.code() == Code::kCorruption);
+    CHECK(st.cause().find("XXH3-128") != std::string::npos);
+    // Another block's bytes of the same size under this id: caught by the check as by the id.
+    auto other_plain = RandomBytes(16384, 5);
+    const EncodedBlock swapped = EncodeBlock(enc.id, other_plain);
+    CHECK(DecodeBlockInto(swapped, out, &check).code() == Code::kCorruption);
+    CHECK(DecodeBlockInto(swapped, out).code() == Code::kCorruption);
+  }
+}
+
 TEST_CASE("random data is recognised as incompressible, data zstd shrinks is not") {
   CHECK(LooksIncompressible(RandomBytes(32768, 4)));
   CHECK(LooksIncompressible(RandomBytes(4u << 20, 5)));
@@ -257,6 +281,56 @@ TEST_CASE("manifest encode/decode round trip, incremental with zero entries") {
   CHECK(*back == m);
 }
 
+TEST_CASE("manifest entries carry the block's XXH3-128 check; entries without one still decode") {
+  Manifest m;
+  m.disk_size = 10 * 16384;
+  m.block_size = 16384;
+  m.parent = "20261207T000000000Z-c0de";
+  auto data = [](uint64_t seed) { return RandomBytes(100, seed); };
+  m.entries.push_back({0, Sha256Block(data(1)), FastHashBlock(data(1))});
+  m.entries.push_back({1, Sha256Block(data(2)), std::nullopt});  // an older agent's entry
+  m.entries.push_back({4, std::nullopt, std::nullopt});
+  m.entries.push_back({9, Sha256Block(data(3)), FastHashBlock(data(3))});
+  const std::string enc = EncodeManifest(m);
+  // Header 30 + P, entries 57 (data with check), 41 (data), 9 (zero), 57, checksum 32.
+  const size_t first = 30 + m.parent.size();
+  CHECK(enc.size() == first + 57 + 41 + 9 + 57 + 32);
+  CHECK(enc[first + 8] == 2);
+  CHECK(enc[first + 57 + 8] == 1);
+  CHECK(enc[first + 57 + 41 + 8] == 0);
+  auto back = DecodeManifest(enc);
+  REQUIRE(back.ok());
+  CHECK(*back == m);
+  CHECK(back->entries[0].check == FastHashBlock(data(1)));
+  CHECK_FALSE(back->entries[1].check.has_value());
+  // With a valid checksum over them: a check cut short, and an unknown kind, are refused.
+  auto resealed = [](std::string body) {
+    const BlockId sum = Sha256Block(std::as_bytes(std::span(body.data(), body.size())));
+    return body.append(reinterpret_cast<const char*>(sum.bytes.data()), 32);
+  };
+  const std::string body = enc.substr(0, enc.size() - 32);
+  CHECK(DecodeManifest(resealed(body.substr(0, body.size() - 8))).status().code() ==
+        Code::kCorruption);
+  std::string unknown_kind = body;
+  unknown_kind[first + 8] = 3;
+  auto bad = DecodeManifest(resealed(unknown_kind));
+  CHECK(bad.status().code() == Code::kCorruption);
+  CHECK(bad.status().cause().find("bad entry kind") != std::string::npos);
+  // ApplyDelta keeps the checks of the entries it takes from either side.
+  Manifest base{m.disk_size,
+                m.block_size,
+                "",
+                {{2, Sha256Block(data(4)), FastHashBlock(data(4))},
+                 {4, Sha256Block(data(5)), FastHashBlock(data(5))}}};
+  auto merged = ApplyDelta(base, m);
+  REQUIRE(merged.ok());
+  REQUIRE(merged->entries.size() == 4);  // 0, 1 and 9 from the delta, 2 from the base; 4 zeroed
+  CHECK(merged->entries[0] == m.entries[0]);
+  CHECK(merged->entries[1] == m.entries[1]);
+  CHECK(merged->entries[2] == base.entries[0]);
+  CHECK(merged->entries[3] == m.entries[3]);
+}
+
 TEST_CASE("a manifest encoded piece by piece is byte-identical to EncodeManifest") {
   Manifest m;
   m.disk_size = 5000 * 16384;
@@ -359,9 +433,13 @@ TEST_CASE("a manifest read piece by piece: the same entries, and every damage is
   m.disk_size = 3000 * 16384 + 7;
   m.block_size = 16384;
   m.parent = "20261203T000000000Z-cafe";
-  for (uint64_t i = 0; i < 3000; i += 1 + i % 4)
-    m.entries.push_back(
-        {i, i % 5 == 1 ? std::optional<BlockId>() : Sha256Block(RandomBytes(8, i))});
+  for (uint64_t i = 0; i < 3000; i += 1 + i % 4) {
+    if (i % 5 == 1)
+      m.entries.push_back({i, std::nullopt, std::nullopt});
+    else  // some with a check (57 bytes), some without (41)
+      m.entries.push_back({i, Sha256Block(RandomBytes(8, i)),
+                           i % 3 ? std::optional(FastHashBlock(RandomBytes(8, i))) : std::nullopt});
+  }
   const std::string enc = EncodeManifest(m);
   for (size_t most : {size_t{1}, size_t{7}, size_t{100}, size_t{1} << 20})
     for (size_t batch : {size_t{1}, size_t{13}, size_t{100000}}) {
@@ -380,7 +458,9 @@ TEST_CASE("a manifest read piece by piece: the same entries, and every damage is
     CHECK(ReadInPieces(bad, 4096, 64, true, pos).status().code() == Code::kCorruption);
   }
   std::string damaged_id = enc;
-  damaged_id[enc.size() - 40] ^= 1;  // inside the last entry's id: only the checksum shows it
+  // Inside the last entry's id (before its check, if it has one): only the checksum shows it.
+  REQUIRE(m.entries.back().id.has_value());
+  damaged_id[enc.size() - 32 - (m.entries.back().check ? 16 : 0) - 8] ^= 1;
   CHECK(ReadInPieces(damaged_id, 4096, 64, true, 1).status().code() == Code::kCorruption);
   CHECK(ReadInPieces(damaged_id, 4096, 64, false, 1).ok());
   // Cut short, grown, or sized wrongly by the caller.

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "agent/local_state.hpp"
+#include "agent/scratch.hpp"
 #include "common/aligned_buffer.hpp"
 #include "common/http_types.hpp"
 #include "common/https_client.hpp"
@@ -187,6 +188,38 @@ TEST_CASE("env: scratch files have no name, read back what was written and zero 
   auto missing = env->CreateScratchFile(dir / "no-such-dir");
   CHECK_FALSE(missing.ok());
   CHECK(missing.status().fix().find("writable") != std::string::npos);
+}
+
+TEST_CASE("block map slots keep each entry's id and check; slots never written have no entry") {
+  test::TempDir dir;
+  auto scratch = platform::Env::Default()->CreateScratchFile(dir.path());
+  REQUIRE(scratch.ok());
+  auto id = [](char c) {
+    std::string s(64, c);
+    return Sha256Block(std::as_bytes(std::span(s)));
+  };
+  const std::vector<ManifestEntry> written{
+      {5, id('a'), FastHash{0x0102030405060708ull, 0xf0e0d0c0b0a09080ull}},
+      {6, id('b'), std::nullopt},  // from an older agent's manifest
+      {7, std::nullopt, std::nullopt}};
+  std::string buf;
+  REQUIRE(agent::WriteEntriesAtTheirIndex(**scratch, written, 100, buf).ok());
+  std::vector<ManifestEntry> back;
+  REQUIRE(agent::ReadEntrySlots(**scratch, 4, 5, back, buf).ok());
+  REQUIRE(back.size() == 5);
+  CHECK_FALSE(back[0].id.has_value());  // slot 4: never written
+  CHECK(back[1] == written[0]);
+  CHECK(back[2] == written[1]);
+  CHECK(back[3] == written[2]);
+  CHECK_FALSE(back[4].id.has_value());
+  CHECK_FALSE(back[4].check.has_value());
+  // A reused output vector keeps nothing of what the slot read before held (its check).
+  REQUIRE(agent::ReadEntrySlots(**scratch, 5, 1, back, buf).ok());
+  REQUIRE(back.size() == 1);
+  CHECK(back[0].check.has_value());
+  REQUIRE(agent::ReadEntrySlots(**scratch, 6, 1, back, buf).ok());
+  REQUIRE(back.size() == 1);
+  CHECK(back[0] == written[1]);
 }
 
 TEST_CASE("env: a file written in pieces appears whole at commit, or not at all") {

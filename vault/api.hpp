@@ -63,7 +63,7 @@ class VaultApi {
 
 // Largest request body the vault accepts (block batches are sized below it by the agent).
 inline constexpr uint64_t kMaxRequestBody = 96ull << 20;
-// Most entries an unpaged GET .../map answers with (≈ 41 MB encoded; a 32 GiB disk at the
+// Most entries an unpaged GET .../map answers with (≈ 57 MB encoded; a 32 GiB disk at the
 // default 32 KiB blocks); a larger map is refused with 400 and must be paged (?from&limit).
 inline constexpr uint64_t kMaxUnpagedMapEntries = 1ull << 20;
 

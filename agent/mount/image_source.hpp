@@ -46,7 +46,7 @@ struct ImageOptions {
   uint64_t cache_bytes = 256ull << 20;
   uint32_t max_readahead_blocks = 8;
   // Where the block maps are kept while the images are open: nameless scratch files in
-  // `scratch_dir`/disks if that exists, else /var/tmp (agent/scratch.hpp); 41 B per block.
+  // `scratch_dir`/disks if that exists, else /var/tmp (agent/scratch.hpp); 57 B per block.
   std::string scratch_dir = platform::DefaultAgentPaths().state_dir;
   uint64_t map_page_entries = agent::kMapPageEntries;  // entries per request when a map is read
 };

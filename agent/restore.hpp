@@ -2,11 +2,11 @@
 //
 // Every disk of the selection is restored in parallel: F fetcher threads, each with its own
 // connection, fetch batches of blocks, verify each one (decompress; the XXH3-128 its manifest
-// entry holds must match, or, for entries of older agents without one, the SHA-256 must equal
-// its id) and write it in place. Zero blocks are written as zeros unless the target was created empty.
-// A new target file is written under PATH.vmsnap-partial and renamed only when complete and
-// synced, so a failed restore never leaves a file that looks finished. An existing target
-// (device or file) must be large enough; on failure its content is undefined and the error
+// entry holds must match, or else, as for entries of older agents without one, the SHA-256
+// must equal its id) and write it in place. Zero blocks are written as zeros unless the target was
+// created empty. A new target file is written under PATH.vmsnap-partial and renamed only when
+// complete and synced, so a failed restore never leaves a file that looks finished. An existing
+// target (device or file) must be large enough; on failure its content is undefined and the error
 // says so.
 #pragma once
 

@@ -122,8 +122,10 @@ Status DecodeBlock(const BlockRecordView& block, std::vector<std::byte>& out);
 // The same into a caller's buffer of exactly block.plain_size bytes (kCorruption otherwise).
 // With `check` (a manifest entry's XXH3-128 of this block), the plaintext is compared with it
 // instead of being hashed with SHA-256: damage, or another block's bytes, are caught the same
-// way at about a twentieth of the cost. The caller must have matched block.id with the id it
-// asked for (the check covers the bytes, the id names them).
+// way at about a twentieth of the cost. Only bytes that do not match the check are hashed with
+// SHA-256 too, and accepted if that is their id (a wrong check alone fails no intact block).
+// The caller must have matched block.id with the id it asked for (the check covers the bytes,
+// the id names them).
 Status DecodeBlockInto(const BlockRecordView& block, std::span<std::byte> out,
                        const FastHash* check = nullptr);
 

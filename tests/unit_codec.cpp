@@ -100,16 +100,21 @@ TEST_CASE(
     EncodedBlock flipped = enc;
     flipped.payload[flipped.payload.size() / 2] ^= 0x40;
     CHECK(DecodeBlockInto(flipped, out, &check).code() == Code::kCorruption);
-    FastHash other_check = check;
-    other_check.high ^= 1;
-    Status st = DecodeBlockInto(enc, out, &other_check);
-    CHECK(st.code() == Code::kCorruption);
-    CHECK(st.cause().find("XXH3-128") != std::string::npos);
     // Another block's bytes of the same size under this id: caught by the check as by the id.
     auto other_plain = RandomBytes(16384, 5);
     const EncodedBlock swapped = EncodeBlock(enc.id, other_plain);
-    CHECK(DecodeBlockInto(swapped, out, &check).code() == Code::kCorruption);
+    Status st = DecodeBlockInto(swapped, out, &check);
+    CHECK(st.code() == Code::kCorruption);
+    CHECK(st.cause().find("XXH3-128") != std::string::npos);
     CHECK(DecodeBlockInto(swapped, out).code() == Code::kCorruption);
+    // A wrong check (written by a faulty agent) does not fail intact bytes: their SHA-256 is
+    // their id. With a wrong check and wrong bytes, nothing passes.
+    FastHash wrong_check = check;
+    wrong_check.high ^= 1;
+    std::fill(out.begin(), out.end(), std::byte{0});
+    REQUIRE(DecodeBlockInto(enc, out, &wrong_check).ok());
+    CHECK(out == plain);
+    CHECK(DecodeBlockInto(swapped, out, &wrong_check).code() == Code::kCorruption);
   }
 }
 

@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <vector>
 
+#include "common/bytes.hpp"
+
 namespace vmsnap::agent {
 
 Result<std::unique_ptr<platform::ScratchFile>> CreateScratch(const std::string& state_dir) {
@@ -33,17 +35,8 @@ Status WriteEntrySlots(platform::ScratchFile& file, uint64_t first_slot,
   if (entries.empty()) return Status::Ok();
   buf.assign(entries.size() * kEntrySlot, '\0');
   char* p = buf.data();
-  auto le64 = [](char* at, uint64_t v) {
-    for (int k = 0; k < 8; ++k) at[k] = static_cast<char>((v >> (8 * k)) & 0xff);
-  };
   for (const auto& e : entries) {
-    le64(p, e.index);
-    p[8] = !e.id ? 0 : e.check ? 2 : 1;
-    if (e.id) std::memcpy(p + 9, e.id->bytes.data(), 32);
-    if (e.id && e.check) {
-      le64(p + 41, e.check->low);
-      le64(p + 49, e.check->high);
-    }
+    EncodeManifestEntry(e, p);  // the rest of a shorter entry's slot stays zero
     p += kEntrySlot;
   }
   return file.WriteAt(first_slot * kEntrySlot, std::as_bytes(std::span(buf.data(), buf.size())));
@@ -68,13 +61,8 @@ Status ReadEntrySlots(platform::ScratchFile& file, uint64_t first_slot, uint64_t
                                      std::as_writable_bytes(std::span(buf.data(), buf.size()))));
   out.resize(count);
   const char* p = buf.data();
-  auto le64 = [](const char* at) {
-    uint64_t v = 0;
-    for (int k = 0; k < 8; ++k) v |= uint64_t{static_cast<unsigned char>(at[k])} << (8 * k);
-    return v;
-  };
   for (auto& e : out) {
-    e.index = le64(p);
+    e.index = LoadLe64(p);
     e.id.reset();
     e.check.reset();
     if (p[8] != 0) {
@@ -82,7 +70,7 @@ Status ReadEntrySlots(platform::ScratchFile& file, uint64_t first_slot, uint64_t
       std::memcpy(id.bytes.data(), p + 9, 32);
       e.id = id;
     }
-    if (p[8] == 2) e.check = FastHash{le64(p + 41), le64(p + 49)};
+    if (p[8] == 2) e.check = FastHash{LoadLe64(p + 41), LoadLe64(p + 49)};
     p += kEntrySlot;
   }
   return Status::Ok();

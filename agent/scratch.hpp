@@ -3,10 +3,10 @@
 // files instead (platform::ScratchFile), so that the agent's memory does not depend on the
 // size of the disks it backs up or restores (docs/ARCHITECTURE.md, "Memory bounds").
 //
-// Manifest entries are stored in fixed slots of kEntrySlot bytes: index (u64 little-endian),
-// kind (1 = data, 2 = data with its check, 0 = zero or "no entry": bytes never written read as
-// zero), block id (32 bytes; zero for kind 0), check (XXH3-128, low and high u64; zero unless
-// kind 2).
+// Manifest entries are stored in fixed slots of kEntrySlot bytes, each an entry as a manifest
+// lays it out (EncodeManifestEntry) padded with zeros: index (u64 little-endian), kind (1 =
+// data, 2 = data with its check, 0 = zero or "no entry": bytes never written read as zero),
+// block id (32 bytes; zero for kind 0), check (XXH3-128, low and high u64; zero unless kind 2).
 #pragma once
 
 #include <cstdint>
@@ -21,7 +21,7 @@
 
 namespace vmsnap::agent {
 
-constexpr uint64_t kEntrySlot = 57;
+constexpr uint64_t kEntrySlot = kMaxManifestEntrySize;
 
 // A scratch file in STATE_DIR/disks if that directory exists (it holds the agent's state
 // files, so it exists after the first backup), else in /var/tmp if it exists, else in the

@@ -14,12 +14,22 @@ constexpr std::string_view kMagic = "VMSNAPM1";
 constexpr uint8_t kZeroEntry = 0;
 constexpr uint8_t kDataEntry = 1;
 constexpr uint8_t kCheckedDataEntry = 2;  // id, then the XXH3-128 of the plaintext
-constexpr size_t kMaxEntrySize = 57;
-
-void PutLe64(char* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
-}
+constexpr size_t kMaxEntrySize = kMaxManifestEntrySize;
 }  // namespace
+
+size_t EncodeManifestEntry(const ManifestEntry& e, char* out) {
+  StoreLe64(out, e.index);
+  if (!e.id) {
+    out[8] = static_cast<char>(kZeroEntry);
+    return 9;
+  }
+  out[8] = static_cast<char>(e.check ? kCheckedDataEntry : kDataEntry);
+  std::memcpy(out + 9, e.id->bytes.data(), 32);
+  if (!e.check) return 41;
+  StoreLe64(out + 41, e.check->low);
+  StoreLe64(out + 49, e.check->high);
+  return 57;
+}
 
 ManifestEncoder::ManifestEncoder(uint64_t disk_size, uint32_t block_size, std::string_view parent,
                                  uint64_t entry_count)
@@ -38,21 +48,7 @@ ManifestEncoder::~ManifestEncoder() = default;
 
 void ManifestEncoder::Add(const ManifestEntry& e) {
   char entry[kMaxEntrySize];
-  PutLe64(entry, e.index);
-  size_t size = 9;
-  if (!e.id) {
-    entry[8] = static_cast<char>(kZeroEntry);
-  } else {
-    entry[8] = static_cast<char>(e.check ? kCheckedDataEntry : kDataEntry);
-    std::memcpy(entry + 9, e.id->bytes.data(), 32);
-    size = 41;
-    if (e.check) {
-      PutLe64(entry + 41, e.check->low);
-      PutLe64(entry + 49, e.check->high);
-      size = 57;
-    }
-  }
-  out_.append(entry, size);
+  out_.append(entry, EncodeManifestEntry(e, entry));
   ++added_;
 }
 

@@ -32,6 +32,13 @@ struct ManifestEntry {
   bool operator==(const ManifestEntry&) const = default;
 };
 
+// One entry in the layout of docs/FORMAT.md: index (u64 little-endian), kind (0 zero, 1 data,
+// 2 data with its check), then the id and the check when the kind has them. Writes at most
+// kMaxManifestEntrySize bytes to `out` and returns how many. The agent's scratch slots hold
+// entries in this layout too (agent/scratch.hpp).
+inline constexpr size_t kMaxManifestEntrySize = 57;
+size_t EncodeManifestEntry(const ManifestEntry& e, char* out);
+
 struct Manifest {
   uint64_t disk_size = 0;
   uint32_t block_size = 0;

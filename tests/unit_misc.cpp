@@ -220,6 +220,18 @@ TEST_CASE("block map slots keep each entry's id and check; slots never written h
   REQUIRE(agent::ReadEntrySlots(**scratch, 6, 1, back, buf).ok());
   REQUIRE(back.size() == 1);
   CHECK(back[0] == written[1]);
+  // The bytes: each slot a manifest entry (docs/FORMAT.md) padded with zeros to 57 bytes.
+  std::string raw(2 * agent::kEntrySlot, 'x');
+  REQUIRE((*scratch)->ReadAt(5 * agent::kEntrySlot, std::as_writable_bytes(std::span(raw))).ok());
+  auto le64 = [](uint64_t v) {
+    std::string out;
+    for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+    return out;
+  };
+  auto id_bytes = [](const BlockId& b) { return std::string(b.bytes.begin(), b.bytes.end()); };
+  CHECK(raw.substr(0, 57) == le64(5) + '\x02' + id_bytes(*written[0].id) +
+                                 le64(0x0102030405060708ull) + le64(0xf0e0d0c0b0a09080ull));
+  CHECK(raw.substr(57) == le64(6) + '\x01' + id_bytes(*written[1].id) + std::string(16, '\0'));
 }
 
 TEST_CASE("env: a file written in pieces appears whole at commit, or not at all") {

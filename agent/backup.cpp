@@ -303,6 +303,17 @@ Status ReadDataParts(platform::DiskReader& reader, std::span<const platform::Byt
   return Status::Ok();
 }
 
+// A failed read of a disk being backed up (its cause names the disk and the offset), with what
+// the operator does about it.
+Status DiskReadFailed(Status st) {
+  return std::move(st)
+      .WithFix(
+          "the disk or the device under it failed to read: check the kernel log (dmesg) and the "
+          "device. Nothing was committed; once it reads again, the next backup sends only what "
+          "changed since the last recovery point")
+      .InPhase("read disk");
+}
+
 void ProcessSegment(const Segment& seg, uint32_t bs, WorkerBuffers& w,
                     BoundedQueue<UploadItem>& queue, QueuedIds& queued, FailureLatch& failure) {
   DiskJob& d = *seg.disk;
@@ -324,7 +335,7 @@ void ProcessSegment(const Segment& seg, uint32_t bs, WorkerBuffers& w,
   w.data_ranges.clear();
   for (uint64_t off = start; off < end;) {
     auto range = d.reader->NextData(off);
-    if (!range.ok()) return failure.Set(std::move(range.take_status()).InPhase("read disk"));
+    if (!range.ok()) return failure.Set(DiskReadFailed(range.take_status()));
     if (!*range || (*range)->begin >= end) break;
     uint64_t b = std::max((*range)->begin, start), e = std::min((*range)->end, end);
     for (uint64_t i = (b - start) / bs; i <= (e - 1 - start) / bs; ++i) has_data[i] = 1;
@@ -354,7 +365,7 @@ void ProcessSegment(const Segment& seg, uint32_t bs, WorkerBuffers& w,
       uint64_t off = start + i * bs, len = std::min(end, start + j * bs) - off;
       Status st = ReadDataParts(*d.reader, w.data_ranges, range_cursor, off,
                                 std::span(buf.data() + i * bs, len));
-      if (!st.ok()) return failure.Set(std::move(st).InPhase("read disk"));
+      if (!st.ok()) return failure.Set(DiskReadFailed(std::move(st)));
     }
     for (; i < j; ++i) {
       const uint64_t idx = seg.first_block + i;

@@ -16,6 +16,7 @@
 #include "agent/scratch.hpp"
 #include "agent/vault_client.hpp"
 #include "common/aligned_buffer.hpp"
+#include "common/cli_output.hpp"
 #include "common/manifest.hpp"
 #include "platform/env.hpp"
 
@@ -61,6 +62,16 @@ struct DiskTarget {
   std::unique_ptr<platform::DiskWriter> writer;
   std::atomic<uint64_t> data_done{0}, fetched{0};
 };
+
+// A failed write or flush of d's target, with what the operator does about it.
+Status TargetFailed(Status st, const DiskTarget& d) {
+  if (st.code() == Code::kResourceExhausted)
+    return std::move(st).WithFix("free space on the filesystem of " + d.report.target +
+                                 " (or raise its quota), or restore to another place with --to");
+  return std::move(st).WithFix("check the restore target " + d.report.target +
+                               ": the kernel log (dmesg) for errors of its device, its "
+                               "permissions; or restore to another place with --to");
+}
 
 struct Batch {
   DiskTarget* disk;
@@ -136,7 +147,8 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
                 " is corrupt on the vault: " + st.cause(),
             "the vault's copy of this block is damaged; restore another recovery point");
     }
-    VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(run.bytes(), run_len)));
+    if (Status st = d.writer->WriteAt(off, std::span(run.bytes(), run_len)); !st.ok())
+      return TargetFailed(std::move(st), d);
     d.data_done += j - i;
     i = j;
   }
@@ -214,6 +226,8 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
         fs::remove(d->write_path, ec);
       }
   };
+  // Data bytes of the new files being restored, per directory (see the check below).
+  std::unordered_map<std::string, uint64_t> new_file_bytes;
   for (size_t i = 0; i < selected.size(); ++i) {
     auto d = std::make_unique<DiskTarget>();
     d->report.index = selected[i];
@@ -246,7 +260,32 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     std::error_code ec;
     bool exists = fs::exists(d->report.target, ec);
     d->write_path = exists ? d->report.target : d->report.target + ".vmsnap-partial";
-    if (!exists) fs::remove(d->write_path, ec);
+    if (!exists) {
+      fs::remove(d->write_path, ec);
+      // A new file takes the disk's data (its zero blocks stay holes): refused before anything
+      // is written when its filesystem has less free space, together with the other new files
+      // restored into the same directory, than that. Free space counts what only root may
+      // take: an agent without root that runs out of it fails at the write, with the same fix.
+      // Targets that exist (devices, files restored in place) are not checked.
+      std::error_code space_ec;
+      const fs::path dir = fs::absolute(d->report.target, space_ec).parent_path();
+      const uint64_t need = d->map_entries * uint64_t{d->block_size};
+      uint64_t& before = new_file_bytes[dir.string()];
+      const fs::space_info space = fs::space(dir, space_ec);
+      if (!space_ec && before + need > space.free) {
+        cleanup_partials();
+        std::string cause = "disk " + std::to_string(d->report.index) + " of recovery point " +
+                            opt.recovery_point + " holds " + HumanBytes(need) +
+                            " of data and the filesystem of " + d->report.target + " has " +
+                            HumanBytes(space.free) + " free";
+        if (before > 0)
+          cause += " (" + HumanBytes(before) + " of it for the other disks restored there)";
+        return Status::Error(Code::kResourceExhausted, cause,
+                             "free space on that filesystem, or restore to another place with --to")
+            .InPhase("prepare restore");
+      }
+      before += need;
+    }
     auto writer = env->OpenDiskForWrite(d->write_path, d->disk_size);
     if (!writer.ok()) {
       cleanup_partials();
@@ -333,15 +372,20 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
   for (auto& d : disks) {
     if (st.ok()) st = ZeroGaps(*d);
     if (st.ok()) st = d->writer->Sync();
+    if (!st.ok() && st.fix().empty()) st = TargetFailed(std::move(st), *d);
   }
   if (!st.ok()) {
     cleanup_partials();
     bool in_place = false;
     for (auto& d : disks) in_place |= d->write_path == d->report.target;
-    if (in_place)
-      st.WithFix(
-          "the existing target was partly overwritten and is incomplete; rerun the "
-          "restore after fixing the cause");
+    if (in_place) {
+      const std::string overwritten =
+          "the existing target was partly overwritten and is incomplete; rerun the restore "
+          "after fixing the cause";
+      st = Status::Error(st.code(), st.cause(),
+                         st.fix().empty() ? overwritten : st.fix() + "; " + overwritten)
+               .InPhase(st.phase());
+    }
     return std::move(st).InPhase("restore");
   }
   for (auto& d : disks) {

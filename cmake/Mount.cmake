@@ -28,3 +28,13 @@ if(BUILD_TESTING)
   add_dependencies(mount_tests vmsnap vmsnap-agent vmsnap-vault)
   add_test(NAME mount COMMAND mount_tests)
 endif()
+
+if(BUILD_TESTING)
+  # A one-file FUSE filesystem whose reads of a chosen range fail with EIO, for the data path's
+  # test of a disk that cannot be read (tests/support/eio_fs.cpp). Not installed.
+  add_executable(vmsnap-test-eio-fs ${PROJECT_SOURCE_DIR}/tests/support/eio_fs.cpp)
+  target_link_libraries(vmsnap-test-eio-fs PRIVATE vmsnap_settings PkgConfig::FUSE3)
+  target_compile_definitions(data_path_tests
+                             PRIVATE VMSNAP_EIO_FS_BINARY="$<TARGET_FILE:vmsnap-test-eio-fs>")
+  add_dependencies(data_path_tests vmsnap-test-eio-fs)
+endif()

@@ -66,7 +66,10 @@ class DiskReader {
 };
 
 // A restore target opened for writing. WriteAt may be called from several threads at once
-// for disjoint ranges. Sync makes everything written durable.
+// for disjoint ranges. Sync makes everything written durable. A failed WriteAt or Sync is
+// kResourceExhausted when the target's filesystem is full (or its quota is), kIoError (or
+// kPermissionDenied...) otherwise; its cause names the target, and it carries no fix: the
+// caller says what to do.
 class DiskWriter {
  public:
   virtual ~DiskWriter() = default;

@@ -9,11 +9,13 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <future>
 #include <iterator>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "agent/vault_client.hpp"
@@ -112,6 +114,21 @@ RunResult Restore(const Vault& v, const std::string& rp, const std::vector<std::
   }
   args.insert(args.end(), extra.begin(), extra.end());
   return Agent(args);
+}
+
+vmsnap::ClientOptions ClientOptionsOf(const Vault& v) {
+  vmsnap::ClientOptions options;
+  options.url = v.url();
+  options.ca_file = v.ca();
+  options.token = v.token();
+  return options;
+}
+
+// A client of the vault's HTTP API, as the agent uses it.
+std::unique_ptr<vmsnap::agent::VaultClient> ClientOf(const Vault& v) {
+  auto client = vmsnap::agent::VaultClient::Create(ClientOptionsOf(v));
+  REQUIRE(client.ok());
+  return std::move(*client);
 }
 
 json List(const Vault& v) {
@@ -476,12 +493,13 @@ std::string SixteenMiBImage(const TempDir& dir, uint64_t seed) {
   return img;
 }
 
-// A small ext4 (4 KiB blocks, like a real vault's disk) for a vault's data: an image file in
-// `dir`, a loop device attached and detached here by name, a mount point below `dir`. Root only.
-class SmallVaultFs {
+// A small ext4 (4 KiB blocks, like a real disk) for a vault's data or a restore's target: an
+// image file in `dir`, a loop device attached and detached here by name, a mount point below
+// `dir`. Root only.
+class SmallExt4 {
  public:
-  SmallVaultFs(const TempDir& dir, const std::string& size)
-      : image_(dir / "vaultfs.img"), mount_point_(dir / "vaultfs") {
+  SmallExt4(const TempDir& dir, const std::string& size)
+      : image_(dir / "ext4.img"), mount_point_(dir / "ext4") {
     fs::create_directories(mount_point_);
     REQUIRE(Run({"/usr/bin/truncate", "-s", size, image_}).exit_code == 0);
     REQUIRE(Run({"/sbin/mkfs.ext4", "-q", "-F", "-b", "4096", image_}).exit_code == 0);
@@ -491,7 +509,7 @@ class SmallVaultFs {
     REQUIRE(Run({"/bin/mount", "-t", "ext4", dev_, mount_point_}).exit_code == 0);
     mounted_ = true;
   }
-  ~SmallVaultFs() {
+  ~SmallExt4() {
     if (mounted_) Run({"/bin/umount", mount_point_});
     if (!dev_.empty()) Run({"/sbin/losetup", "-d", dev_});
   }
@@ -524,7 +542,7 @@ TEST_CASE(
     "intact; after space is freed the rerun sends only what is missing") {
   if (!HaveRoot("to mount the vault's small filesystem")) return;
   TempDir dir;
-  SmallVaultFs vault_fs(dir, "96M");
+  SmallExt4 vault_fs(dir, "96M");
   // A 40 MiB ballast file stands for the space an operator frees.
   const std::string ballast = vault_fs.mount_point() + "/ballast";
   REQUIRE(Run({"/usr/bin/fallocate", "-l", "40M", ballast}).exit_code == 0);
@@ -578,7 +596,7 @@ TEST_CASE(
     "expired and cleaned up") {
   if (!HaveRoot("to mount the vault's small filesystem")) return;
   TempDir dir;
-  SmallVaultFs vault_fs(dir, "96M");
+  SmallExt4 vault_fs(dir, "96M");
   Vault vault(vault_fs.mount_point() + "/vault");
   vault.Configure({"--min-free-space", "24M"});
   vault.Start();
@@ -673,6 +691,72 @@ TEST_CASE(
 // mapping that the filesystem cannot back, on a full disk with blocks smaller than a page or on
 // btrfs, ends the process with SIGBUS), and a second vault on the same data directory is refused
 // with a clear error instead of appending to the same packs.
+TEST_CASE(
+    "a restore target's filesystem too small: new files refused before anything is written, "
+    "disks restored into one directory counted together; a full filesystem met while restoring "
+    "in place names the target and says to free space") {
+  if (!HaveRoot("to mount the target's small filesystem")) return;
+  TempDir dir;
+  Vault vault(dir / "vault");
+  vault.Start();
+  SmallExt4 target_fs(dir, "32M");  // about 26 MiB free to root
+  const std::string mnt = target_fs.mount_point();
+  // Two disks of 16 MiB of data each: either fits, both do not.
+  auto image = [&](const std::string& name, uint64_t seed) {
+    const std::string path = dir / name;
+    CreateSparseFile(path, 64 << 20);
+    WriteRandomBlocks(path, kBlock, BlockRange(0, 256), seed);
+    return path;
+  };
+  const std::string a = image("a.img", 91), b = image("b.img", 92);
+  const std::string rp = Backup(vault, dir, {a, b})["recovery_point"];
+  auto entries_of = [&] {
+    std::set<std::string> names;
+    for (const auto& e : fs::directory_iterator(mnt)) names.insert(e.path().filename());
+    return names;
+  };
+  const auto entries_before = entries_of();
+  const uint64_t free_before = fs::space(mnt).free;
+
+  auto refused = Restore(vault, rp, {mnt + "/a.img", mnt + "/b.img"});
+  INFO("stderr: " << refused.err);
+  CHECK(refused.exit_code != 0);
+  json e = refused.json();
+  REQUIRE(e.is_object());
+  CHECK(e["code"] == "RESOURCE_EXHAUSTED");
+  CHECK(e["phase"] == "prepare restore");
+  const std::string cause = e["error"];
+  CHECK(cause.find("disk 1 of recovery point " + rp + " holds 16.0 MiB of data") !=
+        std::string::npos);
+  CHECK(cause.find("the filesystem of " + mnt + "/b.img has ") != std::string::npos);
+  CHECK(cause.find("16.0 MiB of it for the other disks restored there") != std::string::npos);
+  CHECK(e["fix"].get<std::string>().find("--to") != std::string::npos);
+  // Nothing written, nothing left behind (the first disk's partial file is gone).
+  CHECK(entries_of() == entries_before);
+  CHECK(fs::space(mnt).free + (64 << 10) >= free_before);
+
+  // One of them fits.
+  auto one = Restore(vault, rp, {mnt + "/a.img"}, {"--disk", "0"});
+  REQUIRE_MESSAGE(one.exit_code == 0, one.err);
+  CHECK(FileSha256(mnt + "/a.img") == FileSha256(a));
+
+  // The other into an existing file (restored in place, not checked beforehand): the
+  // filesystem fills up on the way.
+  CreateSparseFile(mnt + "/b.img", 64 << 20);
+  auto full = Restore(vault, rp, {mnt + "/b.img"}, {"--disk", "1"});
+  INFO("stderr: " << full.err);
+  CHECK(full.exit_code != 0);
+  json f = full.json();
+  REQUIRE(f.is_object());
+  CHECK(f["code"] == "RESOURCE_EXHAUSTED");
+  CHECK(f["phase"] == "restore");
+  CHECK(f["error"] == "write " + mnt + "/b.img: No space left on device");
+  const std::string fix = f["fix"];
+  CHECK(fix.find("free space on the filesystem of " + mnt + "/b.img") != std::string::npos);
+  CHECK(fix.find("partly overwritten") != std::string::npos);
+  CHECK(FileSha256(mnt + "/a.img") == FileSha256(a));  // the other target is untouched
+}
+
 TEST_CASE("a second vault on the same data directory is refused; the first keeps serving") {
   TempDir dir;
   Vault vault(dir / "vault");
@@ -860,6 +944,86 @@ TEST_CASE("a live block device: refused without a snapshot, consistency none whe
   CHECK(FileSha256(dir / "r.img") == FileSha256(img));
 }
 
+// A disk whose device fails to read a range: disk.img of a FUSE filesystem (the helper
+// tests/support/eio_fs.cpp, mounted at dir/eio) that answers EIO for the range written to its
+// control file, and the image's bytes otherwise. Unmounted, and its process ended, on
+// destruction. Root only.
+class FailingDisk {
+ public:
+  FailingDisk(const TempDir& dir, const std::string& image)
+      : control_(dir / "eio-control"), mount_point_(dir / "eio") {
+    fs::create_directories(mount_point_);
+    fuse_ = std::make_unique<Child>(
+        std::vector<std::string>{VMSNAP_EIO_FS_BINARY, image, control_, mount_point_},
+        dir / "eio.out", dir / "eio.err");
+    for (int i = 0; i < 200 && !fs::exists(path()); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    REQUIRE_MESSAGE(fs::exists(path()), ReadWhole(dir / "eio.err"));
+  }
+  ~FailingDisk() {
+    Run({"/bin/umount", mount_point_});
+    if (fuse_->running()) {
+      fuse_->Signal(SIGTERM);  // ours, by pid; it unmounts on its way out
+      fuse_->Wait();
+    }
+  }
+  std::string path() const { return mount_point_ + "/disk.img"; }
+  void FailReads(uint64_t offset, uint64_t length) {
+    std::ofstream(control_) << offset << " " << length << "\n";
+  }
+  void Heal() { fs::remove(control_); }
+
+ private:
+  std::string control_, mount_point_;
+  std::unique_ptr<Child> fuse_;
+};
+
+TEST_CASE(
+    "a disk that cannot be read (EIO): the backup fails naming the disk, commits nothing and "
+    "keeps its state; once the disk reads again the next backup is the incremental") {
+  if (!HaveRoot("to mount the FUSE filesystem of a failing disk")) return;
+  TempDir dir;
+  Vault vault(dir / "vault");
+  vault.Start();
+  const std::string img = MakeImage(dir, "disk.img", 31);
+  FailingDisk disk(dir, img);
+  // A file on FUSE has no snapshot provider: a live read, as for the block device above.
+  const std::vector<std::string> isolated{"--hooks-dir",         dir / "no-hooks", "--azure-config",
+                                          dir / "no-azure.json", "--runtime-dir",  dir / "run",
+                                          "--allow-inconsistent"};
+  json full = Backup(vault, dir, {disk.path()}, isolated);
+  CHECK(full["disks"][0]["blocks_changed"] == 8);
+
+  WriteRandomBlocks(img, kBlock, {3}, 32);
+  disk.FailReads(100 * kBlock + 4096, 4096);  // inside block 100, which holds data
+  auto c = vault.conn();
+  auto failed = Agent(Args({{"backup"},
+                            c,
+                            {"--disk", disk.path(), "--state-dir", dir / "state", "--item",
+                             "test-vm", "--json", "--block-size", "64K"},
+                            isolated}));
+  INFO("stderr: " << failed.err);
+  CHECK(failed.exit_code != 0);
+  json e = failed.json();
+  REQUIRE(e.is_object());
+  CHECK(e["code"] == "IO_ERROR");
+  CHECK(e["phase"] == "read disk");
+  const std::string cause = e["error"];
+  CHECK(cause.find(disk.path()) != std::string::npos);
+  CHECK(cause.find("Input/output error") != std::string::npos);
+  CHECK(e["fix"].get<std::string>().find("kernel log") != std::string::npos);
+  CHECK(List(vault).size() == 1);  // nothing committed
+
+  disk.Heal();
+  json inc = Backup(vault, dir, {disk.path()}, isolated);
+  CHECK(inc["disks"][0]["mode"] == "incremental");
+  CHECK(inc["disks"][0]["blocks_changed"] == 1);
+  CHECK(List(vault).size() == 2);
+  auto r = Restore(vault, inc["recovery_point"], {dir / "r.img"});
+  REQUIRE_MESSAGE(r.exit_code == 0, r.err);
+  CHECK(FileSha256(dir / "r.img") == FileSha256(img));
+}
+
 TEST_CASE("without --block-size: 32 KiB for a first backup, then the latest point's block size") {
   TempDir dir;
   Vault vault(dir / "vault");
@@ -932,6 +1096,41 @@ TEST_CASE("a block list larger than one request goes to the vault in parts; noth
   CHECK(bad.err.find("manifest-part-size") != std::string::npos);
 }
 
+TEST_CASE("missing and fetch requests of up to 65 536 ids are answered, larger ones refused") {
+  TempDir dir;
+  Vault vault(dir / "vault");
+  vault.Start();
+  auto client = ClientOf(vault);
+  std::vector<std::byte> plain(16384, std::byte{9});
+  const vmsnap::BlockId stored = vmsnap::Sha256Block(plain);
+  REQUIRE(client->Upload({vmsnap::EncodeBlock(stored, plain)}).ok());
+  std::vector<vmsnap::BlockId> ids(65536);  // none of them stored
+  for (uint64_t i = 0; i < ids.size(); ++i) {
+    std::memcpy(ids[i].bytes.data(), &i, sizeof i);
+    ids[i].bytes[31] = 0xee;
+  }
+  auto missing = client->Missing(ids);
+  REQUIRE_MESSAGE(missing.ok(), missing.status().ToString());
+  CHECK(missing->size() == ids.size());
+
+  ids.push_back(stored);
+  auto too_many = client->Missing(ids);
+  REQUIRE_FALSE(too_many.ok());
+  CHECK(too_many.status().code() == vmsnap::Code::kInvalidArgument);
+  CHECK(too_many.status().cause().find("65537 block ids; the vault takes at most 65536") !=
+        std::string::npos);
+  std::string body;
+  auto fetch = client->Fetch(ids, body);
+  REQUIRE_FALSE(fetch.ok());
+  CHECK(fetch.status().code() == vmsnap::Code::kInvalidArgument);
+  CHECK(fetch.status().cause().find("at most 65536") != std::string::npos);
+  // The vault goes on serving.
+  auto one = client->Fetch({stored}, body);
+  REQUIRE_MESSAGE(one.ok(), one.status().ToString());
+  REQUIRE(one->size() == 1);
+  CHECK((*one)[0].id == stored);
+}
+
 TEST_CASE("agent memory does not grow with the disk: a 512 GiB sparse disk in 16 KiB blocks") {
   // 33.5 M blocks. Holding one 16-byte hash per block in memory, as the agent did before
   // its change-tracking state went to scratch files, would be 512 MiB more than for a small
@@ -989,24 +1188,19 @@ TEST_CASE("vault memory does not grow with a manifest: sealed, committed and pag
   ScopedEnv one_arena("MALLOC_ARENA_MAX", "1");
   Vault vault(dir / "vault");
   vault.Start();
-  vmsnap::ClientOptions options;
-  options.url = vault.url();
-  options.ca_file = vault.ca();
-  options.token = vault.token();
-  auto client = vmsnap::agent::VaultClient::Create(options);
-  REQUIRE(client.ok());
+  auto client = ClientOf(vault);
   std::vector<std::byte> plain(16384, std::byte{7});
   plain[0] = std::byte{1};
   const vmsnap::BlockId id = vmsnap::Sha256Block(plain);
-  REQUIRE((*client)->Upload({vmsnap::EncodeBlock(id, plain)}).ok());
+  REQUIRE(client->Upload({vmsnap::EncodeBlock(id, plain)}).ok());
   auto backup_and_page = [&](uint64_t entries) {
-    auto session = (*client)->CreateSession("big");
+    auto session = client->CreateSession("big");
     REQUIRE(session.ok());
     vmsnap::ManifestEncoder enc(entries * 16384, 16384, "", entries);
     uint64_t offset = 0;
     auto send = [&](std::string part) {
       const uint64_t size = part.size();
-      REQUIRE((*client)->PutManifestPart(*session, 0, offset, std::move(part)).ok());
+      REQUIRE(client->PutManifestPart(*session, 0, offset, std::move(part)).ok());
       offset += size;
     };
     for (uint64_t i = 0; i < entries; ++i) {
@@ -1017,14 +1211,13 @@ TEST_CASE("vault memory does not grow with a manifest: sealed, committed and pag
     auto rest = enc.Finish();
     REQUIRE(rest.ok());
     send(std::move(*rest));
-    REQUIRE((*client)->SealManifest(*session, 0, offset).ok());
-    auto rp = (*client)->Commit(
-        *session,
-        {{"consistency", "crash"}, {"disks", json::array({{{"index", 0}, {"key", "/b"}}})}});
+    REQUIRE(client->SealManifest(*session, 0, offset).ok());
+    auto rp = client->Commit(*session, {{"consistency", "crash"},
+                                        {"disks", json::array({{{"index", 0}, {"key", "/b"}}})}});
     INFO((rp.ok() ? "" : rp.status().ToString()));
     REQUIRE(rp.ok());
     uint64_t seen = 0, next = 0;
-    REQUIRE((*client)
+    REQUIRE(client
                 ->ResolvedManifestPages((*rp)["id"], 0, 1 << 16,
                                         [&](const vmsnap::Manifest& page) {
                                           for (const auto& e : page.entries)
@@ -1047,7 +1240,7 @@ TEST_CASE("vault memory does not grow with a manifest: sealed, committed and pag
 
   // Unpaged, the map comes whole up to kMaxUnpagedMapEntries entries; a larger one is refused
   // with the way to page it, not loaded whole.
-  auto http = vmsnap::HttpsClient::Create(options);
+  auto http = vmsnap::HttpsClient::Create(ClientOptionsOf(vault));
   REQUIRE(http.ok());
   auto whole = (*http)->Call("GET", "/v1/rps/" + small_rp + "/disks/0/map");
   REQUIRE(whole.ok());

@@ -112,8 +112,17 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
   const std::string& p = req.path;
   const bool get = req.method == "GET", post = req.method == "POST", put = req.method == "PUT";
 
+  // An id list of at most kMaxIdsPerRequest ids (VMI1: 8 bytes of header, 32 per id).
+  auto request_ids = [&]() -> Result<std::vector<BlockId>> {
+    if (req.body.size() > 8 + 32 * kMaxIdsPerRequest)
+      return Status::InvalidArgument(
+          "a request naming " + std::to_string((req.body.size() - 8) / 32) +
+              " block ids; the vault takes at most " + std::to_string(kMaxIdsPerRequest),
+          "ask in parts of at most " + std::to_string(kMaxIdsPerRequest) + " ids");
+    return DecodeIdList(req.body);
+  };
   if (post && p == "/v1/blocks/missing") {
-    auto ids = DecodeIdList(req.body);
+    auto ids = request_ids();
     if (!ids.ok()) return ids.take_status();
     std::vector<BlockId> missing;
     std::vector<bool> present = store_->HasForUpload(*ids);
@@ -142,7 +151,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
                  {"already_present", stats->already_present}});
   }
   if (post && p == "/v1/blocks/fetch") {
-    auto ids = DecodeIdList(req.body);
+    auto ids = request_ids();
     if (!ids.ok()) return ids.take_status();
     // The packs hold VMB1 records: the answer is the batch header and the records as stored.
     ByteWriter header;

@@ -63,6 +63,10 @@ class VaultApi {
 
 // Largest request body the vault accepts (block batches are sized below it by the agent).
 inline constexpr uint64_t kMaxRequestBody = 96ull << 20;
+// Most ids a POST /v1/blocks/missing or /v1/blocks/fetch may name: far above what an agent
+// asks at once (at most 2 048 per missing query, a few hundred per restore batch), and a bound
+// on the index lookups one request makes while it holds the index.
+inline constexpr size_t kMaxIdsPerRequest = 64 * 1024;
 // Most entries an unpaged GET .../map answers with (≈ 57 MB encoded; a 32 GiB disk at the
 // default 32 KiB blocks); a larger map is refused with 400 and must be paged (?from&limit).
 inline constexpr uint64_t kMaxUnpagedMapEntries = 1ull << 20;

@@ -42,18 +42,32 @@ Result<FileIdentity> IdentityOf(int fd, const std::string& path) {
   return id;
 }
 
-Status WriteAll(int fd, const char* p, size_t n, uint64_t offset, const std::string& path) {
+// Writes all n bytes at offset; returns 0, or the errno of the write that failed.
+int PwriteAll(int fd, const char* p, size_t n, uint64_t offset) {
   while (n > 0) {
     ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(offset));
     if (w < 0) {
       if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "write " + path);
+      return errno;
     }
     p += w;
     n -= static_cast<size_t>(w);
     offset += static_cast<uint64_t>(w);
   }
-  return Status::Ok();
+  return 0;
+}
+
+Status WriteAll(int fd, const char* p, size_t n, uint64_t offset, const std::string& path) {
+  const int err = PwriteAll(fd, p, n, offset);
+  return err == 0 ? Status::Ok() : Status::FromErrno(err, "write " + path);
+}
+
+// A failed write or flush of a restore target: a full filesystem or quota is
+// kResourceExhausted (what the operator does about it differs from a failing device's).
+Status TargetWriteError(int err, const std::string& what) {
+  Status st = Status::FromErrno(err, what);
+  if (err == ENOSPC || err == EDQUOT) return Status::Error(Code::kResourceExhausted, st.cause());
+  return st;
 }
 
 // Positioned reads that zero-fill what lies beyond the end of the file.
@@ -144,13 +158,13 @@ class LinuxDiskWriter final : public DiskWriter {
       ssize_t w = ::pwrite(direct_fd_.get(), p, data.size(), static_cast<off_t>(offset));
       if (w == static_cast<ssize_t>(data.size())) return Status::Ok();
       const int err = w < 0 ? errno : 0;
-      if (err != 0 && err != EINVAL && err != EINTR)
-        return Status::FromErrno(err, "write " + path_, "check the restore target");
+      if (err != 0 && err != EINVAL && err != EINTR) return TargetWriteError(err, "write " + path_);
       // EINVAL (a filesystem without direct I/O) or a short write: buffered from now on. In
       // every case the buffered write below rewrites the whole range.
       if (err != EINTR) direct_ok_ = false;
     }
-    return WriteAll(fd_.get(), p, data.size(), offset, path_);
+    const int err = PwriteAll(fd_.get(), p, data.size(), offset);
+    return err == 0 ? Status::Ok() : TargetWriteError(err, "write " + path_);
   }
   bool PunchHole(uint64_t offset, uint64_t length) override {
     struct stat st {};
@@ -159,7 +173,7 @@ class LinuxDiskWriter final : public DiskWriter {
                        static_cast<off_t>(offset), static_cast<off_t>(length)) == 0;
   }
   Status Sync() override {
-    if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
+    if (::fsync(fd_.get()) != 0) return TargetWriteError(errno, "fsync " + path_);
     return Status::Ok();
   }
 

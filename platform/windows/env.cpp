@@ -83,6 +83,10 @@ Status FromWin32(DWORD error, const std::string& what, std::string fix) {
     case ERROR_ALREADY_EXISTS:
       code = Code::kAlreadyExists;
       break;
+    case ERROR_DISK_FULL:
+    case ERROR_HANDLE_DISK_FULL:
+      code = Code::kResourceExhausted;
+      break;
     default:
       break;
   }

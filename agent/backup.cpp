@@ -303,6 +303,55 @@ Status ReadDataParts(platform::DiskReader& reader, std::span<const platform::Byt
   return Status::Ok();
 }
 
+// While a backup runs, tells the vault every `interval` that its agent is alive, so that a vault
+// which hears nothing for 5 intervals can take the agent as gone (killed, its VM stopped) and
+// stop holding cleanup back for it. A thread of its own; each call on a fresh connection with
+// one attempt and a short timeout. Stopped and joined on destruction (at most one call's timeout
+// later). Failures are logged, not fatal: if the vault dropped the session, the commit says so.
+class SessionKeepalive {
+ public:
+  SessionKeepalive(const ClientOptions& options, std::string session,
+                   std::chrono::seconds interval) {
+    if (interval.count() <= 0) return;
+    ClientOptions once = options;
+    once.max_attempts = 1;
+    once.io_timeout = std::chrono::seconds(10);
+    thread_ = std::thread([this, once, session = std::move(session), interval] {
+      std::unique_lock lock(mu_);
+      while (!cv_.wait_for(lock, interval, [&] { return stop_; })) {
+        lock.unlock();
+        auto client = VaultClient::Create(once);
+        Status st = client.ok() ? (*client)->KeepSessionAlive(session) : client.status();
+        lock.lock();
+        if (st.code() == Code::kNotFound) {
+          spdlog::warn(
+              "backup session {}: the vault does not know it any more (its cleanup took this "
+              "agent as gone, or the vault is older than this agent); the commit will tell",
+              session);
+          return;
+        }
+        if (!st.ok()) spdlog::warn("backup session {}: keepalive: {}", session, st.ToString());
+      }
+    });
+  }
+  ~SessionKeepalive() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  SessionKeepalive(const SessionKeepalive&) = delete;
+  SessionKeepalive& operator=(const SessionKeepalive&) = delete;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 // A failed read of a disk being backed up (its cause names the disk and the offset), with what
 // the operator does about it.
 Status DiskReadFailed(Status st) {
@@ -853,7 +902,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
 
   // 4. Session, then the pipeline over the snapshot. A guarded (live) read of an image file
   // is valid only if the file's identity did not change while it was read: retry once.
-  auto session = (*control)->CreateSession(opt.item);
+  auto session = (*control)->CreateSession(opt.item, opt.session_keepalive);
   if (!session.ok()) return std::move(session.take_status()).InPhase("start backup session");
   // Every way out before the commit succeeds gives the session up (best effort), so that the
   // vault's cleanup is not held up for the item until the session times out.
@@ -874,6 +923,7 @@ Result<BackupReport> RunBackup(const BackupOptions& in) {
         spdlog::debug("could not abandon backup session {}: {}", session, st.ToString());
     }
   } abandon{opt.client, *session};
+  SessionKeepalive keepalive(opt.client, *session, opt.session_keepalive);
   std::vector<std::unique_ptr<VaultClient>> upload_clients;
   for (int i = 0; i < opt.uploaders; ++i) {
     auto c = VaultClient::Create(opt.client);

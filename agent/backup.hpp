@@ -52,7 +52,10 @@ struct BackupOptions {
   std::string state_dir = platform::DefaultAgentPaths().state_dir;
   int workers = 0;  // 0: one per core
   int uploaders = 2;
-  uint64_t max_rate_bytes_per_s = 0;   // 0: unlimited
+  uint64_t max_rate_bytes_per_s = 0;  // 0: unlimited
+  // How often the agent tells the vault that its backup is still running: a vault that hears
+  // nothing for 5 intervals takes the agent as gone and stops holding cleanup back for it.
+  std::chrono::seconds session_keepalive{60};
   uint64_t batch_bytes = 8ull << 20;   // upload batch size
   uint64_t queue_bytes = 32ull << 20;  // encoded data in flight, bounds memory
   // A manifest larger than this goes to the vault in parts of about this size (each part is

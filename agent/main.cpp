@@ -166,6 +166,13 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 32));
   backup->add_option("--max-rate", bopt.max_rate_bytes_per_s, "Upload limit in bytes/s (0: none)");
+  int session_keepalive_s = static_cast<int>(bopt.session_keepalive.count());
+  backup
+      ->add_option("--session-keepalive", session_keepalive_s,
+                   "Seconds between the agent's signs of life to the vault during a backup; after "
+                   "5 missed ones the vault's cleanup takes the agent as gone")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600));
   backup->add_option("--map-page-entries", bopt.map_page_entries)
       ->group("")
       ->check(CLI::PositiveNumber);
@@ -281,6 +288,7 @@ int main(int argc, char** argv) {
       bopt.block_size = *size;
     }
     copt.freeze_deadline = std::chrono::seconds(freeze_deadline_s);
+    bopt.session_keepalive = std::chrono::seconds(session_keepalive_s);
     copt.hooks.native_continue_on_failure = hook_failure == "continue";
     if (auto type = platform::ParseVssBackupType(vss_backup_type); type.ok())
       copt.vss.backup_type = *type;  // CLI11 checked the value

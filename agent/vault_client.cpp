@@ -84,10 +84,18 @@ Status VaultClient::ResolvedManifestPages(const std::string& rp_id, int disk_ind
   }
 }
 
-Result<std::string> VaultClient::CreateSession(const std::string& item) {
-  auto r = CallJson("POST", "/v1/sessions", json{{"item", item}});
+Result<std::string> VaultClient::CreateSession(const std::string& item,
+                                               std::chrono::milliseconds keepalive) {
+  json body{{"item", item}};
+  if (keepalive.count() > 0) body["keepalive_ms"] = keepalive.count();
+  auto r = CallJson("POST", "/v1/sessions", body);
   if (!r.ok()) return r.take_status();
   return r->value("session", "");
+}
+
+Status VaultClient::KeepSessionAlive(const std::string& session) {
+  auto r = http_->Call("POST", "/v1/sessions/" + session + "/keepalive");
+  return r.ok() ? Status::Ok() : r.take_status();
 }
 
 Status VaultClient::AbandonSession(const std::string& session) {

@@ -3,6 +3,7 @@
 // HttpsClient does; all calls are idempotent on the vault side (commit included, per session).
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -35,7 +36,14 @@ class VaultClient {
   Status ResolvedManifestPages(const std::string& rp_id, int disk_index, uint64_t page_entries,
                                const std::function<Status(const Manifest&)>& on_page);
 
-  Result<std::string> CreateSession(const std::string& item);
+  // keepalive: a promise to call KeepSessionAlive at least that often while the backup runs
+  // (zero: none, as agents before session 26); a vault that hears nothing for 5 intervals
+  // takes the agent as gone (docs/PROTOCOL.md).
+  Result<std::string> CreateSession(const std::string& item,
+                                    std::chrono::milliseconds keepalive = {});
+  // kNotFound: the vault dropped the session (its agent was taken as gone), or it is a vault
+  // before session 26, which has no keepalive.
+  Status KeepSessionAlive(const std::string& session);
   // Tells the vault that an uncommitted session will not be committed: until it is abandoned
   // or times out, cleanup expires none of the item's points. A vault that does not hear it
   // drops the session after its timeout.

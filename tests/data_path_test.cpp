@@ -757,6 +757,90 @@ TEST_CASE(
   CHECK(FileSha256(mnt + "/a.img") == FileSha256(a));  // the other target is untouched
 }
 
+// Whether process `pid` is running (not ended, not a zombie waiting to be reaped).
+bool Running(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const size_t paren = line.rfind(')');
+  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'Z';
+}
+
+TEST_CASE(
+    "keepalives: a running backup holds cleanup back past 5 intervals and commits; a killed one, "
+    "once it missed 5, has its session dropped and its uploads freed, and the rerun backs up "
+    "whole") {
+  TempDir dir;
+  Vault vault(dir / "vault");
+  vault.Start();
+  auto cleanup_now = [&] {
+    auto r = Run({VMSNAP_ADMIN_BINARY, "cleanup", "--now", "--json", "--vault-config",
+                  vault.data() + "/vault.json"});
+    REQUIRE_MESSAGE(r.exit_code == 0, r.err);
+    return r.json();
+  };
+  // Backups stretched by a rate limit, each telling the vault every second that it runs.
+  auto start_backup = [&](const std::string& img, const std::string& item, const char* rate) {
+    auto c = vault.conn();
+    std::vector<std::string> argv{AgentBinary(), "backup"};
+    argv.insert(argv.end(), c.begin(), c.end());
+    argv.insert(argv.end(), {"--disk", img, "--state-dir", dir / ("state-" + item), "--item", item,
+                             "--json", "--max-rate", rate, "--uploaders", "1", "--block-size",
+                             "64K", "--session-keepalive", "1"});
+    return std::make_unique<Child>(argv, dir / (item + ".out"), dir / (item + ".err"));
+  };
+  auto wait_for_stored = [&](size_t n) {
+    size_t stored = 0;
+    for (int i = 0; i < 400 && stored < n; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+      stored = vault.StoredBlockCount();
+    }
+    REQUIRE(stored >= n);
+    return stored;
+  };
+
+  // 32 MiB at 4 MB/s: about 8 s of upload. A cleanup 6 s in finds the session alive.
+  const std::string live_img = dir / "live.img";
+  CreateSparseFile(live_img, 32 << 20);
+  WriteRandomBlocks(live_img, kBlock, BlockRange(0, 512), 44);
+  auto live = start_backup(live_img, "live-vm", "4000000");
+  const std::string staging = vault.data() + "/staging";
+  for (int i = 0; i < 400 && (!fs::exists(staging) || fs::is_empty(staging)); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  REQUIRE_FALSE(fs::is_empty(staging));  // its session is open
+  std::this_thread::sleep_for(std::chrono::seconds(6));
+  REQUIRE(Running(live->pid()));
+  json held = cleanup_now();
+  CHECK(Running(live->pid()));  // the cleanup ran while the backup did
+  CHECK(held["sessions_deleted"] == 0);
+  CHECK(held["blocks_freed"] == 0);
+  CHECK(live->Wait() == 0);
+  REQUIRE(List(vault).size() == 1);
+
+  // Killed in the middle of its upload: it gives nothing up.
+  const std::string img = dir / "big.img";
+  CreateSparseFile(img, 48 << 20);
+  WriteRandomBlocks(img, kBlock, BlockRange(0, 768), 43);
+  auto killed = start_backup(img, "killed-vm", "8000000");
+  const size_t stored = wait_for_stored(512 + 100) - 512;
+  killed->Signal(SIGKILL);  // our child, by pid
+  killed->Wait();
+  // 5 missed keepalives of 1 s, and the collection's 2 s margin for the last uploads.
+  std::this_thread::sleep_for(std::chrono::seconds(7));
+  json dropped = cleanup_now();
+  CHECK(dropped["sessions_deleted"] == 1);
+  CHECK(dropped["blocks_freed"].get<size_t>() >= stored);
+  CHECK(vault.StoredBlockCount() == 512);  // the live backup's point keeps its blocks
+  CHECK(List(vault).size() == 1);
+
+  json rerun = Backup(vault, dir, {img});
+  CHECK(rerun["disks"][0]["mode"] == "full");
+  CHECK(rerun["disks"][0]["blocks_uploaded"] == 768);
+  auto r = Restore(vault, rerun["recovery_point"], {dir / "r.img"});
+  REQUIRE_MESSAGE(r.exit_code == 0, r.err);
+  CHECK(FileSha256(dir / "r.img") == FileSha256(img));
+}
+
 TEST_CASE("a second vault on the same data directory is refused; the first keeps serving") {
   TempDir dir;
   Vault vault(dir / "vault");

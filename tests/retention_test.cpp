@@ -477,12 +477,14 @@ struct Lib {
   BlockStore store{tmp / "blocks", kSmallPack};
   int64_t now = kJan31;
   Catalog catalog{tmp.path(), &store, [this] { return now; }};
-  // Real clock ahead by a minute: every block not protected by an open session is "old".
-  Lifecycle lifecycle{&catalog, &store, [] {
+  // Real clock ahead by a minute: every block not protected by an open session is "old" (and
+  // an agent that promised keepalives more often than every 12 s is gone).
+  int64_t real_ahead_ms = 60000;
+  Lifecycle lifecycle{&catalog, &store, [this] {
                         return std::chrono::duration_cast<std::chrono::milliseconds>(
                                    std::chrono::system_clock::now().time_since_epoch())
                                    .count() +
-                               60000;
+                               real_ahead_ms;
                       }};
   std::map<std::string, Image> kept;  // rp id -> image
 
@@ -720,6 +722,76 @@ TEST_CASE("cleanup racing an upload never loses a block") {
   lib.now += 2 * kDay;
   REQUIRE(lib.lifecycle.Cleanup(lib.now, in).ok());
   lib.CheckAll();
+}
+
+TEST_CASE(
+    "an agent that stopped sending keepalives holds cleanup back no more; one that sends them "
+    "does, and each keepalive counts") {
+  Lib lib;
+  std::mt19937_64 rng(13);
+  std::string b0 = RandomBlock(rng), b1 = RandomBlock(rng), orphan = RandomBlock(rng),
+              fresh = RandomBlock(rng);
+  // Item A: RP1 {b0, b1}, then RP2 {b0}: b1 lives only in RP1, which one daily point expires.
+  std::string a1 = lib.Backup("a", {b0, b1, "", ""});
+  lib.now += kDay;
+  lib.Backup("a", {b0, "", "", ""});
+  Backdate(lib.tmp / "blocks");
+  lib.now += kDay;
+  LifecycleInputs in;
+  ItemRules rules;
+  rules.state = ItemState::kProtected;
+  rules.retention = vault::Retention{1, 0, 0, 0};
+  in.items["a"] = rules;
+  const json commit_body{{"consistency", "crash"},
+                         {"disks", json::array({{{"index", 0}, {"key", "/b"}}})}};
+
+  // A's next backup was killed after uploading a block: its agent promised a keepalive every
+  // second and sent none for the minute the lifecycle's clock runs ahead.
+  auto gone = lib.catalog.CreateSession("a", 1000);
+  REQUIRE(gone.ok());
+  lib.PutBlock(orphan);
+  auto report = lib.lifecycle.Cleanup(lib.now, in);
+  REQUIRE(report.ok());
+  CHECK(report->removed == std::vector<std::string>{a1});  // A's expiry is not held
+  CHECK(report->sessions_deleted == 3);  // and A's two committed ones, a day old or more
+  CHECK_FALSE(lib.store.Has(Lib::IdOf(b1)));
+  CHECK_FALSE(lib.store.Has(Lib::IdOf(orphan)));  // nor is the collection's cutoff
+  CHECK(lib.catalog.KeepSessionAlive(*gone).code() == Code::kNotFound);
+  Manifest m;
+  m.disk_size = 4 * kBlock;
+  m.block_size = kBlock;
+  m.entries = {{0, Lib::IdOf(b0)}};
+  CHECK(lib.catalog.PutManifest(*gone, 0, EncodeManifest(m)).code() == Code::kNotFound);
+
+  // B's agent promised one every minute: within 5 minutes of its last sign of life its session
+  // holds what it uploaded, and it commits.
+  auto live = lib.catalog.CreateSession("b", 60000);
+  REQUIRE(live.ok());
+  lib.PutBlock(fresh);
+  REQUIRE(lib.catalog.KeepSessionAlive(*live).ok());
+  report = lib.lifecycle.Cleanup(lib.now, in);
+  REQUIRE(report.ok());
+  CHECK(report->sessions_deleted == 0);
+  CHECK(lib.store.Has(Lib::IdOf(fresh)));
+  m.entries = {{1, Lib::IdOf(fresh)}};
+  REQUIRE(lib.catalog.PutManifest(*live, 0, EncodeManifest(m)).ok());
+  REQUIRE(lib.catalog.Commit(*live, commit_body).ok());
+
+  // Each keepalive counts: two sessions promise one every 2 s (gone after 10 s without); one
+  // of them sends one 3 s later. With the clock 9 s ahead the other is past 12 s and dropped,
+  // while 9 s have passed since the keepalive.
+  auto quiet = lib.catalog.CreateSession("c", 2000);
+  auto talking = lib.catalog.CreateSession("d", 2000);
+  REQUIRE(quiet.ok());
+  REQUIRE(talking.ok());
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  REQUIRE(lib.catalog.KeepSessionAlive(*talking).ok());
+  lib.real_ahead_ms = 9000;
+  report = lib.lifecycle.Cleanup(lib.now, in);
+  REQUIRE(report.ok());
+  CHECK(report->sessions_deleted == 1);
+  CHECK(lib.catalog.KeepSessionAlive(*quiet).code() == Code::kNotFound);
+  CHECK(lib.catalog.KeepSessionAlive(*talking).ok());
 }
 
 TEST_CASE("a manifest in parts: in order, resent parts replace, the seal checks size and content") {

@@ -104,6 +104,7 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
   static const std::regex kSessionDiskPart(
       R"(^/v1/sessions/([0-9a-f]{32})/disks/([0-9]{1,3})/(part|seal)$)");
   static const std::regex kSessionCommit(R"(^/v1/sessions/([0-9a-f]{32})/commit$)");
+  static const std::regex kSessionKeepalive(R"(^/v1/sessions/([0-9a-f]{32})/keepalive$)");
   static const std::regex kSession(R"(^/v1/sessions/([0-9a-f]{32})$)");
   static const std::regex kRp(R"(^/v1/rps/([^/]+)$)");
   static const std::regex kRpMap(R"(^/v1/rps/([^/]+)/disks/([0-9]{1,3})/map$)");
@@ -199,8 +200,17 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
       return Status::Error(Code::kPermissionDenied,
                            "this agent may back up only its own item '" + who.agent + "'",
                            "leave --item unset in the daemon's config");
+    // An agent that will call keepalive at least every keepalive_ms (1 s to 1 h) while its
+    // backup runs; without it the session holds cleanup back until it times out (24 h).
+    int64_t keepalive_ms = 0;
+    if (body.contains("keepalive_ms")) {
+      const json& k = body["keepalive_ms"];
+      if (!k.is_number_integer() || k.get<int64_t>() < 1000 || k.get<int64_t>() > 3600 * 1000)
+        return Status::InvalidArgument("keepalive_ms must be a whole number from 1000 to 3600000");
+      keepalive_ms = k.get<int64_t>();
+    }
     if (auto admitted = admit(0); !admitted.ok()) return admitted.take_status();
-    auto sid = catalog_->CreateSession(body["item"]);
+    auto sid = catalog_->CreateSession(body["item"], keepalive_ms);
     if (!sid.ok()) return sid.take_status();
     return Json({{"session", *sid}}, 201);
   }
@@ -221,7 +231,8 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
   }
   if ((put && std::regex_match(p, m, kSessionDisk)) ||
       ((put || post) && std::regex_match(p, m, kSessionDiskPart)) ||
-      (post && std::regex_match(p, m, kSessionCommit))) {
+      (post && std::regex_match(p, m, kSessionCommit)) ||
+      (post && std::regex_match(p, m, kSessionKeepalive))) {
     auto item = catalog_->SessionItem(m[1]);
     if (!item.ok()) return item.take_status();
     if (!owns(*item)) return NotYours("backup session " + std::string(m[1]));
@@ -249,6 +260,10 @@ Result<HttpResponse> VaultApi::Route(const HttpRequest& req, const Principal& wh
     }
     VMSNAP_RETURN_IF_ERROR(catalog_->SealManifest(m[1], std::stoi(m[2]), value));
     return Json({{"stored", true}, {"bytes", value}});
+  }
+  if (post && std::regex_match(p, m, kSessionKeepalive)) {
+    VMSNAP_RETURN_IF_ERROR(catalog_->KeepSessionAlive(m[1]));
+    return Json({{"alive", true}});
   }
   if (post && std::regex_match(p, m, kSessionCommit)) {
     json body = json::parse(req.body, nullptr, false);

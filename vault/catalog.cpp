@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 
 #include "platform/env.hpp"
 
@@ -231,7 +232,7 @@ Status Catalog::Open() {
   return Status::Ok();
 }
 
-Result<std::string> Catalog::CreateSession(const std::string& item) {
+Result<std::string> Catalog::CreateSession(const std::string& item, int64_t keepalive_ms) {
   VMSNAP_RETURN_IF_ERROR(ValidateItemName(item));
   std::string id = RandomHex(16);
   std::error_code ec;
@@ -240,9 +241,18 @@ Result<std::string> Catalog::CreateSession(const std::string& item) {
     return Status::IoError("create session directory " + SessionDir(id) + ": " + ec.message(),
                            "check free space and permissions on the vault's disk");
   json meta = {{"item", item}, {"created_unix_ms", Now()}, {"created_real_ms", NowMs()}};
+  if (keepalive_ms > 0) meta["keepalive_ms"] = keepalive_ms;
   VMSNAP_RETURN_IF_ERROR(
       platform::Env::Default()->WriteFileAtomic(SessionDir(id) + "/session.json", meta.dump()));
   return id;
+}
+
+Status Catalog::KeepSessionAlive(const std::string& session) {
+  std::lock_guard lock(mu_);  // not while DeleteSession removes its directory
+  VMSNAP_RETURN_IF_ERROR(SessionItem(session).status());
+  // A file of its own, replaced whole: session.json is never rewritten.
+  return platform::Env::Default()->WriteFileAtomic(SessionDir(session) + "/alive",
+                                                   std::to_string(NowMs()));
 }
 
 Result<std::string> Catalog::SessionItem(const std::string& session) const {
@@ -756,7 +766,15 @@ std::vector<SessionInfo> Catalog::ListSessions() const {
       s.item = meta.value("item", "");
       s.created_unix_ms = meta.value("created_unix_ms", int64_t{0});
       s.created_real_ms = meta.value("created_real_ms", int64_t{0});
+      s.keepalive_ms = meta.value("keepalive_ms", int64_t{0});
     }
+    s.alive_real_ms = s.created_real_ms;
+    if (s.keepalive_ms > 0)
+      if (auto alive = env->ReadFile(SessionDir(s.id) + "/alive"); alive.ok()) {
+        int64_t at = 0;
+        std::istringstream(*alive) >> at;
+        s.alive_real_ms = std::max(s.alive_real_ms, at);
+      }
     s.committed = fs::exists(SessionDir(s.id) + "/committed", ec);
     out.push_back(std::move(s));
   }

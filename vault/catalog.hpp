@@ -67,6 +67,18 @@ struct SessionInfo {
   int64_t created_unix_ms = 0;  // vault clock (injectable)
   int64_t created_real_ms = 0;  // real clock; 0 for sessions made before issue 5
   bool committed = false;
+  // The agent's promise to call keepalive at least this often while its backup runs (0: an
+  // agent before session 26, which makes none), and the real time of its last sign of life
+  // (the session's creation or its last keepalive).
+  int64_t keepalive_ms = 0;
+  int64_t alive_real_ms = 0;
+  // An agent that promised keepalives and missed this many in a row is taken as gone (killed,
+  // its VM stopped): the session no longer holds cleanup back (vault/retention.cpp).
+  static constexpr int64_t kMissedKeepalives = 5;
+  bool AbandonedByAgent(int64_t real_now_ms) const {
+    return !committed && keepalive_ms > 0 &&
+           real_now_ms - alive_real_ms > kMissedKeepalives * keepalive_ms;
+  }
 };
 
 class Catalog {
@@ -79,7 +91,11 @@ class Catalog {
   // Creates the directories and removes leftovers of interrupted commits.
   Status Open();
 
-  Result<std::string> CreateSession(const std::string& item);
+  // keepalive_ms > 0: the agent will call KeepSessionAlive at least that often (SessionInfo).
+  Result<std::string> CreateSession(const std::string& item, int64_t keepalive_ms = 0);
+  // Records a sign of life of the session's agent (real clock). kNotFound for a session that
+  // does not exist (any more: a cleanup dropped it as abandoned).
+  Status KeepSessionAlive(const std::string& session);
   // The item a session was opened for (kNotFound for unknown sessions).
   Result<std::string> SessionItem(const std::string& session) const;
   Status PutManifest(const std::string& session, int disk_index, std::string_view data);

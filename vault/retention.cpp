@@ -240,13 +240,26 @@ std::vector<PointExpiry> Lifecycle::ExpiryOf(const std::vector<RecoveryPoint>& p
                        rules.state == ItemState::kProtected ? rules.retention : std::nullopt);
 }
 
+namespace {
+
+// Whether a session holds cleanup back (its item's expiry, and the garbage collection's cutoff):
+// an uncommitted backup younger than the timeout whose agent, if it promised keepalives, still
+// sends them.
+bool HoldsCleanup(const SessionInfo& s, int64_t now, int64_t real_now,
+                  const LifecycleInputs& inputs) {
+  return !s.committed && s.created_unix_ms > now - inputs.session_timeout_ms &&
+         !s.AbandonedByAgent(real_now);
+}
+
+}  // namespace
+
 Result<CleanupReport> Lifecycle::Cleanup(int64_t now, const LifecycleInputs& inputs) {
   std::lock_guard lock(mu_);
   CleanupReport report;
+  const int64_t real_now = real_now_();
   std::set<std::string> open_items;
   for (const auto& s : catalog_->ListSessions())
-    if (!s.committed && s.created_unix_ms > now - inputs.session_timeout_ms)
-      open_items.insert(s.item);
+    if (HoldsCleanup(s, now, real_now, inputs)) open_items.insert(s.item);
 
   // 1. Soft-deleted items whose window ended: every point goes (newest first: no merges).
   for (const auto& [item, rules] : inputs.items) {
@@ -272,25 +285,36 @@ Result<CleanupReport> Lifecycle::Cleanup(int64_t now, const LifecycleInputs& inp
     }
   }
 
-  // 3. Sessions: committed or abandoned ones older than the timeout.
+  // 3. Sessions: committed or abandoned ones older than the timeout, and those whose agent
+  // stopped sending keepalives (a commit of such a session then fails: its agent, if it still
+  // runs, starts the backup again).
   for (const auto& s : catalog_->ListSessions()) {
-    if (s.created_unix_ms > now - inputs.session_timeout_ms) continue;
+    const bool agent_gone = s.AbandonedByAgent(real_now);
+    if (s.created_unix_ms > now - inputs.session_timeout_ms && !agent_gone) continue;
     VMSNAP_RETURN_IF_ERROR(catalog_->DeleteSession(s.id).InPhase("cleanup"));
+    if (agent_gone)
+      spdlog::info(
+          "cleanup: backup session {} of {} dropped: its agent sent no keepalive for {} s (it "
+          "promised one every {} s)",
+          s.id, s.item, (real_now - s.alive_real_ms) / 1000, s.keepalive_ms / 1000.0);
     report.sessions_deleted++;
   }
 
   // 4. Garbage collection.
-  VMSNAP_RETURN_IF_ERROR(CollectGarbage(now, inputs, report).InPhase("garbage collection"));
+  VMSNAP_RETURN_IF_ERROR(
+      CollectGarbage(now, real_now, inputs, report).InPhase("garbage collection"));
   return report;
 }
 
-Status Lifecycle::CollectGarbage(int64_t now, const LifecycleInputs& inputs,
+Status Lifecycle::CollectGarbage(int64_t now, int64_t real_now, const LifecycleInputs& inputs,
                                  CleanupReport& report) {
   // The cutoff is fixed before the references are read: a backup whose session is open now
   // (or starts later) wrote or touched each block it uses at or after its session started.
-  int64_t cutoff = real_now_() - kMtimeMarginMs;
+  // Sessions are judged at the same real time as when Cleanup dropped the abandoned ones: a
+  // session it kept holds the cutoff, even if its agent's keepalive is late by now.
+  int64_t cutoff = real_now - kMtimeMarginMs;
   for (const auto& s : catalog_->ListSessions()) {
-    if (s.committed || s.created_unix_ms <= now - inputs.session_timeout_ms) continue;
+    if (!HoldsCleanup(s, now, real_now, inputs)) continue;
     cutoff =
         std::min(cutoff, s.created_real_ms == 0 ? INT64_MIN : s.created_real_ms - kMtimeMarginMs);
   }

@@ -130,7 +130,10 @@ class Lifecycle {
   // manifest adds no block.
   bool NewBlocks(const std::string& rp_id, int disk_index, const RunKeySet<IdPrefix128>& known,
                  RunKeySet<IdPrefix128>& fresh, uint64_t& blocks, uint64_t& bytes) const;
-  Status CollectGarbage(int64_t now, const LifecycleInputs& inputs, CleanupReport& report);
+  // real_now: the real time Cleanup judged the sessions' keepalives by, so that every session
+  // it did not drop as abandoned holds the collection's cutoff (a dropped one cannot commit).
+  Status CollectGarbage(int64_t now, int64_t real_now, const LifecycleInputs& inputs,
+                        CleanupReport& report);
 
   Catalog* catalog_;
   BlockStore* store_;

@@ -773,11 +773,21 @@ TEST_CASE(
   TempDir dir;
   Vault vault(dir / "vault");
   vault.Start();
-  auto cleanup_now = [&] {
-    auto r = Run({VMSNAP_ADMIN_BINARY, "cleanup", "--now", "--json", "--vault-config",
-                  vault.data() + "/vault.json"});
+  auto admin = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), VMSNAP_ADMIN_BINARY);
+    args.insert(args.end(), {"--json", "--vault-config", vault.data() + "/vault.json"});
+    auto r = Run(args);
     REQUIRE_MESSAGE(r.exit_code == 0, r.err);
     return r.json();
+  };
+  auto cleanup_now = [&] { return admin({"cleanup", "--now"}); };
+  // The sessions of `vm` as `vmsnap sessions` shows them.
+  auto sessions_of = [&](const std::string& vm) {
+    json out = json::array();
+    const json all = admin({"sessions"});
+    for (const auto& s : all["sessions"])
+      if (s["vm"] == vm) out.push_back(s);
+    return out;
   };
   // Backups stretched by a rate limit, each telling the vault every second that it runs.
   auto start_backup = [&](const std::string& img, const std::string& item, const char* rate) {
@@ -810,6 +820,11 @@ TEST_CASE(
   REQUIRE_FALSE(fs::is_empty(staging));  // its session is open
   std::this_thread::sleep_for(std::chrono::seconds(6));
   REQUIRE(Running(live->pid()));
+  json running = sessions_of("live-vm");
+  REQUIRE(running.size() == 1);
+  CHECK(running[0]["state"] == "running");
+  CHECK(running[0]["keepalive_ms"] == 1000);
+  CHECK(running[0]["since_alive_ms"].get<int64_t>() < 5000);
   json held = cleanup_now();
   CHECK(Running(live->pid()));  // the cleanup ran while the backup did
   CHECK(held["sessions_deleted"] == 0);
@@ -827,10 +842,16 @@ TEST_CASE(
   killed->Wait();
   // 5 missed keepalives of 1 s, and the collection's 2 s margin for the last uploads.
   std::this_thread::sleep_for(std::chrono::seconds(7));
+  json gone = sessions_of("killed-vm");
+  REQUIRE(gone.size() == 1);
+  CHECK(gone[0]["state"] == "agent gone");
+  CHECK(gone[0]["since_alive_ms"].get<int64_t>() > 5000);
+  CHECK(sessions_of("live-vm")[0]["state"] == "committed");
   json dropped = cleanup_now();
   CHECK(dropped["sessions_deleted"] == 1);
   CHECK(dropped["blocks_freed"].get<size_t>() >= stored);
   CHECK(vault.StoredBlockCount() == 512);  // the live backup's point keeps its blocks
+  CHECK(sessions_of("killed-vm").empty());
   CHECK(List(vault).size() == 1);
 
   json rerun = Backup(vault, dir, {img});

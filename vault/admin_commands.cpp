@@ -186,6 +186,8 @@ class AdminCommandsImpl final : public AdminCommands {
     add(&app, "cleanup", "Expire, merge and collect garbage now", [this] {
       return Cleanup();
     })->add_flag("--now", now_, "Run the cleanup now (required)");
+    add(&app, "sessions", "Backup sessions: running, committed, or left by a gone agent",
+        [this] { return Sessions(); });
     add(&app, "storage", "Bytes the vault holds per VM and what deduplication saved", [this] {
       return Storage();
     })->add_option("vm", vm_, "Only this VM");
@@ -502,6 +504,22 @@ class AdminCommandsImpl final : public AdminCommands {
               << " of pack files reclaimed\n";
     for (const auto& id : (*r)["removed"]) std::cout << "  removed " << Str(id) << "\n";
     for (const auto& vm : (*r)["purged_items"]) std::cout << "  purged " << Str(vm) << "\n";
+    return 0;
+  }
+
+  int Sessions() {
+    auto r = Call("GET", "/v1/admin/sessions");
+    if (!r.ok()) return Fail(r.take_status());
+    if (as_json_) return std::cout << r->dump() << std::endl, 0;
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& s : (*r)["sessions"]) {
+      std::string alive = "-";
+      if (s["since_alive_ms"].is_number_integer())
+        alive = std::to_string(s["since_alive_ms"].get<int64_t>() / 1000) + " s ago (every " +
+                std::to_string(s["keepalive_ms"].get<int64_t>() / 1000) + " s)";
+      rows.push_back({Str(s["id"]), Str(s["vm"]), Str(s["started"]), alive, Str(s["state"])});
+    }
+    PrintTable({"SESSION", "VM", "STARTED", "LAST SIGN OF LIFE", "STATE"}, rows);
     return 0;
   }
 

@@ -426,6 +426,7 @@ Result<HttpResponse> VaultApi::RouteAdmin(const HttpRequest& req) {
       return Status::InvalidArgument("retain needs an integer 'retain_until_ms' (0: clear)");
     return reply(control_->RetainPoint(m[1], until.get<int64_t>()));
   }
+  if (get && p == "/v1/admin/sessions") return reply(control_->Sessions());
   if (get && p == "/v1/admin/storage") {
     auto vm = req.query.find("vm");
     auto storage = control_->Storage(vm == req.query.end() ? "" : vm->second);

@@ -745,6 +745,18 @@ Result<json> ControlPlane::RecoveryPoints(const std::string& vm) {
   return json{{"vm", vm}, {"recovery_points", lifecycle_->Points(vm, now, in)}};
 }
 
+Result<json> ControlPlane::Sessions() {
+  if (!lifecycle_) return NoLifecycle();
+  int64_t now = 0;
+  {
+    std::lock_guard lock(mu_);
+    now = now_();
+  }
+  json sessions = lifecycle_->Sessions(now, LifecycleInputs{});
+  for (auto& s : sessions) s["started"] = IsoTime(s["started_ms"].get<int64_t>());
+  return json{{"sessions", std::move(sessions)}};
+}
+
 Result<json> ControlPlane::Storage(const std::string& vm) {
   if (!lifecycle_) return NoLifecycle();
   LifecycleInputs in;

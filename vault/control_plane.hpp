@@ -90,6 +90,8 @@ class ControlPlane {
   Result<nlohmann::json> RetainPoint(const std::string& rp, int64_t until_ms);
   Result<nlohmann::json> RecoveryPoints(const std::string& vm);
   Result<nlohmann::json> Storage(const std::string& vm);
+  // Backup sessions and their state (Lifecycle::Sessions): {"sessions":[...]}.
+  Result<nlohmann::json> Sessions();
   // Verifies `vm` (one point when `rp` is set) now and records the run (trigger "on-demand").
   Result<nlohmann::json> Verify(const std::string& vm, const std::string& rp);
   // Scheduled verify: when verify_interval_ms (> 0) has passed on the injected clock since the

@@ -253,6 +253,29 @@ bool HoldsCleanup(const SessionInfo& s, int64_t now, int64_t real_now,
 
 }  // namespace
 
+json Lifecycle::Sessions(int64_t now, const LifecycleInputs& inputs) const {
+  const int64_t real_now = real_now_();
+  json out = json::array();
+  for (const auto& s : catalog_->ListSessions()) {
+    const char* state = s.committed                              ? "committed"
+                        : s.AbandonedByAgent(real_now)           ? "agent gone"
+                        : HoldsCleanup(s, now, real_now, inputs) ? "running"
+                                                                 : "timed out";
+    json j = {{"id", s.id},
+              {"vm", s.item},
+              {"started_ms", s.created_unix_ms},
+              {"keepalive_ms", s.keepalive_ms},
+              {"state", state}};
+    // Signs of life are on the real clock: how long ago, rather than when; for the backups
+    // that have not committed.
+    j["since_alive_ms"] = !s.committed && s.keepalive_ms > 0 && s.alive_real_ms > 0
+                              ? json(real_now - s.alive_real_ms)
+                              : json();
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
 Result<CleanupReport> Lifecycle::Cleanup(int64_t now, const LifecycleInputs& inputs) {
   std::lock_guard lock(mu_);
   CleanupReport report;

@@ -109,6 +109,12 @@ class Lifecycle {
   // "retain_until_ms", "expires_ms" (null: never), "kept_by", "added_bytes", "added_blocks".
   nlohmann::json Points(const std::string& item, int64_t now, const LifecycleInputs& inputs);
 
+  // The backup sessions the vault holds, oldest first, each with its state as a cleanup now
+  // would judge it: "running" (holds cleanup back), "agent gone" (its agent missed 5
+  // keepalives), "timed out" (uncommitted, older than the timeout) — both dropped by the next
+  // cleanup — or "committed". See docs/PROTOCOL.md (GET /v1/admin/sessions).
+  nlohmann::json Sessions(int64_t now, const LifecycleInputs& inputs) const;
+
   // Storage per item (empty `item`: all) and the vault totals; see docs/PROTOCOL.md.
   nlohmann::json Storage(const std::string& item, const LifecycleInputs& inputs);
 

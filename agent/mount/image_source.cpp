@@ -38,12 +38,15 @@ struct RecoveryPointImages::Disk {
     uint64_t off = index * block_size;
     return std::min<uint64_t>(block_size, disk_size - off);
   }
-  // The block's id into `id`, or nullopt for a zero block. Thread-safe.
-  Status Find(uint64_t index, std::optional<BlockId>& id) const {
+  // The block's id into `id`, or nullopt for a zero block; its check too when asked for.
+  // Thread-safe.
+  Status Find(uint64_t index, std::optional<BlockId>& id,
+              std::optional<FastHash>* check = nullptr) const {
     std::vector<ManifestEntry> slot;
     std::string buf;
     VMSNAP_RETURN_IF_ERROR(agent::ReadEntrySlots(*map, index, 1, slot, buf));
     id = slot[0].id;
+    if (check) *check = slot[0].check;
     return Status::Ok();
   }
 };
@@ -120,13 +123,18 @@ Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& in
                                         std::unordered_map<uint64_t, BlockData>& got) {
   std::vector<BlockId> ids;
   std::unordered_map<BlockId, std::vector<uint64_t>, BlockIdHash> where;
+  // A block's bytes are verified by the check its manifest entry carries (XXH3-128), as a
+  // restore does, else by their SHA-256 (DecodeBlockInto).
+  std::unordered_map<BlockId, FastHash, BlockIdHash> checks;
   for (uint64_t index : indexes) {
     std::optional<BlockId> id;
-    VMSNAP_RETURN_IF_ERROR(d.Find(index, id));
+    std::optional<FastHash> check;
+    VMSNAP_RETURN_IF_ERROR(d.Find(index, id, &check));
     if (!id) continue;
     auto& w = where[*id];
     if (w.empty()) ids.push_back(*id);
     w.push_back(index);
+    if (check) checks.emplace(*id, *check);
   }
   if (ids.empty()) return Status::Ok();
   Status error;
@@ -145,8 +153,9 @@ Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& in
     if (w == where.end())
       return Status::Unavailable("the vault sent block " + enc.id.Hex() +
                                  " that was not asked for");
-    auto plain = std::make_shared<std::vector<std::byte>>();
-    Status st = DecodeBlock(enc, *plain);
+    auto plain = std::make_shared<std::vector<std::byte>>(enc.plain_size);
+    auto check = checks.find(enc.id);
+    Status st = DecodeBlockInto(enc, *plain, check == checks.end() ? nullptr : &check->second);
     if (!st.ok())
       return Status::Corruption("block " + std::to_string(w->second.front()) + " (id " +
                                     enc.id.Hex() + ") of disk " + std::to_string(d.info.index) +

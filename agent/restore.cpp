@@ -167,7 +167,8 @@ Status ZeroGaps(DiskTarget& d) {
     if (off < end && d.writer->PunchHole(off, end - off)) return Status::Ok();
     while (off < end) {
       uint64_t n = std::min<uint64_t>(zeros.size(), end - off);
-      VMSNAP_RETURN_IF_ERROR(d.writer->WriteAt(off, std::span(zeros.data(), n)));
+      if (Status st = d.writer->WriteAt(off, std::span(zeros.data(), n)); !st.ok())
+        return TargetFailed(std::move(st), d);
       off += n;
     }
     return Status::Ok();
@@ -371,8 +372,8 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
   Status st = first_error;
   for (auto& d : disks) {
     if (st.ok()) st = ZeroGaps(*d);
-    if (st.ok()) st = d->writer->Sync();
-    if (!st.ok() && st.fix().empty()) st = TargetFailed(std::move(st), *d);
+    if (!st.ok()) break;
+    if (Status synced = d->writer->Sync(); !synced.ok()) st = TargetFailed(std::move(synced), *d);
   }
   if (!st.ok()) {
     cleanup_partials();

@@ -261,6 +261,10 @@ int main(int argc, char** argv) {
   restore->add_option("--map-page-entries", ropt.map_page_entries)
       ->group("")
       ->check(CLI::PositiveNumber);
+  bool no_space_check = false;
+  restore->add_flag("--no-space-check", no_space_check,
+                    "Write even when a target's filesystem seems to lack the room for the data "
+                    "(a filesystem that compresses or deduplicates may take less)");
   restore->add_flag("--json", as_json, "Print one JSON object with the report on stdout");
 
   // list
@@ -313,6 +317,7 @@ int main(int argc, char** argv) {
     auto client = rconn.Options();
     if (!client.ok()) return Fail(client.status(), as_json);
     ropt.client = *client;
+    ropt.check_space = !no_space_check;
     auto report = RunRestore(ropt);
     if (!report.ok()) return Fail(report.status(), as_json);
     if (as_json)

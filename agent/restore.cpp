@@ -155,6 +155,48 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
   return Status::Ok();
 }
 
+// Refuses a target, before anything is written to it, whose filesystem has less free space
+// than the disk's data takes there, counted together with this restore's other targets on the
+// same filesystem (`needed_on`, by StorageInfo::filesystem). A new file takes the disk's data
+// (its zero blocks stay holes). An existing regular file, restored in place, takes at least
+// the data less what the file holds now: a lower bound, so a pass may still meet a full
+// filesystem (the write then fails with the same fix); only a filesystem that compresses or
+// deduplicates can take less than it (RestoreOptions::check_space). Devices take nothing. Free space counts what only root may take: an agent without root that runs
+// out of it fails at the write. Whatever cannot be looked up is left to the writes.
+Status CheckTargetSpace(const DiskTarget& d, bool exists, const std::string& rp,
+                        std::unordered_map<uint64_t, uint64_t>& needed_on) {
+  std::error_code ec;
+  const fs::path target = fs::absolute(d.report.target, ec);
+  if (ec) return Status::Ok();
+  auto info =
+      platform::Env::Default()->StorageOf(exists ? target.string() : target.parent_path().string());
+  if (!info.ok() || (exists && !info->regular_file)) return Status::Ok();
+  const uint64_t data = d.map_entries * uint64_t{d.block_size};
+  const uint64_t held = exists ? info->allocated_bytes : 0;
+  if (data <= held) return Status::Ok();
+  const uint64_t need = data - held;
+  const fs::space_info space = fs::space(target.parent_path(), ec);
+  if (ec) return Status::Ok();
+  uint64_t& before = needed_on[info->filesystem];
+  if (before + need <= space.free) {
+    before += need;
+    return Status::Ok();
+  }
+  std::string cause = "disk " + std::to_string(d.report.index) + " of recovery point " + rp +
+                      " holds " + HumanBytes(data) + " of data";
+  if (exists)
+    cause += ", at least " + HumanBytes(need) + " more than the existing file " + d.report.target +
+             " takes now, and its filesystem has ";
+  else
+    cause += " and the filesystem of " + d.report.target + " has ";
+  cause += HumanBytes(space.free) + " free";
+  if (before > 0) cause += " (" + HumanBytes(before) + " of it for the other disks restored there)";
+  std::string fix = "free space on that filesystem, or restore to another place with --to";
+  if (exists) fix += "; " + d.report.target + " was not changed";
+  fix += " (--no-space-check writes anyway, for a filesystem that compresses)";
+  return Status::Error(Code::kResourceExhausted, cause, fix).InPhase("prepare restore");
+}
+
 // Makes every block the map does not list read as zero (only for targets not created empty):
 // a hole punched in a file target (no space, no writes), else zeros written.
 Status ZeroGaps(DiskTarget& d) {
@@ -227,8 +269,8 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
         fs::remove(d->write_path, ec);
       }
   };
-  // Data bytes of the new files being restored, per directory (see the check below).
-  std::unordered_map<std::string, uint64_t> new_file_bytes;
+  // Bytes this restore's targets take on each filesystem (see CheckTargetSpace).
+  std::unordered_map<uint64_t, uint64_t> needed_on;
   for (size_t i = 0; i < selected.size(); ++i) {
     auto d = std::make_unique<DiskTarget>();
     d->report.index = selected[i];
@@ -261,31 +303,13 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     std::error_code ec;
     bool exists = fs::exists(d->report.target, ec);
     d->write_path = exists ? d->report.target : d->report.target + ".vmsnap-partial";
-    if (!exists) {
-      fs::remove(d->write_path, ec);
-      // A new file takes the disk's data (its zero blocks stay holes): refused before anything
-      // is written when its filesystem has less free space, together with the other new files
-      // restored into the same directory, than that. Free space counts what only root may
-      // take: an agent without root that runs out of it fails at the write, with the same fix.
-      // Targets that exist (devices, files restored in place) are not checked.
-      std::error_code space_ec;
-      const fs::path dir = fs::absolute(d->report.target, space_ec).parent_path();
-      const uint64_t need = d->map_entries * uint64_t{d->block_size};
-      uint64_t& before = new_file_bytes[dir.string()];
-      const fs::space_info space = fs::space(dir, space_ec);
-      if (!space_ec && before + need > space.free) {
-        cleanup_partials();
-        std::string cause = "disk " + std::to_string(d->report.index) + " of recovery point " +
-                            opt.recovery_point + " holds " + HumanBytes(need) +
-                            " of data and the filesystem of " + d->report.target + " has " +
-                            HumanBytes(space.free) + " free";
-        if (before > 0)
-          cause += " (" + HumanBytes(before) + " of it for the other disks restored there)";
-        return Status::Error(Code::kResourceExhausted, cause,
-                             "free space on that filesystem, or restore to another place with --to")
-            .InPhase("prepare restore");
-      }
-      before += need;
+    if (!exists) fs::remove(d->write_path, ec);
+    if (Status st = opt.check_space
+                        ? CheckTargetSpace(*d, exists, opt.recovery_point, needed_on)
+                        : Status::Ok();
+        !st.ok()) {
+      cleanup_partials();
+      return st;
     }
     auto writer = env->OpenDiskForWrite(d->write_path, d->disk_size);
     if (!writer.ok()) {

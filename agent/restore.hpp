@@ -29,6 +29,9 @@ struct RestoreOptions {
   std::vector<std::string> targets;  // devices or files, in disk order
   int fetchers = 6;
   bool progress = true;
+  // Refuse, before writing, targets whose filesystems lack the room the data takes
+  // (--no-space-check turns it off: a filesystem that compresses may take less).
+  bool check_space = true;
   // Where the block maps of the disks being restored are kept while the restore runs (57 B per
   // block with data, in nameless scratch files; agent/scratch.hpp).
   std::string state_dir = platform::DefaultAgentPaths().state_dir;

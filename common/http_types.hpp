@@ -21,6 +21,10 @@ struct HttpRequest {
   std::string body;
 };
 
+// The largest response body a vault sends and a client reads (ClientOptions'
+// response_body_limit): a fetch's answer is built in memory on both ends.
+inline constexpr uint64_t kMaxResponseBodyBytes = 256ull << 20;
+
 struct HttpResponse {
   int status = 200;
   std::string content_type = "application/json";

@@ -35,7 +35,7 @@ struct ClientOptions {
   std::chrono::milliseconds initial_backoff{250};
   std::chrono::milliseconds max_backoff{8000};
   std::chrono::seconds io_timeout{120};
-  uint64_t response_body_limit = 256ull << 20;
+  uint64_t response_body_limit = kMaxResponseBodyBytes;
 };
 
 // Enrollment's trust bootstrap: connects once to `url`, takes the certificate chain the server

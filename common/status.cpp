@@ -1,5 +1,6 @@
 #include "common/status.hpp"
 
+#include <cerrno>
 #include <cstring>
 
 namespace vmsnap {
@@ -39,7 +40,14 @@ const char* CodeName(Code code) {
 }
 
 Status Status::FromErrno(int err, const std::string& what, std::string fix) {
-  return Error(Code::kIoError, what + ": " + std::strerror(err), std::move(fix));
+  // A full filesystem or quota: what the operator does about it (free space) differs from a
+  // failing device's, and retrying before that cannot help.
+  bool full = err == ENOSPC;
+#ifdef EDQUOT
+  full = full || err == EDQUOT;
+#endif
+  return Error(full ? Code::kResourceExhausted : Code::kIoError, what + ": " + std::strerror(err),
+               std::move(fix));
 }
 
 std::string Status::ToString() const {

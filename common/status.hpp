@@ -26,7 +26,7 @@ enum class Code {
   kPermissionDenied,   // authenticated but not allowed, or unsafe file permissions
   kConflict,           // state changed underneath (e.g. parent recovery point moved)
   kCancelled,          // the job was cancelled
-  kResourceExhausted,  // out of space (the vault's disk at its reserve); retry after freeing it
+  kResourceExhausted,  // out of space (a full disk, the vault's at its reserve); free it first
   kInternal,           // a bug
 };
 
@@ -61,7 +61,8 @@ class Status {
   }
   static Status Internal(std::string cause) { return Error(Code::kInternal, std::move(cause)); }
 
-  // errno-based I/O error: "<what>: <strerror(err)>".
+  // errno-based error: "<what>: <strerror(err)>". kResourceExhausted for a full filesystem or
+  // quota (ENOSPC, EDQUOT), else kIoError.
   static Status FromErrno(int err, const std::string& what, std::string fix = {});
 
   bool ok() const { return code_ == Code::kOk; }

@@ -31,6 +31,16 @@ struct FileIdentity {
   bool operator==(const FileIdentity&) const = default;
 };
 
+// Where an existing path's bytes are stored (the restore's space check).
+struct StorageInfo {
+  // Equal for two paths on the same filesystem (volume) while it stays mounted.
+  uint64_t filesystem = 0;
+  // An existing regular file (not a device or directory), and the bytes its filesystem has
+  // allocated to it: less than its size where it is sparse.
+  bool regular_file = false;
+  uint64_t allocated_bytes = 0;
+};
+
 // A half-open byte range [begin, end).
 struct ByteRange {
   uint64_t begin = 0;
@@ -200,6 +210,11 @@ class Env {
   virtual Status SyncDir(const std::string& path) = 0;
 
   virtual Result<std::string> ReadFile(const std::string& path) = 0;
+
+  // StorageInfo of an existing file, device or directory; kNotFound when `path` does not
+  // exist. Linux: stat(2) (the device number, st_blocks); Windows: the volume's serial number
+  // and GetCompressedFileSize.
+  virtual Result<StorageInfo> StorageOf(const std::string& path) = 0;
 
   virtual std::string HostName() = 0;
 

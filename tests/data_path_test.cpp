@@ -558,6 +558,7 @@ TEST_CASE(
 
   json error = FailedBackup(vault, dir, img);
   CHECK(error["phase"] == "upload blocks");
+  CHECK(error["code"] == "RESOURCE_EXHAUSTED");  // free space; a retry before that cannot help
   CHECK(error["error"].get<std::string>().find("No space left on device") != std::string::npos);
   CHECK(error["fix"].get<std::string>().find("free space on the vault's disk under " +
                                              vault_fs.mount_point()) != std::string::npos);
@@ -692,9 +693,9 @@ TEST_CASE(
 // btrfs, ends the process with SIGBUS), and a second vault on the same data directory is refused
 // with a clear error instead of appending to the same packs.
 TEST_CASE(
-    "a restore target's filesystem too small: new files refused before anything is written, "
-    "disks restored into one directory counted together; a full filesystem met while restoring "
-    "in place names the target and says to free space") {
+    "a restore target's filesystem too small: new files and files restored in place refused "
+    "before anything is written, the disks restored onto one filesystem counted together; a full "
+    "filesystem met while restoring in place names the target and says to free space") {
   if (!HaveRoot("to mount the target's small filesystem")) return;
   TempDir dir;
   Vault vault(dir / "vault");
@@ -710,15 +711,19 @@ TEST_CASE(
   };
   const std::string a = image("a.img", 91), b = image("b.img", 92);
   const std::string rp = Backup(vault, dir, {a, b})["recovery_point"];
+  // Two directories of one filesystem.
+  fs::create_directories(mnt + "/x");
+  fs::create_directories(mnt + "/y");
+  const std::string a_target = mnt + "/x/a.img", b_target = mnt + "/y/b.img";
   auto entries_of = [&] {
     std::set<std::string> names;
-    for (const auto& e : fs::directory_iterator(mnt)) names.insert(e.path().filename());
+    for (const auto& e : fs::recursive_directory_iterator(mnt)) names.insert(e.path());
     return names;
   };
   const auto entries_before = entries_of();
   const uint64_t free_before = fs::space(mnt).free;
 
-  auto refused = Restore(vault, rp, {mnt + "/a.img", mnt + "/b.img"});
+  auto refused = Restore(vault, rp, {a_target, b_target});
   INFO("stderr: " << refused.err);
   CHECK(refused.exit_code != 0);
   json e = refused.json();
@@ -728,7 +733,7 @@ TEST_CASE(
   const std::string cause = e["error"];
   CHECK(cause.find("disk 1 of recovery point " + rp + " holds 16.0 MiB of data") !=
         std::string::npos);
-  CHECK(cause.find("the filesystem of " + mnt + "/b.img has ") != std::string::npos);
+  CHECK(cause.find("the filesystem of " + b_target + " has ") != std::string::npos);
   CHECK(cause.find("16.0 MiB of it for the other disks restored there") != std::string::npos);
   CHECK(e["fix"].get<std::string>().find("--to") != std::string::npos);
   // Nothing written, nothing left behind (the first disk's partial file is gone).
@@ -736,25 +741,55 @@ TEST_CASE(
   CHECK(fs::space(mnt).free + (64 << 10) >= free_before);
 
   // One of them fits.
-  auto one = Restore(vault, rp, {mnt + "/a.img"}, {"--disk", "0"});
+  auto one = Restore(vault, rp, {a_target}, {"--disk", "0"});
   REQUIRE_MESSAGE(one.exit_code == 0, one.err);
-  CHECK(FileSha256(mnt + "/a.img") == FileSha256(a));
+  CHECK(FileSha256(a_target) == FileSha256(a));
 
-  // The other into an existing file (restored in place, not checked beforehand): the
+  // The other in place, into an existing file that holds nothing yet: its 16 MiB cannot fit
+  // in what is left; refused with the file as it was.
+  CreateSparseFile(b_target, 64 << 20);
+  const std::string b_target_sha = FileSha256(b_target);
+  auto in_place = Restore(vault, rp, {b_target}, {"--disk", "1"});
+  INFO("stderr: " << in_place.err);
+  CHECK(in_place.exit_code != 0);
+  json p = in_place.json();
+  REQUIRE(p.is_object());
+  CHECK(p["code"] == "RESOURCE_EXHAUSTED");
+  CHECK(p["phase"] == "prepare restore");
+  CHECK(p["error"].get<std::string>().find("holds 16.0 MiB of data, at least 16.0 MiB more than "
+                                           "the existing file " +
+                                           b_target + " takes now, and its filesystem has ") !=
+        std::string::npos);
+  CHECK(p["fix"].get<std::string>().find(b_target + " was not changed") != std::string::npos);
+  CHECK(FileSha256(b_target) == b_target_sha);
+  CHECK(fs::file_size(b_target) == 64u << 20);
+  // --no-space-check writes anyway (for filesystems that compress), into the full filesystem.
+  auto unchecked = Restore(vault, rp, {b_target}, {"--disk", "1", "--no-space-check"});
+  CHECK(unchecked.exit_code != 0);
+  CHECK(unchecked.json()["error"] == "write " + b_target + ": No space left on device");
+
+  // With room for the data less what the file holds beyond it (its last blocks, which the
+  // restore turns into holes only after the data), the check lets it through, and the
   // filesystem fills up on the way.
-  CreateSparseFile(mnt + "/b.img", 64 << 20);
-  auto full = Restore(vault, rp, {mnt + "/b.img"}, {"--disk", "1"});
+  fs::remove(a_target);
+  fs::remove(b_target);
+  CreateSparseFile(b_target, 64 << 20);
+  const uint64_t free_now = fs::space(mnt).free;
+  REQUIRE(free_now > (20u << 20));
+  const uint64_t held_blocks = (free_now - (12u << 20)) / kBlock;  // leaves about 12 MiB free
+  REQUIRE(held_blocks < 256);
+  WriteRandomBlocks(b_target, kBlock, BlockRange(1024 - held_blocks, 1024), 93);
+  auto full = Restore(vault, rp, {b_target}, {"--disk", "1"});
   INFO("stderr: " << full.err);
   CHECK(full.exit_code != 0);
   json f = full.json();
   REQUIRE(f.is_object());
   CHECK(f["code"] == "RESOURCE_EXHAUSTED");
   CHECK(f["phase"] == "restore");
-  CHECK(f["error"] == "write " + mnt + "/b.img: No space left on device");
+  CHECK(f["error"] == "write " + b_target + ": No space left on device");
   const std::string fix = f["fix"];
-  CHECK(fix.find("free space on the filesystem of " + mnt + "/b.img") != std::string::npos);
+  CHECK(fix.find("free space on the filesystem of " + b_target) != std::string::npos);
   CHECK(fix.find("partly overwritten") != std::string::npos);
-  CHECK(FileSha256(mnt + "/a.img") == FileSha256(a));  // the other target is untouched
 }
 
 // Whether process `pid` is running (not ended, not a zombie waiting to be reaped).

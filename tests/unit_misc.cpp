@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -28,6 +30,15 @@ TEST_CASE("status carries phase, cause, fix and an exit code") {
   Status inner = Status::IoError("disk gone").InPhase("read disk");
   inner.InPhase("backup");
   CHECK(inner.phase() == "read disk");
+  // From errno: a full filesystem (or quota) asks for space, anything else is an I/O error.
+  Status full = Status::FromErrno(ENOSPC, "write /t/disk.img");
+  CHECK(full.code() == Code::kResourceExhausted);
+  CHECK(full.cause() == "write /t/disk.img: " + std::string(std::strerror(ENOSPC)));
+  CHECK_FALSE(full.retryable());
+#ifdef EDQUOT
+  CHECK(Status::FromErrno(EDQUOT, "write /t/disk.img").code() == Code::kResourceExhausted);
+#endif
+  CHECK(Status::FromErrno(EIO, "read /dev/vdb").code() == Code::kIoError);
 }
 
 TEST_CASE("aligned buffer pool: buffers come back for reuse, within its bounds") {
@@ -261,6 +272,24 @@ TEST_CASE("env: a file written in pieces appears whole at commit, or not at all"
 #endif
 }
 
+TEST_CASE("env: the storage of a path: its filesystem, whether it is a file, what it holds") {
+  test::TempDir dir;
+  auto* env = platform::Env::Default();
+  const std::string file = dir / "data.img";
+  test::CreateSparseFile(file, 1 << 20);
+  test::WriteRandomBlocks(file, 64 << 10, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+                          2);
+  auto of_file = env->StorageOf(file);
+  REQUIRE(of_file.ok());
+  CHECK(of_file->regular_file);
+  CHECK(of_file->allocated_bytes >= (1u << 20));
+  auto of_dir = env->StorageOf(dir.path());
+  REQUIRE(of_dir.ok());
+  CHECK_FALSE(of_dir->regular_file);
+  CHECK(of_dir->filesystem == of_file->filesystem);
+  CHECK(env->StorageOf(dir / "missing").status().code() == Code::kNotFound);
+}
+
 TEST_CASE("env: sparse files report holes; restore targets are size-checked") {
   test::TempDir dir;
   auto* env = platform::Env::Default();
@@ -279,6 +308,11 @@ TEST_CASE("env: sparse files report holes; restore targets are size-checked") {
   auto none = (*r)->NextData(12u << 20);
   REQUIRE(none.ok());
   CHECK_FALSE(none->has_value());
+  // What the file holds: its data, not its size.
+  auto storage = env->StorageOf(img);
+  REQUIRE(storage.ok());
+  CHECK(storage->allocated_bytes >= (1u << 20));
+  CHECK(storage->allocated_bytes < (8u << 20));
 
   CHECK(env->OpenDiskForRead(dir / "missing").status().code() == Code::kNotFound);
   CHECK(env->OpenDiskForRead(dir.path()).status().code() == Code::kInvalidArgument);

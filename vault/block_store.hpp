@@ -53,6 +53,7 @@
 
 #include "common/aligned_buffer.hpp"
 #include "common/block_codec.hpp"
+#include "common/http_types.hpp"
 #include "common/status.hpp"
 
 namespace vmsnap::vault {
@@ -162,9 +163,8 @@ class BlockStore {
   // kInvalidArgument, before anything is read, for records of more than kMaxAnswerBytes in all;
   // `out` then holds a partial answer the caller must discard.
   Status AppendRecords(std::span<const BlockId> ids, std::string& out) const;
-  // The most one AppendRecords call answers: a fetch's answer is built in memory, and the
-  // agent reads answers of at most 256 MiB (ClientOptions::response_body_limit).
-  static constexpr uint64_t kMaxAnswerBytes = 256ull << 20;
+  // The most one AppendRecords call answers: a fetch's answer, which the agent reads whole.
+  static constexpr uint64_t kMaxAnswerBytes = kMaxResponseBodyBytes;
   // Records of one pack that start at most this far past the end of the previous one are read
   // together, gap included: one read through a few dead or unrequested records costs less than
   // another I/O. Restoring an incremental point (its 2 % of changed blocks in a newer pack,

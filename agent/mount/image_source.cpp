@@ -122,19 +122,23 @@ void RecoveryPointImages::ReleaseClient(std::unique_ptr<agent::VaultClient> clie
 Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& indexes,
                                         std::unordered_map<uint64_t, BlockData>& got) {
   std::vector<BlockId> ids;
-  std::unordered_map<BlockId, std::vector<uint64_t>, BlockIdHash> where;
-  // A block's bytes are verified by the check its manifest entry carries (XXH3-128), as a
-  // restore does, else by their SHA-256 (DecodeBlockInto).
-  std::unordered_map<BlockId, FastHash, BlockIdHash> checks;
+  // Per distinct block: the disk's blocks that hold it, and the check its manifest entry
+  // carries (XXH3-128), which verifies its bytes as a restore does; without one, their
+  // SHA-256 does (DecodeBlockInto).
+  struct Wanted {
+    std::vector<uint64_t> indexes;
+    std::optional<FastHash> check;
+  };
+  std::unordered_map<BlockId, Wanted, BlockIdHash> where;
   for (uint64_t index : indexes) {
     std::optional<BlockId> id;
     std::optional<FastHash> check;
     VMSNAP_RETURN_IF_ERROR(d.Find(index, id, &check));
     if (!id) continue;
-    auto& w = where[*id];
-    if (w.empty()) ids.push_back(*id);
-    w.push_back(index);
-    if (check) checks.emplace(*id, *check);
+    Wanted& w = where[*id];
+    if (w.indexes.empty()) ids.push_back(*id);
+    w.indexes.push_back(index);
+    if (check && !w.check) w.check = check;
   }
   if (ids.empty()) return Status::Ok();
   Status error;
@@ -154,14 +158,14 @@ Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& in
       return Status::Unavailable("the vault sent block " + enc.id.Hex() +
                                  " that was not asked for");
     auto plain = std::make_shared<std::vector<std::byte>>(enc.plain_size);
-    auto check = checks.find(enc.id);
-    Status st = DecodeBlockInto(enc, *plain, check == checks.end() ? nullptr : &check->second);
+    const Wanted& wanted = w->second;
+    Status st = DecodeBlockInto(enc, *plain, wanted.check ? &*wanted.check : nullptr);
     if (!st.ok())
-      return Status::Corruption("block " + std::to_string(w->second.front()) + " (id " +
+      return Status::Corruption("block " + std::to_string(wanted.indexes.front()) + " (id " +
                                     enc.id.Hex() + ") of disk " + std::to_string(d.info.index) +
                                     " is corrupt on the vault: " + st.cause(),
                                 "the vault's copy is damaged; use another recovery point");
-    for (uint64_t index : w->second)
+    for (uint64_t index : wanted.indexes)
       if (plain->size() != d.BlockLength(index))
         return Status::Corruption("block " + std::to_string(index) + " of disk " +
                                   std::to_string(d.info.index) + " has " +
@@ -170,7 +174,7 @@ Status RecoveryPointImages::FetchBlocks(Disk& d, const std::vector<uint64_t>& in
     ++blocks_fetched_;
     bytes_fetched_ += enc.payload.size();
     BlockData shared = std::move(plain);
-    for (uint64_t index : w->second) {
+    for (uint64_t index : wanted.indexes) {
       cache_.Insert(d.info.index, index, shared);
       got[index] = shared;
     }

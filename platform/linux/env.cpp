@@ -62,14 +62,6 @@ Status WriteAll(int fd, const char* p, size_t n, uint64_t offset, const std::str
   return err == 0 ? Status::Ok() : Status::FromErrno(err, "write " + path);
 }
 
-// A failed write or flush of a restore target: a full filesystem or quota is
-// kResourceExhausted (what the operator does about it differs from a failing device's).
-Status TargetWriteError(int err, const std::string& what) {
-  Status st = Status::FromErrno(err, what);
-  if (err == ENOSPC || err == EDQUOT) return Status::Error(Code::kResourceExhausted, st.cause());
-  return st;
-}
-
 // Positioned reads that zero-fill what lies beyond the end of the file.
 Status ReadAllAt(int fd, std::span<std::byte> buf, uint64_t offset, const std::string& path) {
   size_t done = 0;
@@ -158,13 +150,14 @@ class LinuxDiskWriter final : public DiskWriter {
       ssize_t w = ::pwrite(direct_fd_.get(), p, data.size(), static_cast<off_t>(offset));
       if (w == static_cast<ssize_t>(data.size())) return Status::Ok();
       const int err = w < 0 ? errno : 0;
-      if (err != 0 && err != EINVAL && err != EINTR) return TargetWriteError(err, "write " + path_);
+      if (err != 0 && err != EINVAL && err != EINTR)
+        return Status::FromErrno(err, "write " + path_);
       // EINVAL (a filesystem without direct I/O) or a short write: buffered from now on. In
       // every case the buffered write below rewrites the whole range.
       if (err != EINTR) direct_ok_ = false;
     }
     const int err = PwriteAll(fd_.get(), p, data.size(), offset);
-    return err == 0 ? Status::Ok() : TargetWriteError(err, "write " + path_);
+    return err == 0 ? Status::Ok() : Status::FromErrno(err, "write " + path_);
   }
   bool PunchHole(uint64_t offset, uint64_t length) override {
     struct stat st {};
@@ -173,7 +166,7 @@ class LinuxDiskWriter final : public DiskWriter {
                        static_cast<off_t>(offset), static_cast<off_t>(length)) == 0;
   }
   Status Sync() override {
-    if (::fsync(fd_.get()) != 0) return TargetWriteError(errno, "fsync " + path_);
+    if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
     return Status::Ok();
   }
 
@@ -351,6 +344,19 @@ class LinuxEnv final : public Env {
       out.append(buf, static_cast<size_t>(r));
     }
     return out;
+  }
+
+  Result<StorageInfo> StorageOf(const std::string& path) override {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      if (errno == ENOENT) return Status::NotFound(path + " does not exist");
+      return Status::FromErrno(errno, "stat " + path);
+    }
+    StorageInfo info;
+    info.filesystem = static_cast<uint64_t>(st.st_dev);
+    info.regular_file = S_ISREG(st.st_mode);
+    info.allocated_bytes = static_cast<uint64_t>(st.st_blocks) * 512;  // POSIX: 512-byte units
+    return info;
   }
 
   std::vector<std::string> LocalDisks() override {

@@ -509,6 +509,34 @@ class WindowsEnv final : public Env {
     return out;
   }
 
+  Result<StorageInfo> StorageOf(const std::string& path) override {
+    const std::wstring wide = Widen(path);
+    StorageInfo info;
+    if (IsDevicePath(path)) return info;  // a device: no filesystem of its own to share
+    const DWORD attrs = ::GetFileAttributesW(wide.c_str());
+    if (attrs == INVALID_FILE_ATTRIBUTES) {
+      const DWORD err = ::GetLastError();
+      if (err == ERROR_FILE_NOT_FOUND || err == ERROR_PATH_NOT_FOUND)
+        return Status::NotFound(path + " does not exist");
+      return FromWin32(err, "attributes of " + path);
+    }
+    wchar_t volume[MAX_PATH + 1] = {};
+    DWORD serial = 0;
+    if (!::GetVolumePathNameW(wide.c_str(), volume, MAX_PATH) ||
+        !::GetVolumeInformationW(volume, nullptr, 0, &serial, nullptr, nullptr, nullptr, 0))
+      return FromWin32(::GetLastError(), "volume of " + path);
+    info.filesystem = serial;
+    info.regular_file = !(attrs & FILE_ATTRIBUTE_DIRECTORY);
+    if (info.regular_file) {
+      DWORD high = 0;
+      const DWORD low = ::GetCompressedFileSizeW(wide.c_str(), &high);
+      if (low == INVALID_FILE_SIZE && ::GetLastError() != NO_ERROR)
+        return FromWin32(::GetLastError(), "allocated size of " + path);
+      info.allocated_bytes = (static_cast<uint64_t>(high) << 32) | low;
+    }
+    return info;
+  }
+
   std::string HostName() override {
     wchar_t buf[256] = {};
     DWORD n = 255;

@@ -8,7 +8,9 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "agent/agent_config.hpp"
 #include "agent/backup.hpp"
+#include "agent/check.hpp"
 #include "agent/daemon.hpp"
 #include "agent/progress.hpp"
 #include "agent/restore.hpp"
@@ -275,6 +277,22 @@ int main(int argc, char** argv) {
   list->add_option("--item", list_item, "Only this item (default: all the token can see)");
   list->add_flag("--json", as_json, "Print JSON on stdout");
 
+  // check
+  auto* check = app.add_subcommand(
+      "check",
+      "Check that this enrolled agent can back up now: its config, the vault's name in DNS, the "
+      "vault over verified TLS, its credential, its disks, its state directory and the freeze "
+      "guard (changes nothing)");
+  CheckOptions chopt;
+  chopt.config_path = kDefaultConfigPath;
+  int check_timeout_s = static_cast<int>(chopt.timeout.count());
+  check->add_option("--config", chopt.config_path, "Agent config written by enroll")
+      ->capture_default_str();
+  check->add_option("--timeout", check_timeout_s, "Seconds to wait for each network step")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 600));
+  check->add_flag("--json", as_json, "Print one JSON object with every check on stdout");
+
   // enroll and run (the daemon), issue 4.
   auto daemon = DaemonCommands::Add(app);
   // UTF-8 arguments on every platform (paths with non-ASCII characters on Windows).
@@ -284,6 +302,34 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, static_cast<int>(args_utf8.size()), args_utf8.data());
   InitLogging("vmsnap-agent", log_level);
   if (daemon->Handles()) return daemon->Execute();
+
+  if (*check) {
+    chopt.timeout = std::chrono::seconds(check_timeout_s);
+#ifndef _WIN32
+    chopt.freeze_guard = DefaultFreezeGuardPath();  // Windows quiesces with VSS instead
+#endif
+    const CheckReport report = RunCheck(chopt);
+    const Status failure = report.FirstFailure();
+    if (as_json) {
+      json out = report.ToJson();
+      if (!failure.ok())
+        out.update({{"error", failure.cause()},
+                    {"code", CodeName(failure.code())},
+                    {"phase", failure.phase()},
+                    {"fix", failure.fix()}});
+      std::cout << out.dump() << std::endl;
+    } else {
+      for (const auto& step : report.steps) {
+        const char* result = step.skipped ? "skipped" : step.status.ok() ? "ok" : "FAILED";
+        std::string text = step.status.ok() ? step.detail : step.status.cause();
+        if (!step.status.ok() && !step.status.fix().empty()) text += ". Fix: " + step.status.fix();
+        std::printf("%-8s %-16s %s\n", result, step.name.c_str(), text.c_str());
+      }
+    }
+    if (failure.ok()) return 0;
+    std::cerr << "vmsnap-agent: error: " << failure.ToString() << std::endl;
+    return failure.ExitCode();
+  }
 
   if (*backup) {
     if (!block_size.empty()) {  // else 0: the latest point's, or the default

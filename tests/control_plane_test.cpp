@@ -7,7 +7,9 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
+#include <tuple>
 
 #include "tests/support/test_support.hpp"
 
@@ -286,6 +288,96 @@ TEST_CASE("agents are isolated; a replaced credential is refused") {
   CHECK(stale.exit_code == 4);
   CHECK(stale.err.find("401") != std::string::npos);
   CHECK(AdminJson(vault, {"vm", "list"})["vms"].size() == 2);
+}
+
+TEST_CASE(
+    "vmsnap-agent check: an enrolled agent passes every step; a stale credential, a missing disk, "
+    "a host name that does not resolve, a stopped vault and a missing config each fail their "
+    "step with a fix and the command's exit code") {
+  TempDir tmp;
+  Vault vault(tmp / "vault");
+  vault.Start();
+  TestAgent a(vault, tmp, "vm-c", 4);
+  auto check = [&](const std::string& config) {
+    auto r = Agent({"check", "--config", config, "--timeout", "5", "--json"});
+    INFO("check stderr: " << r.err);
+    json out = r.json();
+    REQUIRE(out.is_object());
+    std::map<std::string, json> steps;
+    for (const auto& step : out["checks"]) steps[step["check"].get<std::string>()] = step;
+    return std::make_tuple(r.exit_code, out, steps);
+  };
+
+  auto [ok_code, ok_out, ok_steps] = check(a.config);
+  CHECK(ok_code == 0);
+  CHECK(ok_out["ok"] == true);
+  for (const char* name : {"config", "resolve vault", "reach vault", "credential",
+                           "state directory", "freeze guard"}) {
+    INFO("step " << name);
+    REQUIRE(ok_steps.count(name) == 1);
+    CHECK(ok_steps[name]["ok"] == true);
+  }
+  CHECK(ok_steps["disk " + a.disk]["ok"] == true);
+  CHECK(ok_steps["disk " + a.disk]["detail"] == "4.0 MiB, readable");
+  CHECK(ok_steps["credential"]["detail"] == "accepted; no recovery point yet");
+  // The credential step reads the agent's own points.
+  auto backup = Agent({"backup", "--vault", vault.url(), "--ca", a.Ca(), "--token", a.Credential(),
+                       "--disk", a.disk, "--item", "vm-c", "--state-dir", tmp / "state", "--json"});
+  REQUIRE_MESSAGE(backup.exit_code == 0, backup.err);
+  const std::string rp = backup.json()["recovery_point"];
+  auto after_steps = std::get<2>(check(a.config));
+  CHECK(after_steps["credential"]["detail"].get<std::string>().find(
+            "1 recovery point(s), the latest " + rp) != std::string::npos);
+
+  // A config whose credential was replaced by enrolling again.
+  const json original = json::parse(ReadWhole(a.config));
+  auto write_config = [&](const std::string& name, const json& config) {
+    const std::string path = tmp / name;
+    std::ofstream(path) << config.dump();
+    return path;
+  };
+  const std::string stale = write_config("stale.json", original);
+  TestAgent again(vault, tmp, "vm-c", 4);
+  auto [stale_code, stale_out, stale_steps] = check(stale);
+  CHECK(stale_code == 4);
+  CHECK(stale_out["ok"] == false);
+  CHECK(stale_out["phase"] == "credential");
+  CHECK(stale_steps["credential"]["code"] == "UNAUTHENTICATED");
+  CHECK(stale_steps["credential"]["fix"].get<std::string>().find("enroll again") !=
+        std::string::npos);
+  CHECK(stale_steps["reach vault"]["ok"] == true);
+  CHECK(std::get<0>(check(again.config)) == 0);
+
+  const json current = json::parse(ReadWhole(again.config));
+  json missing_disk = current;
+  missing_disk["disks"] = {tmp / "gone.img"};
+  auto [disk_code, disk_out, disk_steps] = check(write_config("disk.json", missing_disk));
+  CHECK(disk_code == 6);
+  CHECK(disk_steps["disk " + (tmp / "gone.img")]["code"] == "NOT_FOUND");
+
+  json unresolvable = current;
+  unresolvable["vault"] = "https://vmsnap-check.invalid:8443";
+  auto [dns_code, dns_out, dns_steps] = check(write_config("dns.json", unresolvable));
+  CHECK(dns_code == 3);
+  CHECK(dns_out["phase"] == "resolve vault");
+  CHECK(dns_steps["resolve vault"]["error"].get<std::string>().find(
+            "cannot resolve the vault's host 'vmsnap-check.invalid'") != std::string::npos);
+  CHECK(dns_steps["reach vault"]["skipped"] == true);
+  CHECK(dns_steps["credential"]["skipped"] == true);
+  CHECK(dns_steps["disk " + a.disk]["ok"] == true);  // the local steps still run
+
+  REQUIRE(vault.Stop() == 0);
+  auto [down_code, down_out, down_steps] = check(again.config);
+  CHECK(down_code == 3);
+  CHECK(down_steps["reach vault"]["code"] == "UNAVAILABLE");
+  CHECK(down_steps["reach vault"]["error"].get<std::string>().find("Connection refused") !=
+        std::string::npos);
+  CHECK(down_steps["credential"]["skipped"] == true);
+
+  auto [none_code, none_out, none_steps] = check(tmp / "none.json");
+  CHECK(none_code == 6);
+  CHECK(none_steps["config"]["fix"].get<std::string>().find("enroll") != std::string::npos);
+  CHECK(none_steps["reach vault"]["skipped"] == true);
 }
 
 TEST_CASE("bad input and unreachable agents give clear errors") {

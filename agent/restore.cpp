@@ -161,8 +161,9 @@ Status RestoreBatch(const Batch& b, VaultClient& client, const std::string& rp,
 // (its zero blocks stay holes). An existing regular file, restored in place, takes at least
 // the data less what the file holds now: a lower bound, so a pass may still meet a full
 // filesystem (the write then fails with the same fix); only a filesystem that compresses or
-// deduplicates can take less than it (RestoreOptions::check_space). Devices take nothing. Free space counts what only root may take: an agent without root that runs
-// out of it fails at the write. Whatever cannot be looked up is left to the writes.
+// deduplicates can take less than it (RestoreOptions::check_space). Devices take nothing. Free
+// space counts what only root may take: an agent without root that runs out of it fails at the
+// write. Whatever cannot be looked up is left to the writes.
 Status CheckTargetSpace(const DiskTarget& d, bool exists, const std::string& rp,
                         std::unordered_map<uint64_t, uint64_t>& needed_on) {
   std::error_code ec;
@@ -304,9 +305,8 @@ Result<RestoreReport> RunRestore(const RestoreOptions& opt) {
     bool exists = fs::exists(d->report.target, ec);
     d->write_path = exists ? d->report.target : d->report.target + ".vmsnap-partial";
     if (!exists) fs::remove(d->write_path, ec);
-    if (Status st = opt.check_space
-                        ? CheckTargetSpace(*d, exists, opt.recovery_point, needed_on)
-                        : Status::Ok();
+    if (Status st = opt.check_space ? CheckTargetSpace(*d, exists, opt.recovery_point, needed_on)
+                                    : Status::Ok();
         !st.ok()) {
       cleanup_partials();
       return st;

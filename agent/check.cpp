@@ -6,10 +6,12 @@
 #include <set>
 
 #include "agent/agent_config.hpp"
+#include "agent/hooks.hpp"
 #include "agent/vault_client.hpp"
 #include "common/cli_output.hpp"
 #include "common/https_client.hpp"
 #include "platform/env.hpp"
+#include "platform/quiesce.hpp"
 
 namespace vmsnap::agent {
 
@@ -89,7 +91,7 @@ CheckReport RunCheck(const CheckOptions& options) {
   if (!cfg.ok()) {
     add("config", cfg.take_status());
     for (const char* step :
-         {"resolve vault", "reach vault", "credential", "disks", "state directory"})
+         {"resolve vault", "reach vault", "credential", "disks", "state directory", "hooks"})
       skip(step, "no agent config");
   } else {
     add("config", Status::Ok(),
@@ -162,6 +164,24 @@ CheckReport RunCheck(const CheckOptions& options) {
         detail += ", " + HumanBytes(space.available) + " free";
     }
     add("state directory", scratch.ok() ? Status::Ok() : scratch.status(), detail);
+
+    // A hook script that another user could have changed is refused at the backup, which is
+    // then file-system consistent at best: found here instead, with the command that fixes it.
+    const std::vector<std::string> scripts = ListHookScripts(cfg->hooks_dir);
+    Status untrusted;
+    std::string names;
+    for (const auto& script : scripts) {
+      if (Status st = platform::CheckTrustedFile(script, "hook script"); !st.ok() && untrusted.ok())
+        untrusted = std::move(st);
+      names += (names.empty() ? "" : ", ") + fs::path(script).filename().string();
+    }
+    add("hooks", untrusted,
+        !untrusted.ok()   ? ""
+        : scripts.empty() ? "no hook scripts in " + cfg->hooks_dir +
+                                ": backups are file-system consistent at best (the VM owner's "
+                                "scripts there make them application-consistent)"
+                          : std::to_string(scripts.size()) + " hook script(s) in " +
+                                cfg->hooks_dir + ", trusted: " + names);
   }
 
   if (!options.freeze_guard.empty()) {

@@ -1,9 +1,9 @@
 // `vmsnap-agent check`: whether this enrolled agent could back up now, step by step, the way an
 // operator would check by hand after installing it or when backups fail: its config, the
 // vault's name in DNS, the vault over verified TLS, the agent's credential, each disk it
-// protects, its state directory and the freeze guard. Changes nothing: no job is taken from
-// the vault, nothing is frozen, nothing is written but a nameless scratch file that is gone
-// when it is closed.
+// protects, its state directory, its hook scripts and the freeze guard. Changes nothing: no job
+// is taken from the vault, nothing is frozen, nothing is written but a nameless scratch file that
+// is gone when it is closed.
 #pragma once
 
 #include <chrono>

@@ -52,19 +52,25 @@ json ScriptRecord::ToJson() const {
           {"error", error}};
 }
 
+std::vector<std::string> ListHookScripts(const std::string& hooks_dir) {
+  std::vector<std::string> scripts;
+  std::error_code ec;
+  if (hooks_dir.empty() || !fs::is_directory(PathOf(hooks_dir), ec)) return scripts;
+  for (const auto& e : fs::directory_iterator(PathOf(hooks_dir), ec)) {
+    const std::string name = PathText(e.path().filename());
+    const std::string path = PathText(e.path());
+    if (IsSkippedHookName(name) || !platform::IsProgramFile(path)) continue;
+    scripts.push_back(path);
+  }
+  std::sort(scripts.begin(), scripts.end());
+  return scripts;
+}
+
 ScriptHooks ScriptHooks::Load(const HookOptions& options) {
   ScriptHooks h;
   h.options_ = options;
   std::error_code ec;
-  if (!options.hooks_dir.empty() && fs::is_directory(PathOf(options.hooks_dir), ec)) {
-    for (const auto& e : fs::directory_iterator(PathOf(options.hooks_dir), ec)) {
-      const std::string name = PathText(e.path().filename());
-      const std::string path = PathText(e.path());
-      if (IsSkippedHookName(name) || !platform::IsProgramFile(path)) continue;
-      h.native_hooks_.push_back(path);
-    }
-    std::sort(h.native_hooks_.begin(), h.native_hooks_.end());
-  }
+  h.native_hooks_ = ListHookScripts(options.hooks_dir);
 
   AzureConfig& az = h.azure_;
   if (!options.azure_config_path.empty() && fs::exists(PathOf(options.azure_config_path), ec)) {

@@ -116,4 +116,8 @@ class ScriptHooks {
 // hidden files).
 bool IsSkippedHookName(const std::string& file_name);
 
+// The hook scripts a backup runs from `hooks_dir` (full paths, lexical order): its program
+// files whose names are not skipped. Empty when the directory does not exist.
+std::vector<std::string> ListHookScripts(const std::string& hooks_dir);
+
 }  // namespace vmsnap::agent

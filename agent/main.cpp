@@ -281,8 +281,8 @@ int main(int argc, char** argv) {
   auto* check = app.add_subcommand(
       "check",
       "Check that this enrolled agent can back up now: its config, the vault's name in DNS, the "
-      "vault over verified TLS, its credential, its disks, its state directory and the freeze "
-      "guard (changes nothing)");
+      "vault over verified TLS, its credential, its disks, its state directory, its hook scripts "
+      "and the freeze guard (changes nothing)");
   CheckOptions chopt;
   chopt.config_path = kDefaultConfigPath;
   int check_timeout_s = static_cast<int>(chopt.timeout.count());

@@ -366,6 +366,30 @@ TEST_CASE(
   CHECK(dns_steps["credential"]["skipped"] == true);
   CHECK(dns_steps["disk " + a.disk]["ok"] == true);  // the local steps still run
 
+  // Hook scripts: one that others may change is refused by backups (which are then
+  // file-system consistent at best); the check names it with the command that fixes it.
+  fs::create_directories(tmp / "hooks");
+  const std::string hook = tmp / "hooks/10-db";
+  std::ofstream(hook) << "#!/bin/sh\nexit 0\n";
+  json with_hooks = current;
+  with_hooks["hooks_dir"] = tmp / "hooks";
+  const std::string hooks_config = write_config("hooks.json", with_hooks);
+  if (IsRoot()) {  // a trusted script must be owned by root
+    fs::permissions(hook, fs::perms(0755));
+    auto hooks_ok = std::get<2>(check(hooks_config));
+    CHECK(hooks_ok["hooks"]["ok"] == true);
+    CHECK(hooks_ok["hooks"]["detail"] ==
+          "1 hook script(s) in " + (tmp / "hooks") + ", trusted: 10-db");
+  }
+  fs::permissions(hook, fs::perms(0777));
+  auto [hooks_code, hooks_out, hooks_steps] = check(hooks_config);
+  CHECK(hooks_code == 4);
+  CHECK(hooks_steps["hooks"]["code"] == "PERMISSION_DENIED");
+  CHECK(hooks_steps["hooks"]["error"].get<std::string>().find(hook) != std::string::npos);
+  CHECK(hooks_steps["hooks"]["fix"].get<std::string>().find(
+            IsRoot() ? "chmod go-w " + hook : "chown root:root " + hook) != std::string::npos);
+  CHECK(hooks_steps["reach vault"]["ok"] == true);
+
   REQUIRE(vault.Stop() == 0);
   auto [down_code, down_out, down_steps] = check(again.config);
   CHECK(down_code == 3);

@@ -39,7 +39,14 @@ Status CheckReport::FirstFailure() const {
 json CheckReport::ToJson() const {
   json list = json::array();
   for (const auto& s : steps) list.push_back(s.ToJson());
-  return {{"ok", FirstFailure().ok()}, {"checks", list}};
+  const Status failure = FirstFailure();
+  json out{{"ok", failure.ok()}, {"checks", list}};
+  if (!failure.ok())
+    out.update({{"error", failure.cause()},
+                {"code", CodeName(failure.code())},
+                {"phase", failure.phase()},
+                {"fix", failure.fix()}});
+  return out;
 }
 
 namespace {
@@ -185,10 +192,7 @@ CheckReport RunCheck(const CheckOptions& options) {
   }
 
   if (!options.freeze_guard.empty()) {
-    std::error_code ec;
-    const auto st = fs::status(options.freeze_guard, ec);
-    const bool runnable = !ec && fs::is_regular_file(st) &&
-                          (st.permissions() & fs::perms::owner_exec) != fs::perms::none;
+    const bool runnable = platform::IsProgramFile(options.freeze_guard);
     add("freeze guard",
         runnable ? Status::Ok()
                  : Status::NotFound(options.freeze_guard +

@@ -36,6 +36,7 @@ struct CheckReport {
   std::vector<CheckStep> steps;
   // The first failed step's status, or OK when every step passed.
   Status FirstFailure() const;
+  // {"ok", "checks": [...]}, plus the first failure's "error", "code", "phase" and "fix".
   nlohmann::json ToJson() const;
 };
 

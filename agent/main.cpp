@@ -311,13 +311,7 @@ int main(int argc, char** argv) {
     const CheckReport report = RunCheck(chopt);
     const Status failure = report.FirstFailure();
     if (as_json) {
-      json out = report.ToJson();
-      if (!failure.ok())
-        out.update({{"error", failure.cause()},
-                    {"code", CodeName(failure.code())},
-                    {"phase", failure.phase()},
-                    {"fix", failure.fix()}});
-      std::cout << out.dump() << std::endl;
+      std::cout << report.ToJson().dump() << std::endl;
     } else {
       for (const auto& step : report.steps) {
         const char* result = step.skipped ? "skipped" : step.status.ok() ? "ok" : "FAILED";
@@ -326,9 +320,7 @@ int main(int argc, char** argv) {
         std::printf("%-8s %-16s %s\n", result, step.name.c_str(), text.c_str());
       }
     }
-    if (failure.ok()) return 0;
-    std::cerr << "vmsnap-agent: error: " << failure.ToString() << std::endl;
-    return failure.ExitCode();
+    return failure.ok() ? 0 : Fail(failure, /*as_json=*/false);  // the report holds its JSON
   }
 
   if (*backup) {
